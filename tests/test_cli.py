@@ -1,0 +1,77 @@
+"""The CLI as a user runs it: real predictions, JSON, and one-line errors without tracebacks."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from circuitlab.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_predict_real_model_json(capsys):
+    code, out, err = run(capsys, "predict", "--model", "efficientnet_lite0", "--image", "coffee",
+                         "--topk", "3", "--json")
+    assert code == 0, err
+    res = json.loads(out)["results"][0]["predictions"]
+    assert res[0]["label"] == "espresso" and res[0]["probability"] > 0.9 and len(res) == 3
+
+
+def test_predict_folder_text(capsys, tmp_path):
+    for i in range(2):
+        Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8)).save(tmp_path / f"im{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    code, out, err = run(capsys, "predict", "--image", str(tmp_path), "--topk", "2")
+    assert code == 0, err
+    assert out.count("(efficientnet_lite0)") == 2 and "im1.png" in out
+
+
+def test_layers_and_models(capsys):
+    code, out, err = run(capsys, "layers", "--model", "resnet18", "--no-pretrained", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["taps"] == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    names = {h["name"]: h for h in data["hooks"]}
+    assert names["layer3"]["shape"] == "1x256x14x14" and names["layer3"]["units"] == 256
+    code, out, _ = run(capsys, "layers", "--model", "resnet18", "--no-pretrained",
+                       "--kind", "block")
+    assert code == 0 and "layer4.1" in out and "conv1" not in out.split("\n", 3)[-1]
+    code, out, _ = run(capsys, "models", "--json")
+    assert code == 0 and "efficientnet_lite0" in {r["name"] for r in json.loads(out)}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--model", "resnet_18"], "unknown model 'resnet_18'. Did you mean"),
+    (["predict", "--image", "/no/such/file.png"], "no image file or sample"),
+    (["layers", "--model", "resnet18", "--no-pretrained", "--pattern", "zzz*"],
+     "no hook point"),
+    (["predict", "--model", "resnet18", "--checkpoint", "/no/ckpt.pt"], "does not exist"),
+])
+def test_bad_input_is_one_line(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("circuitlab: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_installed_entry_point_help_and_errors(tmp_path):
+    exe = shutil.which("circuitlab", path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("circuitlab is not installed as a console script in this environment")
+    for sub in ([], ["models"], ["layers"], ["predict"]):
+        r = subprocess.run([exe, *sub, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "usage: circuitlab" in r.stdout
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    r = subprocess.run([exe, "predict", "--image", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("circuitlab: error: cannot read")

@@ -1,0 +1,55 @@
+"""The same runs on a CUDA device give the CPU's results (skipped where there is no GPU)."""
+import pytest
+import torch
+
+import circuitlab
+from conftest import FAMILY_MODELS, batch_for
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def exact_math():
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _pair(key):
+    name, kwargs, size = FAMILY_MODELS[key]
+    models = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        models.append(circuitlab.load_model(name, pretrained=False, device=device,
+                                            data_config={"input_size": size}, **kwargs))
+    return models
+
+
+@pytest.mark.parametrize("key", ["timm_resnet18", "tv_resnet18", "vit"])
+def test_cache_grads_and_interventions_match_cpu(key):
+    cpu, gpu = _pair(key)
+    x = batch_for(cpu)
+    names = list(cpu.taps) + ["hook_pooled"]
+    lc, cc = cpu.run_with_cache(x, names=names, grads=True)
+    lg, cg = gpu.run_with_cache(x, names=names, grads=True)  # input moved to the GPU for us
+    assert lg.device.type == "cuda" and cg[names[0]].device.type == "cuda"
+    torch.testing.assert_close(lg.cpu(), lc, rtol=1e-4, atol=1e-4)
+    for n in names:
+        torch.testing.assert_close(cg[n].cpu(), cc[n], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cg.grad(n).cpu(), cc.grad(n), rtol=1e-3, atol=1e-5)
+    layer = cpu.taps[-1] if key != "vit" else "blocks.1.attn.hook_z"
+    v = cpu.each_unit(layer, range(3))
+    ref = batch_for(cpu, 4, seed=2)
+    for method in ("zero", "mean", "resample"):
+        a = cpu.ablate(x, v, method=method, reference=ref, seed=3)
+        b = gpu.ablate(x, v, method=method, reference=ref, seed=3)
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu.patch(x, ref[:2], v).cpu(), cpu.patch(x, ref[:2], v),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_real_lite0_on_gpu():
+    hm = circuitlab.load_model("efficientnet_lite0", device="cuda")
+    top = hm.predict(circuitlab.data.load_image("coffee", hm), topk=1)
+    assert top.loc[0, "label"] == "espresso" and top.loc[0, "probability"] > 0.9

