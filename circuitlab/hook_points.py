@@ -167,10 +167,26 @@ def probe(model: nn.Module, example: torch.Tensor) -> list[HookPoint]:
         else:
             # Inputs are reachable under explicit names only, to keep the list readable.
             name = f"{path}.hook_in" if call == 0 else f"{path}.hook_in@{call}"
+        parent = path.rsplit(".", 1)[0]
+        # timm attention calls attn_drop (the probabilities) only on its unfused path
+        unfused = parent if path.endswith(".attn_drop") and hasattr(
+            modules[parent], "fused_attn") else None
         points.append(HookPoint(name=name, module=path, io=io, call=call,
                                 kind=module_kind(modules[path]), shape=shape, unit_axis=axis,
-                                order=order))
+                                order=order, needs_unfused=unfused))
     return points
+
+
+def classifier_aliases(points: list[HookPoint], classifier: str) -> list[HookPoint]:
+    """``hook_pooled`` (the classifier's input features) and ``hook_logits`` (its output)."""
+    by_key = {(p.module, p.io, p.call): p for p in points}
+    out = []
+    for alias, io in (("hook_pooled", "input"), ("hook_logits", "output")):
+        src = by_key.get((classifier, io, 0))
+        if src is not None:
+            out.append(replace(src, name=alias, alias_of=src.name, kind="classifier",
+                               unit_axis=len(src.shape) - 1))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from torch import nn
 from .cache import ActivationCache
 from .errors import CircuitlabError, did_you_mean
 from .families import Family, detect_family
-from .hook_points import HookPoint, probe, transformer_aliases
+from .hook_points import HookPoint, classifier_aliases, probe, transformer_aliases
 
 Names = Union[None, str, Sequence[str], Callable[[str], bool]]
 Units = Union[int, slice, Sequence[int], torch.Tensor]
@@ -120,19 +120,9 @@ class HookedModel:
                         f"could not run {self.name} on a dummy input of shape "
                         f"{tuple(example.shape)} ({type(e).__name__}: {e}); pass "
                         f"data_config={{'input_size': (C, H, W)}} to load_model") from e
-            modules = dict(self.model.named_modules())
-            for i, p in enumerate(points):
-                parent = p.module.rsplit(".", 1)[0]
-                if p.module.endswith(".attn_drop") and hasattr(modules[parent], "fused_attn"):
-                    points[i] = replace(p, needs_unfused=parent)  # runs on the unfused path only
             points += transformer_aliases(self.model, points)
             family = detect_family(self.model, points)
-            by_key = {(p.module, p.io, p.call): p for p in points}
-            for alias, io in (("hook_pooled", "input"), ("hook_logits", "output")):
-                src = by_key.get((family.classifier, io, 0))
-                if src is not None:
-                    points.append(replace(src, name=alias, alias_of=src.name,
-                                          kind="classifier", unit_axis=len(src.shape) - 1))
+            points += classifier_aliases(points, family.classifier)
             self._points = {p.name: p for p in points}
             self._family = family
         return self._points
@@ -160,7 +150,7 @@ class HookedModel:
             "alias_of": pd.Series([p.alias_of for p in rows], dtype="string"),
         })
 
-    def resolve(self, names: Names = None, *, default_all: bool = True) -> list[HookPoint]:
+    def resolve(self, names: Names = None) -> list[HookPoint]:
         """Hook points for a name, a glob, a list of them or a predicate, in forward order.
 
         Without a pattern: every module output plus the aliases (``*.hook_in`` inputs and later

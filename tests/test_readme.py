@@ -1,0 +1,19 @@
+"""The README's Python examples run as written."""
+import re
+import warnings
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    scope: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the ViT example falls back to random weights offline
+        for code in blocks:
+            exec(compile(code, str(README), "exec"), scope)
+    assert scope["zeroed"].shape == (192, 1, 1000)
+    assert scope["patched"].shape == (320, 1, 1000)
+    assert scope["cache"]["blocks.3.attn.hook_pattern"].shape[1] == 6
