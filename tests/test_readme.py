@@ -14,6 +14,7 @@ def test_readme_python_examples_run():
         warnings.simplefilter("ignore")  # the ViT example falls back to random weights offline
         for code in blocks:
             exec(compile(code, str(README), "exec"), scope)
-    assert scope["zeroed"].shape == (192, 1, 1000)
-    assert scope["patched"].shape == (320, 1, 1000)
+    assert scope["zeroed"].shape == (32, 1, 1000)
+    assert scope["patched"].shape == (16, 1, 1000)
+    assert scope["circuit"].shape == (1, 1, 1000)
     assert scope["cache"]["blocks.3.attn.hook_pattern"].shape[1] == 6
