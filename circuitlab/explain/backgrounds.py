@@ -1,0 +1,53 @@
+"""Backgrounds r that fill the complement of a mask in the sufficiency term and metric."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CircuitlabError
+
+KINDS = ("grey", "gaussian", "uniform", "blur")
+
+
+def _normalize(pix: torch.Tensor, config: dict) -> torch.Tensor:
+    mean = torch.tensor(config["mean"], dtype=pix.dtype, device=pix.device).view(1, -1, 1, 1)
+    std = torch.tensor(config["std"], dtype=pix.dtype, device=pix.device).view(1, -1, 1, 1)
+    return (pix - mean) / std
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.pad(x, (radius,) * 4, mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def make_backgrounds(x: torch.Tensor, config: dict, kinds: Sequence[str] = KINDS,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(len(kinds) * B, C, H, W) backgrounds in the model's normalised input space.
+
+    grey: the dataset mean (0); gaussian: pixels ~ N(0.5, 0.25) clipped; uniform: pixels ~
+    U(0, 1); blur: the image itself blurred with sigma = 1/20 of its size (keeps colours,
+    removes shapes).
+    """
+    out = []
+    shape = x.shape
+    for kind in kinds:
+        if kind == "grey":
+            out.append(torch.zeros_like(x))
+        elif kind == "gaussian":
+            pix = (0.5 + 0.25 * torch.randn(shape, generator=generator)).clamp(0, 1)
+            out.append(_normalize(pix.to(x), config))
+        elif kind == "uniform":
+            out.append(_normalize(torch.rand(shape, generator=generator).to(x), config))
+        elif kind == "blur":
+            out.append(gaussian_blur(x, sigma=max(1.0, min(shape[-2:]) / 20)))
+        else:
+            raise CircuitlabError(f"unknown background {kind!r}; use {', '.join(KINDS)}")
+    return torch.cat(out)

@@ -1,0 +1,92 @@
+"""Objective weights, taps, generator and optimiser settings; the ``paper`` and ``default`` presets."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
+
+from ..errors import CircuitlabError
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Everything one explanation run depends on. ``None`` fields are filled from the model."""
+
+    # objective weights (lambda): activation matching, CE, KL, area, binarisation, TV,
+    # sufficiency (robustness to backgrounds), necessity (the complement must lose the label)
+    act: float = 1.0
+    ce: float = 4.0
+    kl: float = 0.4
+    area: float = 15.0
+    bin: float = 0.3
+    tv: float = 15.0
+    rob: float = 6.0
+    nec: float = 2.0
+    area_mode: str = "mean"               # mean: lambda * mean(p); schedule: sorted-mask gap
+    area_start: float = 1.0               # schedule: the kept fraction goes from area_start to
+    area_end: float = 0.02                # area_end geometrically over the steps
+    taps: Optional[tuple] = None          # hook names; None = the family's taps
+    alphas: Optional[tuple] = None        # per-tap weights; None = 1, 2, 2, 4, 8 style ramp
+    distances: Optional[tuple] = None     # per-tap distance; None = cosine shallow, zmse deep
+    temperature: float = 2.0
+    tv_neighbours: int = 4
+    backgrounds: tuple = ("grey", "gaussian", "uniform", "blur")
+    backgrounds_per_step: int = 1         # drawn at random from ``backgrounds`` each step
+    necessity_mode: str = "prob"
+    necessity_margin: float = 0.5
+    # generator
+    width: int = 16
+    depth: int = 3
+    out_stride: int = 4                   # of the generator's input
+    input_scale: int = 2                  # generator sees the image average-pooled by this
+    init_keep: Optional[float] = 0.9      # None: default init (a random first mask, the paper)
+    # optimiser
+    lr: float = 1e-3
+    steps: int = 60
+    min_steps: int = 20
+    patience: int = 10                    # early stop: binary, label kept, area flat this long
+
+    def replace(self, **changes) -> "ExplainConfig":
+        unknown = set(changes) - set(asdict(self))
+        if unknown:
+            raise CircuitlabError(f"unknown explain settings {sorted(unknown)}")
+        return replace(self, **changes)
+
+
+PRESETS = {
+    # The authors' ResNet-18 code: lambda = 10/15/5/100/1/500/100, no necessity term, 8-neighbour
+    # TV, a full-resolution U-Net 32..512 from a random init, Adam 5e-5 for 880 steps, the three
+    # backgrounds of their robustness term every step.
+    "paper": ExplainConfig(act=10, ce=15, kl=5, area=100, bin=1, tv=500, rob=100, nec=0,
+                           tv_neighbours=8, backgrounds=("grey", "gaussian", "uniform"),
+                           backgrounds_per_step=3, width=32, depth=4, out_stride=1,
+                           input_scale=1,
+                           init_keep=None, lr=5e-5, steps=880, min_steps=880, patience=880),
+    "default": ExplainConfig(),
+}
+
+
+def preset(name: str, family: str = "generic", **overrides) -> ExplainConfig:
+    """A named preset (``paper`` or ``default``) for a model family, with overrides."""
+    if name not in PRESETS:
+        raise CircuitlabError(f"unknown preset {name!r}; use one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]
+    if name == "default" and family == "vit":
+        cfg = cfg.replace(distances=None, tv=10.0)  # tokens are coarse: 16 px patches
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def default_alphas(n: int) -> tuple:
+    """1, 2, 2, 4, 8 for five taps (the paper); for other counts a ramp ending at 8."""
+    if n == 5:
+        return (1.0, 2.0, 2.0, 4.0, 8.0)
+    if n == 3:
+        return (1.0, 2.0, 8.0)
+    return tuple(float(2 ** round(3 * i / max(1, n - 1))) for i in range(n))
+
+
+def default_distances(n: int, family: str) -> tuple:
+    """Cosine over channels for the two shallow taps, z-scored MSE deeper (the authors' code);
+    cosine for every ViT tap (the paper's choice for token features)."""
+    if family == "vit":
+        return ("cosine",) * n
+    return tuple("cosine" if i < min(2, n - 1) else "zmse" for i in range(n))

@@ -1,0 +1,69 @@
+"""The mask generator: a small U-Net from image to mask logits, binarised with a straight-through
+estimator (forward: hard 0.5 threshold; backward: identity)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def binarize_ste(p: torch.Tensor) -> torch.Tensor:
+    """1[p > 0.5] in the forward pass, gradient of p in the backward pass."""
+    return p + ((p > 0.5).to(p.dtype) - p).detach()
+
+
+def _double_conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU())
+
+
+class MaskUNet(nn.Module):
+    """U-Net with ``depth`` down levels; logits come out at stride ``2**mask_stride_log2``.
+
+    The paper's generator is ``MaskUNet(width=32, depth=4, out_stride=1)`` (channels 32-512,
+    full-resolution logits). A coarser mask (``out_stride`` 4 or 8) drops the costly
+    full-resolution decoder levels, which is how per-image explanations stay fast on a CPU.
+    ``init_keep`` sets the initial keep probability so optimisation starts from the whole image.
+    """
+
+    def __init__(self, in_chans: int = 3, width: int = 16, depth: int = 4, out_stride: int = 4,
+                 init_keep: float = 0.9):
+        super().__init__()
+        if out_stride < 1 or out_stride & (out_stride - 1) or out_stride > 2 ** depth:
+            raise ValueError(f"out_stride must be a power of two <= 2**depth, got {out_stride}")
+        self.depth, self.out_stride = depth, out_stride
+        chans = [width * 2 ** i for i in range(depth + 1)]
+        self.down = nn.ModuleList()
+        cin = in_chans
+        for c in chans[:-1]:
+            self.down.append(_double_conv(cin, c))
+            cin = c
+        self.bottleneck = _double_conv(chans[-2], chans[-1])
+        # decoder levels from the bottleneck up to the output stride only
+        self.n_up = depth - (out_stride.bit_length() - 1)
+        self.up, self.dec = nn.ModuleList(), nn.ModuleList()
+        for i in range(self.n_up):
+            c_hi, c_lo = chans[depth - i], chans[depth - i - 1]
+            self.up.append(nn.ConvTranspose2d(c_hi, c_lo, 2, stride=2))
+            self.dec.append(_double_conv(2 * c_lo, c_lo))
+        self.head = nn.Conv2d(chans[depth - self.n_up], 1, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, float(torch.logit(torch.tensor(init_keep))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        m = 2 ** self.depth
+        if h % m or w % m:  # pad to a multiple of the total stride, crop the logits back
+            x = F.pad(x, (0, (-w) % m, 0, (-h) % m), mode="reflect")
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = self.bottleneck(x)
+        for up, dec in zip(self.up, self.dec):
+            x = up(x)
+            x = dec(torch.cat([x, skips.pop()], 1))
+        logits = self.head(x)
+        s = self.out_stride
+        return logits[..., : -(-h // s), : -(-w // s)]

@@ -1,0 +1,122 @@
+"""Every objective term against a value computed by hand on tiny tensors."""
+import math
+
+import pytest
+import torch
+
+from circuitlab import CircuitlabError
+from circuitlab.explain import MaskUNet, binarize_ste, losses
+from circuitlab.explain.backgrounds import gaussian_blur, make_backgrounds
+
+
+def test_mse_and_zmse_by_hand():
+    a = torch.tensor([[[[1.0, 3.0]]]])          # (B=1, C=1, H=1, W=2)
+    b = torch.tensor([[[[2.0, 2.0]]]])
+    assert losses.activation_distance(a, b, "mse").item() == pytest.approx(1.0)
+    # z(a) = (-1, 1) (mean 2, population std 1); b is constant: z(b) = (0, 0) -> MSE 1,
+    # up to the eps added to the std
+    assert losses.activation_distance(a, b, "zmse").item() == pytest.approx(1.0, rel=1e-5)
+    # z-scoring ignores scale and offset per channel
+    assert losses.activation_distance(a, 3 * a + 7, "zmse").item() == pytest.approx(0, abs=1e-9)
+
+
+def test_cosine_and_kl_over_channels_by_hand():
+    a = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).repeat(1, 1, 1, 2)   # 2 positions
+    b = torch.tensor([[1.0, 1.0], [0.0, 1.0]]).reshape(1, 2, 1, 2)  # pos0 (1,0), pos1 (1,1)
+    # cos at pos0 = 1, pos1 = 1/sqrt(2) -> 1 - mean
+    expect = 1 - (1 + 1 / math.sqrt(2)) / 2
+    assert losses.activation_distance(a, b, "cosine").item() == pytest.approx(expect, rel=1e-6)
+    pa = torch.softmax(torch.tensor([1.0, 0.0]), 0)
+    pb1 = torch.softmax(torch.tensor([1.0, 1.0]), 0)
+    kl0 = 0.0
+    kl1 = float((pa * (pa / pb1).log()).sum())
+    assert losses.activation_distance(a, b, "kl").item() == pytest.approx((kl0 + kl1) / 2,
+                                                                          rel=1e-6)
+    # token tensors (B, N, C): channels last
+    t = a.flatten(2).transpose(1, 2)
+    u = b.flatten(2).transpose(1, 2)
+    assert losses.activation_distance(t, u, "cosine", channel_dim=2).item() == pytest.approx(
+        expect, rel=1e-6)
+    with pytest.raises(CircuitlabError):
+        losses.activation_distance(a, b, "l7")
+
+
+def test_activation_matching_weights_layers():
+    a1, b1 = torch.zeros(1, 1, 1, 2), torch.ones(1, 1, 1, 2)        # mse 1
+    a2, b2 = torch.zeros(1, 1, 1, 1), torch.full((1, 1, 1, 1), 2.)  # mse 4
+    total = losses.activation_matching([a1, a2], [b1, b2], [1.0, 8.0], ["mse", "mse"], [1, 1])
+    assert total.item() == pytest.approx(1 + 32)
+
+
+def test_ce_and_temperature_kl_by_hand():
+    le = torch.tensor([[2.0, 0.0]])
+    assert losses.class_ce(le, torch.tensor([0])).item() == pytest.approx(
+        -math.log(math.exp(2) / (math.exp(2) + 1)))
+    lx = torch.tensor([[0.0, 0.0]])
+    px = torch.tensor([0.5, 0.5])
+    pe = torch.softmax(le[0] / 2, 0)
+    expect = float((px * (px / pe).log()).sum()) * 4
+    assert losses.logit_kl(lx, le, 2.0).item() == pytest.approx(expect, rel=1e-6)
+    assert losses.logit_kl(le, le).item() == pytest.approx(0, abs=1e-7)
+
+
+def test_priors_by_hand():
+    p = torch.tensor([[[[0.0, 1.0], [0.5, 1.0]]]])
+    assert losses.area(p).item() == pytest.approx(2.5 / 4)
+    assert losses.binarization(p).item() == pytest.approx(0.25 / 4)
+    # rows: |0.5-0|, |1-1| -> mean 0.25; cols: |1-0|, |1-0.5| -> mean 0.75
+    assert losses.total_variation(p, 4).item() == pytest.approx(1.0)
+    # diagonals: |1-0| = 1 and |0.5-1| = 0.5, each a single pair
+    assert losses.total_variation(p, 8).item() == pytest.approx(1.0 + 1.5 / math.sqrt(2))
+    # sorted (1, 1, .5, 0) against two cells on (1, 1, 0, 0): gap .25 / 4
+    assert losses.area_rank(p, 0.5).item() == pytest.approx(0.25 / 4)
+    with pytest.raises(CircuitlabError):
+        losses.total_variation(p, 6)
+
+
+def test_necessity_hinge_by_hand():
+    lx = torch.tensor([[2.0, 0.0]])
+    y = torch.tensor([0])
+    px = math.exp(2) / (math.exp(2) + 1)
+    lc = torch.tensor([[1.0, 0.0]])
+    pc = math.e / (math.e + 1)
+    assert losses.necessity_hinge(lx, lc, y, "prob", 0.5).item() == pytest.approx(
+        max(0.0, pc / px - 0.5))
+    assert losses.necessity_hinge(lx, torch.tensor([[-5.0, 0.0]]), y, "prob").item() == 0
+    assert losses.necessity_hinge(lx, lc, y, "logit", 1.0).item() == pytest.approx(0.0)
+    assert losses.necessity_hinge(lx, lc, y, "logit", 2.0).item() == pytest.approx(1.0)
+
+
+def test_straight_through_estimator():
+    p = torch.tensor([0.2, 0.5, 0.7], requires_grad=True)
+    m = binarize_ste(p)
+    assert m.tolist() == [0.0, 0.0, 1.0]
+    (m * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert p.grad.tolist() == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("depth, stride, size", [(4, 1, 64), (3, 4, 64), (2, 2, 50)])
+def test_generator_shapes_init_and_determinism(depth, stride, size):
+    torch.manual_seed(0)
+    a = MaskUNet(3, width=4, depth=depth, out_stride=stride, init_keep=0.9)
+    torch.manual_seed(0)
+    b = MaskUNet(3, width=4, depth=depth, out_stride=stride, init_keep=0.9)
+    x = torch.randn(2, 3, size, size)
+    out = a(x)
+    assert out.shape == (2, 1, -(-size // stride), -(-size // stride))
+    torch.testing.assert_close(torch.sigmoid(out), torch.full_like(out, 0.9))
+    torch.testing.assert_close(out, b(x), rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        MaskUNet(out_stride=3)
+
+
+def test_backgrounds():
+    cfg = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
+    x = torch.randn(2, 3, 40, 40)
+    g = torch.Generator().manual_seed(0)
+    r = make_backgrounds(x, cfg, ("grey", "gaussian", "uniform", "blur"), g)
+    assert r.shape == (8, 3, 40, 40)
+    assert r[:2].abs().max() == 0                          # grey = the mean = 0
+    assert -1 <= r[2:6].min() and r[2:6].max() <= 1        # pixels in [0, 1]
+    flat = torch.ones(1, 1, 9, 9)
+    torch.testing.assert_close(gaussian_blur(flat, 2.0), flat)  # blur keeps constants
