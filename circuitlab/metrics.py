@@ -1,0 +1,178 @@
+"""Metrics for masks and saliency maps, batched over images. Each returns one value per image.
+
+Conventions: ``x`` is a batch (B, C, H, W) in the model's normalised space, where 0 is the
+dataset mean (a "deleted" pixel); masks and saliency maps are (B, 1, h, w) or (B, h, w) at any
+resolution and are resized to the input; ``target`` defaults to the model's top-1 on ``x``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CircuitlabError
+from .explain.backgrounds import KINDS, gaussian_blur, make_backgrounds
+from .hooked_model import HookedModel
+
+
+def _as_map(m: torch.Tensor, size, mode: str = "nearest") -> torch.Tensor:
+    if m.dim() == 3:
+        m = m[:, None]
+    if m.dim() != 4 or m.shape[1] != 1:
+        raise CircuitlabError(f"expected masks (B, 1, h, w) or (B, h, w), got {tuple(m.shape)}")
+    m = m.float()
+    if tuple(m.shape[-2:]) != tuple(size):
+        m = F.interpolate(m, size=tuple(size), mode=mode,
+                          **({} if mode == "nearest" else {"align_corners": False}))
+    return m
+
+
+@torch.no_grad()
+def _probs(hm: HookedModel, images: torch.Tensor, target: torch.Tensor,
+           batch_size: int = 64) -> torch.Tensor:
+    """p_target for each row of ``images``; ``target`` has one class per row."""
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        p = hm(images[i:i + batch_size]).softmax(-1)
+        out.append(p.gather(1, target[i:i + batch_size, None].to(p.device)).squeeze(1))
+    return torch.cat(out).cpu()
+
+
+def _target(hm, x, target):
+    if target is not None:
+        return torch.as_tensor(target).reshape(-1).expand(x.shape[0]).long()
+    with torch.no_grad():
+        return hm(x).argmax(-1).cpu()
+
+
+def area_fraction(mask: torch.Tensor) -> torch.Tensor:
+    """Fraction of kept pixels: mean of the (binary) mask."""
+    return (mask.flatten(1).float().mean(1)).cpu()
+
+
+def binarize_at_area(saliency: torch.Tensor, area: float) -> torch.Tensor:
+    """Keep the top ``area`` fraction of each saliency map (ties broken by position)."""
+    s = saliency.flatten(1)
+    k = max(1, int(round(area * s.shape[1])))
+    idx = s.argsort(dim=1, descending=True, stable=True)[:, :k]
+    out = torch.zeros_like(s)
+    out.scatter_(1, idx, 1.0)
+    return out.view_as(saliency)
+
+
+@torch.no_grad()
+def evaluate_mask(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor, target=None, *,
+                  backgrounds: Sequence[str] = KINDS, n_random: int = 4,
+                  seed: int = 0) -> dict:
+    """The standard numbers for binary masks, one tensor of B values each.
+
+    - ``area_fraction``: kept pixels / all pixels.
+    - ``top1_kept``: argmax f(m x) equals the target.
+    - ``confidence_image``, ``confidence_explanation``: p_target on x and on m x.
+    - ``kl``: KL(p_x || p_e) over all classes.
+    - ``sufficiency``: fraction of filled-in backgrounds r (grey, ``n_random`` gaussian and
+      uniform draws, blur) for which argmax f(m x + (1 - m) r) is still the target.
+    - ``necessity_drop``: 1 - p_target((1 - m) x) / p_target(x), the relative drop when only
+      the complement is shown (1 = the complement carries no evidence).
+    """
+    x = hm.check_input(x)
+    b = x.shape[0]
+    m = _as_map(mask, x.shape[-2:]).to(x.device)
+    y = _target(hm, x, target)
+    lx, le = hm(x), hm(m * x)
+    px, pe = lx.softmax(-1).cpu(), le.softmax(-1).cpu()
+    conf_x, conf_e = px.gather(1, y[:, None]).squeeze(1), pe.gather(1, y[:, None]).squeeze(1)
+    kl = (px * (px.clamp_min(1e-12).log() - pe.clamp_min(1e-12).log())).sum(1)
+    g = torch.Generator().manual_seed(seed)
+    kinds = [k for k in backgrounds if k in ("grey", "blur")]
+    kinds += [k for k in backgrounds if k in ("gaussian", "uniform")] * n_random
+    r = make_backgrounds(x, hm.data_config, kinds, g)                 # (K * B, ...)
+    k = len(kinds)
+    filled = m.repeat(k, 1, 1, 1) * x.repeat(k, 1, 1, 1) + (1 - m.repeat(k, 1, 1, 1)) * r
+    pred = torch.cat([hm(filled[i:i + 64]).argmax(-1).cpu() for i in range(0, k * b, 64)])
+    sufficiency = (pred.view(k, b) == y[None]).float().mean(0)
+    conf_c = _probs(hm, (1 - m) * x, y)
+    return {
+        "area_fraction": area_fraction(m),
+        "top1_kept": (pe.argmax(1) == y),
+        "label": y,
+        "confidence_image": conf_x,
+        "confidence_explanation": conf_e,
+        "kl": kl,
+        "sufficiency": sufficiency,
+        "necessity_drop": 1 - conf_c / conf_x.clamp_min(1e-12),
+    }
+
+
+@torch.no_grad()
+def _auc_curve(hm, x, saliency, target, steps, insert: bool, batch_size: int, seed: int,
+               canvas: str = "blur"):
+    x = hm.check_input(x)
+    b, _, h, w = x.shape
+    y = _target(hm, x, target)
+    s = _as_map(saliency, (h, w), mode="bilinear").flatten(1).cpu()
+    g = torch.Generator().manual_seed(seed)
+    s = s + 1e-6 * s.abs().max().clamp_min(1e-12) * torch.rand(s.shape, generator=g)  # ties
+    order = s.argsort(dim=1, descending=True)
+    n = h * w
+    ks = torch.linspace(0, n, steps + 1).round().long()
+    if canvas not in ("blur", "grey"):
+        raise CircuitlabError(f"canvas must be 'blur' or 'grey', got {canvas!r}")
+    canvas = gaussian_blur(x, sigma=max(1.0, min(h, w) / 20)) if insert and canvas == "blur" \
+        else torch.zeros_like(x)
+    curves = torch.zeros(b, steps + 1)
+    for i in range(b):
+        rank = torch.empty(n, dtype=torch.long)
+        rank[order[i]] = torch.arange(n)
+        # row j shows the top ks[j] pixels of x (insertion) or hides them (deletion)
+        top = (rank[None, :] < ks[:, None]).float().view(steps + 1, 1, h, w).to(x.device)
+        keep = top if insert else 1 - top
+        imgs = keep * x[i:i + 1] + (1 - keep) * canvas[i:i + 1]
+        curves[i] = _probs(hm, imgs, y[i].repeat(steps + 1), batch_size)
+    # trapezoid rule over the fraction of pixels moved, [0, 1]
+    auc = (curves[:, 1:] + curves[:, :-1]).sum(1) / (2 * steps)
+    return auc, curves
+
+
+def deletion_auc(hm: HookedModel, x: torch.Tensor, saliency: torch.Tensor, target=None,
+                 steps: int = 20, batch_size: int = 64, seed: int = 0) -> torch.Tensor:
+    """Area under p_target as the most salient pixels are deleted first (set to the mean);
+    lower is better (Petsiuk et al. 2018)."""
+    return _auc_curve(hm, x, saliency, target, steps, False, batch_size, seed)[0]
+
+
+def insertion_auc(hm: HookedModel, x: torch.Tensor, saliency: torch.Tensor, target=None,
+                  steps: int = 20, batch_size: int = 64, seed: int = 0,
+                  canvas: str = "blur") -> torch.Tensor:
+    """Area under p_target as the most salient pixels are inserted first into a blurred copy
+    of the image (``canvas="grey"``: into the mean image); higher is better."""
+    return _auc_curve(hm, x, saliency, target, steps, True, batch_size, seed, canvas)[0]
+
+
+def pointing_game(saliency: torch.Tensor, gt: torch.Tensor,
+                  tolerance: int = 0) -> torch.Tensor:
+    """Hit when the saliency maximum falls on the ground-truth mask (dilated by ``tolerance``
+    pixels, Zhang et al. 2018 use 15 at 224 px)."""
+    g = _as_map(gt, gt.shape[-2:]).cpu()
+    s = _as_map(saliency, g.shape[-2:], mode="bilinear").cpu()
+    if tolerance:
+        g = F.max_pool2d(g, 2 * tolerance + 1, stride=1, padding=tolerance)
+    idx = s.flatten(1).argmax(1)
+    return g.flatten(1).gather(1, idx[:, None]).squeeze(1) > 0.5
+
+
+def iou(mask: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """|mask ∩ gt| / |mask ∪ gt| for binary masks."""
+    g = _as_map(gt, gt.shape[-2:]).cpu() > 0.5
+    m = _as_map(mask, g.shape[-2:]).cpu() > 0.5
+    inter = (m & g).flatten(1).sum(1).float()
+    union = (m | g).flatten(1).sum(1).float()
+    return inter / union.clamp_min(1)
+
+
+def mask_precision(mask: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Fraction of the kept pixels that lie on the ground-truth object."""
+    g = _as_map(gt, gt.shape[-2:]).cpu() > 0.5
+    m = _as_map(mask, g.shape[-2:]).cpu() > 0.5
+    return (m & g).flatten(1).sum(1).float() / m.flatten(1).sum(1).float().clamp_min(1)
