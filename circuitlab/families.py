@@ -74,6 +74,8 @@ def _resolution_taps(points: list[HookPoint]) -> list[str]:
     for p in points:
         if p.io != "output" or p.alias_of or p.call or len(p.shape) != 4 or p.unit_axis != 1:
             continue
+        if p.shape[2] * p.shape[3] == 1:  # globally pooled features are no map to tap
+            continue
         key = p.shape[2:]
         cur = best.get(key)
         depth = p.module.count(".")

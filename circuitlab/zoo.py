@@ -134,8 +134,18 @@ def _torchvision_names() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
+def _local_archs() -> dict:
+    """Architectures defined in circuitlab itself (no hub weights exist for them)."""
+    from .synthetic import SmallCNN
+    return {"synthetic_cnn": SmallCNN}
+
+
 def _create(source: str, arch: str, pretrained: Optional[bool], kwargs: dict) -> nn.Module:
     """Build ``arch``; with pretrained None, try hub weights and fall back to random init."""
+    if source == "circuitlab":
+        if pretrained:
+            raise CircuitlabError(f"{arch} has no pretrained weights; load a checkpoint")
+        return _local_archs()[arch](**kwargs)
     if source == "timm":
         import timm
 
@@ -177,6 +187,8 @@ def resolve_name(name: str) -> tuple[str, str]:
     import timm
     if name in OFFLINE_MODELS:
         return "offline", name
+    if name in _local_archs():
+        return "circuitlab", name
     if "/" in name:
         source, arch = name.split("/", 1)
         if source == "timm" and timm.is_model(arch):
@@ -187,7 +199,8 @@ def resolve_name(name: str) -> tuple[str, str]:
         return "timm", name
     elif name in _torchvision_names():
         return "torchvision", name
-    choices = list(OFFLINE_MODELS) + timm.list_models() + _torchvision_names()
+    choices = list(OFFLINE_MODELS) + list(_local_archs()) + timm.list_models() + \
+        _torchvision_names()
     raise CircuitlabError(f"unknown model {name!r}.{did_you_mean(name, choices)} "
                           f"`circuitlab models` lists the offline ones; any timm or "
                           f"torchvision classifier name works too")

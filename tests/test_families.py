@@ -58,6 +58,6 @@ def test_generic_module_gets_classifier_and_resolution_taps():
             return self.out(self.pool(self.c2(self.c1(x))).flatten(1))
     hm = load_model(Tiny(), data_config={"input_size": (3, 16, 16)})
     assert hm.family.name == "generic" and hm.classifier == "out"
-    assert hm.taps == ("c1", "c2", "pool")
+    assert hm.taps == ("c1", "c2")  # the 1x1 pooled output is not a map
     assert hm.labels is None and hm.label(3) == "class 3"
     assert hm(torch.randn(2, 3, 16, 16)).shape == (2, 7)

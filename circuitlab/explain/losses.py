@@ -40,7 +40,8 @@ def activation_distance(a: torch.Tensor, b: torch.Tensor, kind: str = "mse",
     if kind == "zmse":
         def z(t):
             mu = t.mean(1, keepdim=True)
-            sd = t.var(1, keepdim=True, unbiased=False).sqrt()
+            # clamped so that sqrt has a finite gradient on a constant channel
+            sd = t.var(1, keepdim=True, unbiased=False).clamp_min(1e-20).sqrt()
             return (t - mu) / (sd + eps)
         return (z(a3) - z(b3)).pow(2).mean()
     if kind == "cosine":
