@@ -119,6 +119,82 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _save_png(path: Path, array) -> None:
+    from PIL import Image
+
+    from .zoo import write_atomic
+    write_atomic(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+
+
+def _explain_one(hm, image, out: Path, args) -> dict:
+    import time
+
+    import numpy as np
+
+    from . import data, metrics
+    from .explain import explain, preset
+    from .zoo import write_atomic
+    t0 = time.perf_counter()
+    x = data.load_image(image, hm)
+    cfg = preset(args.preset, hm.family.name)
+    ex = explain(hm, x, cfg, steps=args.steps, seed=args.seed)
+    seconds = time.perf_counter() - t0
+    r = metrics.evaluate_mask(hm, x, ex.mask, ex.target, seed=args.seed)
+    del_auc = metrics.deletion_auc(hm, x, ex.mask, ex.target, seed=args.seed)
+    ins_auc = metrics.insertion_auc(hm, x, ex.mask, ex.target, seed=args.seed)
+    label = int(r["label"][0])
+    result = {
+        "image": str(image), "model": hm.name, "preset": args.preset, "steps": ex.steps,
+        "area_fraction": float(r["area_fraction"][0]), "top1_kept": bool(r["top1_kept"][0]),
+        "label": hm.label(label), "class_index": label,
+        "confidence_image": float(r["confidence_image"][0]),
+        "confidence_explanation": float(r["confidence_explanation"][0]),
+        "sufficiency": float(r["sufficiency"][0]),
+        "necessity_drop": float(r["necessity_drop"][0]),
+        "deletion_auc": float(del_auc[0]), "insertion_auc": float(ins_auc[0]),
+        "seconds": seconds,
+    }
+    m = ex.mask[0, 0].cpu().numpy()
+    rgb = data.denormalize(x[0], hm).permute(1, 2, 0).cpu().numpy()
+    e_rgb = data.denormalize(ex.explanation[0], hm).permute(1, 2, 0).cpu().numpy()
+    out.mkdir(parents=True, exist_ok=True)
+    _save_png(out / "mask.png", (m * 255).astype(np.uint8))
+    _save_png(out / "explanation.png", (e_rgb * 255).round().astype(np.uint8))
+    _save_png(out / "overlay.png", (rgb * (0.25 + 0.75 * m[..., None]) * 255).round()
+              .astype(np.uint8))
+    text = json.dumps(result, indent=2) + "\n"
+    write_atomic(out / "metrics.json", lambda f: f.write(text.encode()))
+    return result
+
+
+def cmd_explain(args) -> int:
+    from . import data
+    from .errors import CircuitlabError
+    src = Path(args.image)
+    images = data.image_files(src) if src.is_dir() else [args.image]
+    out = Path(args.out)
+    targets = [out / Path(str(i)).stem for i in images] if src.is_dir() else [out]
+    names = ("mask.png", "explanation.png", "overlay.png", "metrics.json")
+    clash = [str(t / n) for t in targets for n in names if (t / n).exists()]
+    if clash and not args.force:
+        raise CircuitlabError(f"{clash[0]} exists ({len(clash)} output files would be "
+                              f"replaced); choose another --out or pass --force")
+    hm = _load(args)
+    from tqdm.auto import tqdm
+    results = [_explain_one(hm, img, t, args) for img, t in
+               tqdm(list(zip(images, targets)), desc="explain", unit="img", file=sys.stderr,
+                    disable=len(images) < 2 or None)]
+    lines = []
+    for r in results:
+        lines.append(f"{r['image']}: {r['label']} kept={r['top1_kept']} area="
+                     f"{r['area_fraction']:.3f} conf {r['confidence_image']:.3f} -> "
+                     f"{r['confidence_explanation']:.3f} necessity_drop="
+                     f"{r['necessity_drop']:.2f} ({r['seconds']:.1f} s)")
+    lines.append(f"wrote {out}")
+    _emit(args, results if src.is_dir() else results[0], "\n".join(lines))
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -155,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=5, help="how many classes (default 5)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="minimal mask that keeps the decision (in progress)",
+                       description="Train a minimal mask for an image (per-image mode) and "
+                                   "write mask.png, explanation.png, overlay.png and "
+                                   "metrics.json. The default preset is not tuned yet.")
+    _add_model_args(p)
+    p.add_argument("--image", "-i", default="coffee",
+                   help="image file, folder, or sample name (default: coffee)")
+    p.add_argument("--out", "-o", required=True, help="output folder")
+    p.add_argument("--preset", choices=["default", "paper"], default="default")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (preset's "
+                                                             "by default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace existing output files")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_explain)
     return parser
 
 

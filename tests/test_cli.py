@@ -75,3 +75,52 @@ def test_installed_entry_point_help_and_errors(tmp_path):
     r = subprocess.run([exe, "predict", "--image", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("circuitlab: error: cannot read")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    import torch
+
+    from circuitlab import HookedModel, save_checkpoint, synthetic
+    torch.manual_seed(0)
+    hm = HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG,
+                     labels=list(synthetic.CLASSES))
+    hm.name = "synthetic_cnn"
+    path = save_checkpoint(hm, tmp_path / "cnn.pt")
+    data = synthetic.make_dataset(2, seed=0)
+    for i in range(2):
+        arr = (data.images[i].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"shape{i}.png")
+    return path
+
+
+def test_explain_writes_outputs_and_never_overwrites(capsys, tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    argv = ["explain", "--model", str(tiny_checkpoint), "--image", str(tmp_path / "shape0.png"),
+            "--out", str(out), "--steps", "3", "--json"]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    res = json.loads(stdout)
+    keys = {"area_fraction", "top1_kept", "label", "confidence_image", "confidence_explanation",
+            "sufficiency", "necessity_drop", "deletion_auc", "insertion_auc", "seconds"}
+    assert keys <= set(res) and res["steps"] == 3
+    assert json.loads((out / "metrics.json").read_text())["label"] == res["label"]
+    mask = np.asarray(Image.open(out / "mask.png"))
+    assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, 255}
+    assert mask.mean() / 255 == pytest.approx(res["area_fraction"])
+    for name in ("explanation.png", "overlay.png"):
+        assert Image.open(out / name).size == (32, 32)
+    before = (out / "mask.png").read_bytes()
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "pass --force" in err and (out / "mask.png").read_bytes() == before
+    code, _, err = run(capsys, *argv, "--force")
+    assert code == 0, err
+
+
+def test_explain_folder(capsys, tmp_path, tiny_checkpoint):
+    out = tmp_path / "many"
+    code, stdout, err = run(capsys, "explain", "--model", str(tiny_checkpoint), "--image",
+                            str(tmp_path), "--out", str(out), "--steps", "2")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["shape0", "shape1"]
+    assert (out / "shape1" / "overlay.png").is_file() and "wrote" in stdout

@@ -13,14 +13,15 @@ class ExplainConfig:
 
     # objective weights (lambda): activation matching, CE, KL, area, binarisation, TV,
     # sufficiency (robustness to backgrounds), necessity (the complement must lose the label)
-    act: float = 1.0
+    # (defaults: tuned on the synthetic benchmark's CNN, see the README)
+    act: float = 0.05
     ce: float = 4.0
     kl: float = 0.4
     area: float = 15.0
     bin: float = 0.3
-    tv: float = 15.0
-    rob: float = 6.0
-    nec: float = 2.0
+    tv: float = 75.0
+    rob: float = 0.0
+    nec: float = 5.0
     area_mode: str = "mean"               # mean: lambda * mean(p); schedule: sorted-mask gap
     area_start: float = 1.0               # schedule: the kept fraction goes from area_start to
     area_end: float = 0.02                # area_end geometrically over the steps
@@ -33,15 +34,17 @@ class ExplainConfig:
     backgrounds_per_step: int = 1         # drawn at random from ``backgrounds`` each step
     necessity_mode: str = "prob"
     necessity_margin: float = 0.5
-    # generator
+    # generator: "grid" (free logits per cell) or "unet" (the paper's image-to-mask U-Net)
+    generator: str = "grid"
+    mask_size: int = 32                   # grid: cells per side (capped at the input size)
     width: int = 16
     depth: int = 3
     out_stride: int = 4                   # of the generator's input
     input_scale: int = 2                  # generator sees the image average-pooled by this
     init_keep: Optional[float] = 0.9      # None: default init (a random first mask, the paper)
     # optimiser
-    lr: float = 1e-3
-    steps: int = 60
+    lr: float = 0.1
+    steps: int = 100
     min_steps: int = 20
     patience: int = 10                    # early stop: binary, label kept, area flat this long
 
@@ -58,7 +61,8 @@ PRESETS = {
     # backgrounds of their robustness term every step.
     "paper": ExplainConfig(act=10, ce=15, kl=5, area=100, bin=1, tv=500, rob=100, nec=0,
                            tv_neighbours=8, backgrounds=("grey", "gaussian", "uniform"),
-                           backgrounds_per_step=3, width=32, depth=4, out_stride=1,
+                           backgrounds_per_step=3, generator="unet", width=32, depth=4,
+                           out_stride=1,
                            input_scale=1,
                            init_keep=None, lr=5e-5, steps=880, min_steps=880, patience=880),
     "default": ExplainConfig(),
@@ -70,8 +74,6 @@ def preset(name: str, family: str = "generic", **overrides) -> ExplainConfig:
     if name not in PRESETS:
         raise CircuitlabError(f"unknown preset {name!r}; use one of {sorted(PRESETS)}")
     cfg = PRESETS[name]
-    if name == "default" and family == "vit":
-        cfg = cfg.replace(distances=None, tv=10.0)  # tokens are coarse: 16 px patches
     return cfg.replace(**overrides) if overrides else cfg
 
 

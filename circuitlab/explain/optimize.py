@@ -18,7 +18,7 @@ from ..hooked_model import HookedModel
 from . import losses
 from .backgrounds import make_backgrounds
 from .config import ExplainConfig, default_alphas, default_distances, preset
-from .generator import MaskUNet, binarize_ste
+from .generator import MaskGrid, MaskUNet, binarize_ste
 
 
 @dataclass
@@ -79,8 +79,15 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     names = [p.name for p in points]
     torch.manual_seed(seed)
     gen_rng = torch.Generator().manual_seed(seed)
-    net = generator or MaskUNet(hm.in_chans, cfg.width, cfg.depth, cfg.out_stride,
-                                cfg.init_keep)
+    if generator is not None:
+        net = generator
+    elif cfg.generator == "grid":
+        side = min(cfg.mask_size, x.shape[-2], x.shape[-1])
+        net = MaskGrid((b, 1, side, side), seed=seed)
+    elif cfg.generator == "unet":
+        net = MaskUNet(hm.in_chans, cfg.width, cfg.depth, cfg.out_stride, cfg.init_keep)
+    else:
+        raise CircuitlabError(f"unknown generator {cfg.generator!r}; use 'grid' or 'unet'")
     net = net.to(x.device).train()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
 
@@ -93,6 +100,7 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     nb = len(cfg.backgrounds)
 
     rows, best_area = [], torch.full((b,), float("inf"))
+    best_nec = torch.zeros(b, dtype=torch.bool)
     best_mask = torch.ones(b, 1, *x.shape[-2:])
     best_soft = None
     t0 = time.perf_counter()
@@ -142,9 +150,12 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
                 pc = logits[-b:].softmax(-1).gather(1, target[:, None]).squeeze(1)
                 px = logits_x.softmax(-1).gather(1, target[:, None]).squeeze(1)
                 nec_ok = (pc <= (1 - cfg.necessity_margin) * px).cpu()
-            better = kept.cpu() & nec_ok & (hard_area < best_area)
+            # the smallest label-keeping mask, preferring ones whose complement loses the label
+            better = kept.cpu() & ((nec_ok & ~best_nec) |
+                                   ((nec_ok == best_nec) & (hard_area < best_area)))
             if better.any():
                 best_area = torch.where(better, hard_area, best_area)
+                best_nec = best_nec | (better & nec_ok)
                 best_mask[better] = m[better].detach().cpu()
                 best_soft = p.detach().cpu() if best_soft is None else best_soft
                 best_soft[better] = p[better].detach().cpu()
