@@ -1,4 +1,5 @@
 """The ground-truth benchmark: reproducible data, masks on the decisive object, training, cache."""
+import pytest
 import torch
 
 from circuitlab import load_model, synthetic
@@ -37,13 +38,14 @@ def test_small_vit_builds_with_transformer_aliases():
     assert hm.taps == ("blocks.0", "blocks.2", "blocks.3")
 
 
-def test_per_image_explain_runs_and_is_deterministic():
+@pytest.mark.parametrize("generator", ["grid", "unet"])
+def test_per_image_explain_runs_and_is_deterministic(generator):
     torch.manual_seed(0)
     from circuitlab import HookedModel
     hm = HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG)
     x = synthetic.make_dataset(2, seed=1).normalized()
-    cfg = preset("default", hm.family.name, input_scale=1, out_stride=2, depth=2, width=4,
-                 steps=4, min_steps=4)
+    cfg = preset("default", hm.family.name, generator=generator, input_scale=1, out_stride=2,
+                 depth=2, width=4, steps=4, min_steps=4, rob=1.0)
     a, b = explain(hm, x, cfg, seed=5), explain(hm, x, cfg, seed=5)
     assert a.mask.shape == (2, 1, 32, 32) and set(a.mask.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(a.mask, b.mask) and a.steps == 4 and len(a.history) == 4
