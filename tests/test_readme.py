@@ -8,7 +8,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_python_examples_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3
     scope: dict = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the ViT example falls back to random weights offline
@@ -18,3 +18,4 @@ def test_readme_python_examples_run():
     assert scope["patched"].shape == (16, 1, 1000)
     assert scope["circuit"].shape == (1, 1, 1000)
     assert scope["cache"]["blocks.3.attn.hook_pattern"].shape[1] == 6
+    assert scope["ex"].mask.shape == (1, 1, 224, 224)

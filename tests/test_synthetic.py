@@ -51,3 +51,18 @@ def test_per_image_explain_runs_and_is_deterministic(generator):
     assert torch.equal(a.mask, b.mask) and a.steps == 4 and len(a.history) == 4
     assert {"act", "ce", "kl", "area", "bin", "tv", "rob", "nec"} <= set(a.history.columns)
     torch.testing.assert_close(a.explanation, a.mask * x)
+
+
+def test_default_preset_finds_the_planted_object():
+    """The explanations issue's ground-truth targets, on the CNN (trained once, then cached)."""
+    from circuitlab import metrics
+    hm = synthetic.synthetic_model("cnn", log=None)
+    data = synthetic.make_dataset(32, seed=123)
+    x = data.normalized()
+    ex = explain(hm, x, preset("default", hm.family.name))
+    kept = (hm(ex.explanation).argmax(-1) == ex.target).float().mean().item()
+    pointing = metrics.pointing_game(ex.soft, data.masks).float().mean().item()
+    precision = metrics.mask_precision(ex.mask, data.masks).mean().item()
+    ratio = (ex.area.cpu() / data.masks.flatten(1).mean(1)).mean().item()
+    assert kept >= 0.95 and pointing >= 0.95 and precision >= 0.8 and ratio <= 1.5, (
+        kept, pointing, precision, ratio)
