@@ -53,3 +53,21 @@ def test_real_lite0_on_gpu():
     hm = circuitlab.load_model("efficientnet_lite0", device="cuda")
     top = hm.predict(circuitlab.data.load_image("coffee", hm), topk=1)
     assert top.loc[0, "label"] == "espresso" and top.loc[0, "probability"] > 0.9
+
+
+def test_explain_and_metrics_on_gpu():
+    from circuitlab import metrics, synthetic
+    from circuitlab.explain import explain, preset
+    torch.manual_seed(0)
+    hm = circuitlab.HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG)
+    x = synthetic.make_dataset(4, seed=0).normalized()
+    cfg = preset("default", hm.family.name, steps=5, min_steps=5, rob=1.0)
+    cpu = explain(hm, x, cfg, seed=1)
+    hm.to("cuda")
+    gpu = explain(hm, x, cfg, seed=1)
+    assert gpu.mask.device.type == "cuda"
+    # the same seed gives the same masks up to float noise in a few flipped cells
+    assert (gpu.mask.cpu() != cpu.mask).float().mean() < 0.05
+    r = metrics.evaluate_mask(hm, x, gpu.mask)
+    assert r["area_fraction"].shape == (4,)
+    assert metrics.deletion_auc(hm, x, gpu.mask, steps=4).shape == (4,)
