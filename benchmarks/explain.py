@@ -43,7 +43,7 @@ def photos(steps, names):
     rows = []
     for name in names:
         x = cl.data.load_image(name, hm)
-        cfg = preset("default", hm.family.name)
+        cfg = preset("default", hm.family.name, min(x.shape[-2:]))
         if steps:
             cfg = cfg.replace(steps=steps, min_steps=min(cfg.min_steps, steps))
         ex = explain(hm, x, cfg)

@@ -141,7 +141,7 @@ def _explain_one(hm, image, out: Path, args) -> dict:
     from .zoo import write_atomic
     t0 = time.perf_counter()
     x = data.load_image(image, hm)
-    cfg = preset(args.preset, hm.family.name)
+    cfg = preset(args.preset, hm.family.name, min(x.shape[-2:]))
     ex = explain(hm, x, cfg, steps=args.steps, seed=args.seed)
     seconds = time.perf_counter() - t0
     r = metrics.evaluate_mask(hm, x, ex.mask, ex.target, seed=args.seed)

@@ -41,7 +41,7 @@ def _probs(hm: HookedModel, images: torch.Tensor, target: torch.Tensor,
 
 def _target(hm, x, target):
     if target is not None:
-        return torch.as_tensor(target).reshape(-1).expand(x.shape[0]).long()
+        return torch.as_tensor(target).reshape(-1).expand(x.shape[0]).long().cpu()
     with torch.no_grad():
         return hm(x).argmax(-1).cpu()
 

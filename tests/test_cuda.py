@@ -68,6 +68,6 @@ def test_explain_and_metrics_on_gpu():
     assert gpu.mask.device.type == "cuda"
     # the same seed gives the same masks up to float noise in a few flipped cells
     assert (gpu.mask.cpu() != cpu.mask).float().mean() < 0.05
-    r = metrics.evaluate_mask(hm, x, gpu.mask)
+    r = metrics.evaluate_mask(hm, x, gpu.mask, gpu.target)  # a target on the GPU too
     assert r["area_fraction"].shape == (4,)
-    assert metrics.deletion_auc(hm, x, gpu.mask, steps=4).shape == (4,)
+    assert metrics.deletion_auc(hm, x, gpu.mask, gpu.target, steps=4).shape == (4,)

@@ -120,3 +120,18 @@ def test_backgrounds():
     assert -1 <= r[2:6].min() and r[2:6].max() <= 1        # pixels in [0, 1]
     flat = torch.ones(1, 1, 9, 9)
     torch.testing.assert_close(gaussian_blur(flat, 2.0), flat)  # blur keeps constants
+
+
+def test_presets():
+    from circuitlab.explain import PRESETS, preset
+    small, large = preset("default", "resnet", 32), preset("default", "resnet", 224)
+    assert small.mask_size == 32 and large.mask_size == 56 and large.area > small.area
+    assert preset("default", "resnet", 224, steps=7).steps == 7
+    paper = preset("paper", "resnet", 224)
+    assert paper == PRESETS["paper"] and paper.generator == "unet" and paper.steps == 880
+    assert (paper.act, paper.ce, paper.kl, paper.area, paper.bin, paper.tv, paper.rob) == (
+        10, 15, 5, 100, 1, 500, 100)
+    with pytest.raises(CircuitlabError, match="unknown preset"):
+        preset("fast")
+    with pytest.raises(CircuitlabError, match="unknown explain settings"):
+        preset("default", stpes=3)

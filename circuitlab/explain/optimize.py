@@ -70,7 +70,7 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     Early stop (after ``min_steps``) once the mask is binary, the label is kept and the area has
     not shrunk for ``patience`` steps. The smallest label-keeping mask seen is returned.
     """
-    cfg = config or preset(preset_name, hm.family.name)
+    cfg = config or preset(preset_name, hm.family.name, min(x.shape[-2:]))
     if steps is not None:
         cfg = cfg.replace(steps=int(steps), min_steps=min(cfg.min_steps, int(steps)))
     x = hm.check_input(x)
