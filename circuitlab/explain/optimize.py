@@ -68,7 +68,9 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     """Minimal mask for each image of ``x`` (B, C, H, W), trained from scratch (per-image mode).
 
     Early stop (after ``min_steps``) once the mask is binary, the label is kept and the area has
-    not shrunk for ``patience`` steps. The smallest label-keeping mask seen is returned.
+    not shrunk for ``patience`` steps. Per image, the smallest label-keeping mask seen is
+    returned, preferring masks whose complement loses the label; an image for which no step
+    kept the label gets the whole image (mask of ones).
     """
     cfg = config or preset(preset_name, hm.family.name, min(x.shape[-2:]))
     if steps is not None:
@@ -153,11 +155,12 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
             # the smallest label-keeping mask, preferring ones whose complement loses the label
             better = kept.cpu() & ((nec_ok & ~best_nec) |
                                    ((nec_ok == best_nec) & (hard_area < best_area)))
+            if best_soft is None:  # rows that never keep the label keep the whole image
+                best_soft = torch.ones_like(p, device="cpu")
             if better.any():
                 best_area = torch.where(better, hard_area, best_area)
                 best_nec = best_nec | (better & nec_ok)
                 best_mask[better] = m[better].detach().cpu()
-                best_soft = p.detach().cpu() if best_soft is None else best_soft
                 best_soft[better] = p[better].detach().cpu()
         row = {"step": step, "loss": float(loss.detach()),
                **{n: float(v.detach()) for n, v in terms.items()},
@@ -165,10 +168,8 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
         rows.append(row)
         if progress:
             progress(step, row)
-        if step >= cfg.min_steps and _converged(rows, cfg, b):
+        if step >= cfg.min_steps and _converged(rows, cfg):
             break
-    if best_soft is None:  # no step kept the label under the constraints: report the last mask
-        best_mask, best_soft = m.detach().cpu(), p.detach().cpu()
     mask = best_mask.to(x.device)
     history = pd.DataFrame(rows)
     return Explanation(mask=mask, soft=best_soft, explanation=mask * x, target=target,
@@ -176,7 +177,7 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
                        config=cfg)
 
 
-def _converged(rows, cfg: ExplainConfig, b: int) -> bool:
+def _converged(rows, cfg: ExplainConfig) -> bool:
     last = rows[-cfg.patience:]
     if len(last) < cfg.patience:
         return False
