@@ -261,9 +261,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if getattr(args, "topk", 1) < 1:
-        parser.error("--topk must be at least 1")
     try:
+        if getattr(args, "topk", 1) < 1:
+            raise CircuitlabError("--topk must be at least 1")
+        if getattr(args, "steps", None) is not None and args.steps < 1:
+            raise CircuitlabError("--steps must be at least 1")
         return args.func(args)
     except CircuitlabError as e:
         if args.debug:

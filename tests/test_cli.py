@@ -55,6 +55,8 @@ def test_layers_and_models(capsys):
     (["layers", "--model", "resnet18", "--no-pretrained", "--pattern", "zzz*"],
      "no hook point"),
     (["predict", "--model", "resnet18", "--checkpoint", "/no/ckpt.pt"], "does not exist"),
+    (["explain", "--out", "/tmp/never-written", "--steps", "0"], "--steps must be at least 1"),
+    (["explain", "--out", "/tmp/never-written", "--image", "nope.png"], "no image file"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
     code, out, err = run(capsys, *argv)
