@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import circuitlab as cl  # noqa: E402
 from circuitlab import metrics, synthetic  # noqa: E402
-from circuitlab.explain import explain, preset  # noqa: E402
+from circuitlab.explain import explain  # noqa: E402
 from circuitlab.zoo import write_atomic  # noqa: E402
 
 
@@ -43,10 +43,8 @@ def photos(steps, names):
     rows = []
     for name in names:
         x = cl.data.load_image(name, hm)
-        cfg = preset("default", hm.family.name, min(x.shape[-2:]))
-        if steps:
-            cfg = cfg.replace(steps=steps, min_steps=min(cfg.min_steps, steps))
-        ex = explain(hm, x, cfg)
+        ex = explain(hm, x, steps=steps)
+        cfg = ex.config
         r = metrics.evaluate_mask(hm, x, ex.mask, ex.target)
         per_step_batch = 1 + (cfg.backgrounds_per_step if cfg.rob else 0) + (1 if cfg.nec else 0)
         step = ex.seconds / ex.steps
@@ -67,11 +65,8 @@ def benchmark_quality(kind, n, steps):
     hm = synthetic.synthetic_model(kind, log=lambda s: print(s, file=sys.stderr))
     data = synthetic.make_dataset(n, seed=123)
     x = data.normalized()
-    cfg = preset("default", hm.family.name)
-    if steps:
-        cfg = cfg.replace(steps=steps, min_steps=min(cfg.min_steps, steps))
     t = time.perf_counter()
-    ex = explain(hm, x, cfg)
+    ex = explain(hm, x, steps=steps)
     seconds = time.perf_counter() - t
     r = metrics.evaluate_mask(hm, x, ex.mask, ex.target)
     obj = data.masks.flatten(1).mean(1)

@@ -137,12 +137,11 @@ def _explain_one(hm, image, out: Path, args) -> dict:
     import numpy as np
 
     from . import data, metrics
-    from .explain import explain, preset
+    from .explain import explain
     from .zoo import write_atomic
     t0 = time.perf_counter()
     x = data.load_image(image, hm)
-    cfg = preset(args.preset, hm.family.name, min(x.shape[-2:]))
-    ex = explain(hm, x, cfg, steps=args.steps, seed=args.seed)
+    ex = explain(hm, x, preset_name=args.preset, steps=args.steps, seed=args.seed)
     seconds = time.perf_counter() - t0
     r = metrics.evaluate_mask(hm, x, ex.mask, ex.target, seed=args.seed)
     del_auc = metrics.deletion_auc(hm, x, ex.mask, ex.target, seed=args.seed)

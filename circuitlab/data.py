@@ -142,9 +142,20 @@ def load_image(path_or_sample: Union[str, os.PathLike, Image.Image],
     return make_transform(_config_of(model_or_config))(to_rgb(img)).unsqueeze(0)
 
 
+def _mean_std(x: torch.Tensor, model_or_config):
+    cfg = _config_of(model_or_config)
+    shape = (-1, 1, 1)  # broadcasts over (C, H, W) and (B, C, H, W)
+    return (torch.tensor(cfg["mean"], dtype=x.dtype, device=x.device).view(shape),
+            torch.tensor(cfg["std"], dtype=x.dtype, device=x.device).view(shape))
+
+
+def normalize(pix: torch.Tensor, model_or_config=None) -> torch.Tensor:
+    """[0, 1] RGB -> the model's normalised input space (0 = the dataset mean)."""
+    mean, std = _mean_std(pix, model_or_config)
+    return (pix - mean) / std
+
+
 def denormalize(x: torch.Tensor, model_or_config=None) -> torch.Tensor:
     """Undo the normalisation: model input space -> [0, 1] RGB (for display)."""
-    cfg = _config_of(model_or_config)
-    mean = torch.tensor(cfg["mean"], dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(cfg["std"], dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    mean, std = _mean_std(x, model_or_config)
     return (x * std + mean).clamp(0, 1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from dataclasses import replace
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import nnsight

@@ -40,9 +40,8 @@ class SyntheticData:
     masks: torch.Tensor    # (N, 1, 32, 32) the red object's pixels
 
     def normalized(self) -> torch.Tensor:
-        mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(STD).view(1, 3, 1, 1)
-        return (self.images - mean) / std
+        from .data import normalize
+        return normalize(self.images, DATA_CONFIG)
 
 
 def _shape_mask(kind: int, cy: float, cx: float, r: float) -> np.ndarray:

@@ -6,15 +6,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..data import normalize
 from ..errors import CircuitlabError
 
 KINDS = ("grey", "gaussian", "uniform", "blur")
-
-
-def _normalize(pix: torch.Tensor, config: dict) -> torch.Tensor:
-    mean = torch.tensor(config["mean"], dtype=pix.dtype, device=pix.device).view(1, -1, 1, 1)
-    std = torch.tensor(config["std"], dtype=pix.dtype, device=pix.device).view(1, -1, 1, 1)
-    return (pix - mean) / std
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -43,9 +38,9 @@ def make_backgrounds(x: torch.Tensor, config: dict, kinds: Sequence[str] = KINDS
             out.append(torch.zeros_like(x))
         elif kind == "gaussian":
             pix = (0.5 + 0.25 * torch.randn(shape, generator=generator)).clamp(0, 1)
-            out.append(_normalize(pix.to(x), config))
+            out.append(normalize(pix.to(x), config))
         elif kind == "uniform":
-            out.append(_normalize(torch.rand(shape, generator=generator).to(x), config))
+            out.append(normalize(torch.rand(shape, generator=generator).to(x), config))
         elif kind == "blur":
             out.append(gaussian_blur(x, sigma=max(1.0, min(shape[-2:]) / 20)))
         else:

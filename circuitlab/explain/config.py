@@ -1,7 +1,7 @@
 """Objective weights, taps, generator and optimiser settings; the ``paper`` and ``default`` presets."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 from ..errors import CircuitlabError

@@ -93,10 +93,13 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     net = net.to(x.device).train()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
 
-    x_gen = F.avg_pool2d(x, cfg.input_scale) if cfg.input_scale > 1 else x
+    # only the U-Net looks at the image; the grid ignores its input
+    x_gen = F.avg_pool2d(x, cfg.input_scale) if cfg.generator == "unet" and \
+        cfg.input_scale > 1 else x
     with torch.no_grad():
         logits_x, cache_x = hm.run_with_cache(x, names=names)
     target = logits_x.argmax(-1)
+    p_x = logits_x.softmax(-1).gather(1, target[:, None]).squeeze(1)
     acts_x = [cache_x[n] for n in names]
     backgrounds = make_backgrounds(x, hm.data_config, cfg.backgrounds, gen_rng)
     nb = len(cfg.backgrounds)
@@ -150,8 +153,7 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
             nec_ok = torch.ones(b, dtype=torch.bool)
             if cfg.nec:
                 pc = logits[-b:].softmax(-1).gather(1, target[:, None]).squeeze(1)
-                px = logits_x.softmax(-1).gather(1, target[:, None]).squeeze(1)
-                nec_ok = (pc <= (1 - cfg.necessity_margin) * px).cpu()
+                nec_ok = (pc <= (1 - cfg.necessity_margin) * p_x).cpu()
             # the smallest label-keeping mask, preferring ones whose complement loses the label
             better = kept.cpu() & ((nec_ok & ~best_nec) |
                                    ((nec_ok == best_nec) & (hard_area < best_area)))
