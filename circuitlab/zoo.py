@@ -199,7 +199,7 @@ def resolve_name(name: str) -> tuple[str, str]:
         return "timm", name
     elif name in _torchvision_names():
         return "torchvision", name
-    choices = list(OFFLINE_MODELS) + list(_local_archs()) + timm.list_models() + \
+    choices = list(OFFLINE_MODELS) + list(SYNTHETIC_MODELS) + list(_local_archs()) + timm.list_models() + \
         _torchvision_names()
     raise CircuitlabError(f"unknown model {name!r}.{did_you_mean(name, choices)} "
                           f"`circuitlab models` lists the offline ones; any timm or "
@@ -284,6 +284,23 @@ def save_checkpoint(hm: Union[HookedModel, nn.Module], path: Union[str, os.PathL
     return path
 
 
+# the ground-truth benchmark's models: trained here on first use (about a minute for the CNN,
+# a few for the ViT), then loaded from the user cache
+SYNTHETIC_MODELS = {"synthetic-cnn": "cnn", "synthetic-vit": "vit"}
+
+
+def _synthetic(name: str, device=None) -> HookedModel:
+    import sys
+
+    from .synthetic import synthetic_model
+    hm = synthetic_model(SYNTHETIC_MODELS[name],
+                         log=lambda s: print(f"circuitlab: {s}", file=sys.stderr))
+    hm.name = name
+    if device is not None:
+        hm.to(torch.device(device))
+    return hm
+
+
 def write_atomic(path: Union[str, os.PathLike], write) -> None:
     """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
@@ -319,6 +336,8 @@ def load_model(name_or_module: Union[str, os.PathLike, nn.Module], checkpoint=No
         cfg = dict(IMAGENET_CONFIG)
     else:
         name = os.fspath(name_or_module)
+        if name in SYNTHETIC_MODELS:
+            return _synthetic(name, device)
         if name.endswith((".pt", ".pth")) or Path(name).is_file():
             meta = _read_checkpoint(name)
             if meta.get("format") != CHECKPOINT_FORMAT or not meta.get("arch"):

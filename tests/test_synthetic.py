@@ -66,3 +66,18 @@ def test_default_preset_finds_the_planted_object():
     ratio = (ex.area.cpu() / data.masks.flatten(1).mean(1)).mean().item()
     assert kept >= 0.95 and pointing >= 0.95 and precision >= 0.8 and ratio <= 1.5, (
         kept, pointing, precision, ratio)
+
+
+def test_synthetic_names_for_models_and_images():
+    """`--model synthetic-cnn` and `--image synthetic:<i>` reach the benchmark's model and
+    held-out images (the model comes from the cache the quality test fills)."""
+    hm = load_model("synthetic-cnn")
+    assert hm.name == "synthetic-cnn" and hm.labels == list(synthetic.CLASSES)
+    from circuitlab import data
+    x = data.load_image("synthetic:3", hm)
+    ref = synthetic.make_dataset(4, seed=123)
+    assert x.shape == (1, 3, 32, 32)
+    # the PNG round trip quantises to 8 bits: within half a grey level of the float image
+    torch.testing.assert_close(data.denormalize(x[0], hm), ref.images[3], atol=0.5 / 255 + 1e-6,
+                               rtol=0)
+    assert hm(x).argmax(-1).item() == ref.labels[3].item()

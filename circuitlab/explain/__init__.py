@@ -1,7 +1,8 @@
 """Minimal explanations by activation matching (see ../shared/METHOD.md)."""
-from .config import PRESETS, ExplainConfig, preset
+from .amortized import Explainer, train_explainer
+from .config import PRESETS, ExplainConfig, amortized_preset, preset
 from .generator import MaskGrid, MaskUNet, binarize_ste
 from .optimize import Explanation, explain
 
-__all__ = ["PRESETS", "ExplainConfig", "Explanation", "MaskGrid", "MaskUNet", "binarize_ste",
-           "explain", "preset"]
+__all__ = ["PRESETS", "ExplainConfig", "Explainer", "Explanation", "MaskGrid", "MaskUNet",
+           "binarize_ste", "amortized_preset", "explain", "preset", "train_explainer"]

@@ -85,5 +85,13 @@ class MaskGrid(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.logits = nn.Parameter(init_std * torch.randn(shape, generator=g))
 
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor) -> "MaskGrid":
+        """A grid starting from given logits (B, 1, h, w): refines an amortized mask."""
+        grid = cls(tuple(logits.shape))
+        with torch.no_grad():
+            grid.logits.copy_(logits.detach())
+        return grid
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits

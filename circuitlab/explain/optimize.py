@@ -15,10 +15,9 @@ import torch.nn.functional as F
 
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
-from . import losses
-from .backgrounds import make_backgrounds
-from .config import ExplainConfig, default_alphas, default_distances, preset
-from .generator import MaskGrid, MaskUNet, binarize_ste
+from .config import ExplainConfig, preset
+from .generator import MaskGrid, MaskUNet
+from .objective import Objective
 
 
 @dataclass
@@ -39,28 +38,6 @@ class Explanation:
         return self.mask.flatten(1).mean(1)
 
 
-def resolve_taps(hm: HookedModel, cfg: ExplainConfig):
-    """(hook points, alphas, distances, channel dims) for the configured taps."""
-    names = list(cfg.taps) if cfg.taps else list(hm.taps)
-    if not names:
-        raise CircuitlabError(f"{hm.name} has no default taps; pass taps=(...) hook names")
-    points = [hm.point(n) for n in names]
-    for p in points:
-        if p.unit_axis is None or len(p.shape) < 3:
-            raise CircuitlabError(f"tap {p.name!r} (shape {p.shape}) has no channel and "
-                                  f"position axes to match; choose a conv map or token layer")
-    alphas = tuple(cfg.alphas) if cfg.alphas else default_alphas(len(names))
-    kinds = tuple(cfg.distances) if cfg.distances else default_distances(len(names),
-                                                                         hm.family.name)
-    if len(alphas) != len(names) or len(kinds) != len(names):
-        raise CircuitlabError(f"{len(names)} taps need as many alphas and distances, got "
-                              f"{len(alphas)} and {len(kinds)}")
-    for k in kinds:
-        if k not in losses.DISTANCES:
-            raise CircuitlabError(f"unknown distance {k!r}; use one of {losses.DISTANCES}")
-    return points, alphas, kinds, tuple(p.unit_axis for p in points)
-
-
 def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = None, *,
             preset_name: str = "default", steps: Optional[int] = None, seed: int = 0,
             generator: Optional[torch.nn.Module] = None,
@@ -77,8 +54,6 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
         cfg = cfg.replace(steps=int(steps), min_steps=min(cfg.min_steps, int(steps)))
     x = hm.check_input(x)
     b = x.shape[0]
-    points, alphas, kinds, cdims = resolve_taps(hm, cfg)
-    names = [p.name for p in points]
     torch.manual_seed(seed)
     gen_rng = torch.Generator().manual_seed(seed)
     if generator is not None:
@@ -96,13 +71,8 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     # only the U-Net looks at the image; the grid ignores its input
     x_gen = F.avg_pool2d(x, cfg.input_scale) if cfg.generator == "unet" and \
         cfg.input_scale > 1 else x
-    with torch.no_grad():
-        logits_x, cache_x = hm.run_with_cache(x, names=names)
-    target = logits_x.argmax(-1)
-    p_x = logits_x.softmax(-1).gather(1, target[:, None]).squeeze(1)
-    acts_x = [cache_x[n] for n in names]
-    backgrounds = make_backgrounds(x, hm.data_config, cfg.backgrounds, gen_rng)
-    nb = len(cfg.backgrounds)
+    objective = Objective(hm, x, cfg, gen_rng)
+    target = objective.target
 
     rows, best_area = [], torch.full((b,), float("inf"))
     best_nec = torch.zeros(b, dtype=torch.bool)
@@ -112,48 +82,15 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     step = 0
     for step in range(1, cfg.steps + 1):
         p = torch.sigmoid(net(x_gen))                               # (B, 1, h, w)
-        m_low = binarize_ste(p)
-        m = F.interpolate(m_low, size=x.shape[-2:], mode="nearest")
-        e = m * x
-        parts = [e]
-        k = min(cfg.backgrounds_per_step, nb) if cfg.rob else 0
-        if k:
-            pick = torch.randperm(nb, generator=gen_rng)[:k]
-            r = backgrounds.view(nb, b, *x.shape[1:])[pick].reshape(k * b, *x.shape[1:])
-            parts.append(m.repeat(k, 1, 1, 1) * x.repeat(k, 1, 1, 1) +
-                         (1 - m.repeat(k, 1, 1, 1)) * r)
-        if cfg.nec:
-            parts.append((1 - m) * x)
-        logits, cache = hm.run_with_cache(torch.cat(parts), names=names)
-        logits_e = logits[:b]
-        terms = {
-            "act": losses.activation_matching(acts_x, [cache[n][:b] for n in names], alphas,
-                                              kinds, cdims),
-            "ce": losses.class_ce(logits_e, target),
-            "kl": losses.logit_kl(logits_x, logits_e, cfg.temperature),
-            "area": losses.area(p) if cfg.area_mode == "mean" else losses.area_rank(
-                p, cfg.area_start * (cfg.area_end / cfg.area_start) ** (
-                    (step - 1) / max(1, cfg.steps - 1))),
-            "bin": losses.binarization(p),
-            "tv": losses.total_variation(p, cfg.tv_neighbours),
-        }
-        if k:
-            terms["rob"] = losses.class_ce(logits[b:b + k * b], target.repeat(k))
-        if cfg.nec:
-            terms["nec"] = losses.necessity_hinge(logits_x, logits[-b:], target,
-                                                  cfg.necessity_mode, cfg.necessity_margin)
-        loss = sum(getattr(cfg, name) * value for name, value in terms.items())
+        loss, terms, out = objective(p, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
         with torch.no_grad():
-            kept = logits_e.argmax(-1) == target
-            hard_area = m_low.flatten(1).mean(1).cpu()
-            nec_ok = torch.ones(b, dtype=torch.bool)
-            if cfg.nec:
-                pc = logits[-b:].softmax(-1).gather(1, target[:, None]).squeeze(1)
-                nec_ok = (pc <= (1 - cfg.necessity_margin) * p_x).cpu()
+            kept = out.kept(target)
+            hard_area = out.m_low.flatten(1).mean(1).cpu()
+            nec_ok = objective.necessity_met(out)
             # the smallest label-keeping mask, preferring ones whose complement loses the label
             better = kept.cpu() & ((nec_ok & ~best_nec) |
                                    ((nec_ok == best_nec) & (hard_area < best_area)))
@@ -162,7 +99,7 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
             if better.any():
                 best_area = torch.where(better, hard_area, best_area)
                 best_nec = best_nec | (better & nec_ok)
-                best_mask[better] = m[better].detach().cpu()
+                best_mask[better] = out.mask[better].detach().cpu()
                 best_soft[better] = p[better].detach().cpu()
         row = {"step": step, "loss": float(loss.detach()),
                **{n: float(v.detach()) for n, v in terms.items()},

@@ -1,0 +1,127 @@
+"""The explanation objective for one batch of images: shared by per-image and amortized modes.
+
+>>> obj = Objective(hm, x, cfg)            # one reference forward of x, no gradients
+>>> loss, terms, out = obj(p, step)        # p: keep probabilities (B, 1, h, w)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CircuitlabError
+from ..hooked_model import HookedModel
+from . import losses
+from .backgrounds import make_backgrounds
+from .config import ExplainConfig, default_alphas, default_distances
+from .generator import binarize_ste
+
+
+def resolve_taps(hm: HookedModel, cfg: ExplainConfig):
+    """(hook points, alphas, distances, channel dims) for the configured taps."""
+    names = list(cfg.taps) if cfg.taps else list(hm.taps)
+    if not names:
+        raise CircuitlabError(f"{hm.name} has no default taps; pass taps=(...) hook names")
+    points = [hm.point(n) for n in names]
+    for p in points:
+        if p.unit_axis is None or len(p.shape) < 3:
+            raise CircuitlabError(f"tap {p.name!r} (shape {p.shape}) has no channel and "
+                                  f"position axes to match; choose a conv map or token layer")
+    alphas = tuple(cfg.alphas) if cfg.alphas else default_alphas(len(names))
+    kinds = tuple(cfg.distances) if cfg.distances else default_distances(len(names),
+                                                                         hm.family.name)
+    if len(alphas) != len(names) or len(kinds) != len(names):
+        raise CircuitlabError(f"{len(names)} taps need as many alphas and distances, got "
+                              f"{len(alphas)} and {len(kinds)}")
+    for k in kinds:
+        if k not in losses.DISTANCES:
+            raise CircuitlabError(f"unknown distance {k!r}; use one of {losses.DISTANCES}")
+    return points, alphas, kinds, tuple(p.unit_axis for p in points)
+
+
+@dataclass
+class StepOutput:
+    m_low: torch.Tensor        # hard mask at the generator's resolution (straight-through)
+    mask: torch.Tensor         # hard mask at input resolution
+    logits_e: torch.Tensor     # f(m x)
+    logits_c: Optional[torch.Tensor]   # f((1 - m) x) when the necessity term is on
+
+    @torch.no_grad()
+    def kept(self, target: torch.Tensor) -> torch.Tensor:
+        return self.logits_e.argmax(-1) == target
+
+
+class Objective:
+    """Every term of the loss for a batch ``x`` against the frozen classifier ``hm``.
+
+    The reference run on x (logits, tap activations, top-1 target) and the sufficiency
+    backgrounds are computed once here; each call runs one batched forward of the explanation,
+    the backgrounds drawn this step and the complement.
+    """
+
+    def __init__(self, hm: HookedModel, x: torch.Tensor, cfg: ExplainConfig,
+                 generator: Optional[torch.Generator] = None):
+        self.hm, self.x, self.cfg = hm, x, cfg
+        self.rng = generator or torch.Generator().manual_seed(0)
+        points, self.alphas, self.kinds, self.cdims = resolve_taps(hm, cfg)
+        self.names = [p.name for p in points]
+        with torch.no_grad():
+            self.logits_x, cache_x = hm.run_with_cache(x, names=self.names)
+        self.target = self.logits_x.argmax(-1)
+        self.p_x = self.logits_x.softmax(-1).gather(1, self.target[:, None]).squeeze(1)
+        self.acts_x = [cache_x[n] for n in self.names]
+        self.k = min(cfg.backgrounds_per_step, len(cfg.backgrounds)) if cfg.rob else 0
+        self.backgrounds = make_backgrounds(x, hm.data_config, cfg.backgrounds, self.rng) \
+            if self.k else None
+
+    def area_target(self, step: int) -> float:
+        c = self.cfg
+        return c.area_start * (c.area_end / c.area_start) ** ((step - 1) / max(1, c.steps - 1))
+
+    def __call__(self, p: torch.Tensor, step: int = 1):
+        """(loss, {term: value}, StepOutput) for keep probabilities ``p`` (B, 1, h, w)."""
+        cfg, x = self.cfg, self.x
+        b = x.shape[0]
+        m_low = binarize_ste(p)
+        m = F.interpolate(m_low, size=x.shape[-2:], mode="nearest")
+        parts = [m * x]
+        if self.k:
+            nb = len(cfg.backgrounds)
+            pick = torch.randperm(nb, generator=self.rng)[:self.k]
+            r = self.backgrounds.view(nb, b, *x.shape[1:])[pick].reshape(self.k * b,
+                                                                          *x.shape[1:])
+            mk = m.repeat(self.k, 1, 1, 1)
+            parts.append(mk * x.repeat(self.k, 1, 1, 1) + (1 - mk) * r)
+        if cfg.nec:
+            parts.append((1 - m) * x)
+        logits, cache = self.hm.run_with_cache(torch.cat(parts), names=self.names)
+        logits_e = logits[:b]
+        terms = {
+            "act": losses.activation_matching(self.acts_x, [cache[n][:b] for n in self.names],
+                                              self.alphas, self.kinds, self.cdims),
+            "ce": losses.class_ce(logits_e, self.target),
+            "kl": losses.logit_kl(self.logits_x, logits_e, cfg.temperature),
+            "area": losses.area(p) if cfg.area_mode == "mean" else
+            losses.area_rank(p, self.area_target(step)),
+            "bin": losses.binarization(p),
+            "tv": losses.total_variation(p, cfg.tv_neighbours),
+        }
+        if self.k:
+            terms["rob"] = losses.class_ce(logits[b:b + self.k * b], self.target.repeat(self.k))
+        logits_c = None
+        if cfg.nec:
+            logits_c = logits[-b:]
+            terms["nec"] = losses.necessity_hinge(self.logits_x, logits_c, self.target,
+                                                  cfg.necessity_mode, cfg.necessity_margin)
+        loss = sum(getattr(cfg, name) * value for name, value in terms.items())
+        return loss, terms, StepOutput(m_low, m, logits_e, logits_c)
+
+    @torch.no_grad()
+    def necessity_met(self, out: StepOutput) -> torch.Tensor:
+        """Per image: the complement lowers p_target by at least the necessity margin."""
+        if out.logits_c is None:
+            return torch.ones(self.x.shape[0], dtype=torch.bool)
+        pc = out.logits_c.softmax(-1).gather(1, self.target[:, None]).squeeze(1)
+        return (pc <= (1 - self.cfg.necessity_margin) * self.p_x).cpu()
