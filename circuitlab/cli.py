@@ -219,6 +219,113 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def _reference_images(args, hm, exclude: str):
+    """Images whose activations define mean / resample ablation: --reference, else the
+    offline sample photos other than the explained image."""
+    import torch
+
+    from . import data
+    if args.reference == "synthetic":
+        from . import synthetic
+        return synthetic.make_dataset(64, seed=7).normalized()
+    if args.reference:
+        files = data.image_files(args.reference)
+    else:
+        files = [s for s in data.available_samples() if s != exclude][:8]
+    return torch.cat([data.load_image(f, hm) for f in files])
+
+
+def _mask_from(folder: str, hm):
+    import numpy as np
+    import torch
+    from PIL import Image
+    path = Path(folder) / "mask.png"
+    if not path.is_file():
+        raise CircuitlabError(f"{str(path)!r} does not exist; --explanation takes a folder "
+                              f"written by `circuitlab explain`")
+    m = np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
+    if m.shape != tuple(hm.input_size[1:]):
+        raise CircuitlabError(f"{str(path)!r} is {m.shape[1]}x{m.shape[0]}, but "
+                              f"{hm.name} takes {hm.input_size[2]}x{hm.input_size[1]}")
+    return torch.from_numpy((m > 0.5).astype(np.float32))[None, None]
+
+
+def cmd_circuit(args) -> int:
+    import time
+
+    from . import data
+    from .circuits import faithfulness, read_circuit
+    out = Path(args.out)
+    names = ("nodes.csv", "edges.csv", "circuit.graphml", "circuit.json", "circuit.png",
+             "validation.json")
+    clash = [str(out / n) for n in names if (out / n).exists()]
+    if clash and not args.force:
+        raise CircuitlabError(f"{clash[0]} exists ({len(clash)} output files would be "
+                              f"replaced); choose another --out or pass --force")
+    if args.explain and args.explanation:
+        raise CircuitlabError("pass --explain or --explanation DIR, not both")
+    hm = _load(args)
+    t0 = time.perf_counter()
+    x = data.load_image(args.image, hm)
+    explanation, area = None, None
+    if args.explain:
+        from .explain import explain
+        ex = explain(hm, x, seed=args.seed)
+        explanation, area = ex.explanation, float(ex.area[0])
+    elif args.explanation:
+        m = _mask_from(args.explanation, hm).to(x.device)
+        explanation, area = m * x, float(m.mean())
+    opts = dict(k=args.k, mass=args.mass, select_by=args.select, edges=args.edges,
+                gradient=args.gradient)
+    circuit = read_circuit(hm, x, explanation, **opts)
+    refs = _reference_images(args, hm, str(args.image)).to(x.device)
+    val = faithfulness(hm, x, circuit, method=args.method, reference=refs, seed=args.seed)
+    rows = val.set_index("test")
+    rand = val[val["test"] == "random_keep"]
+    n_tapped = sum(hm.n_units(layer) for layer in circuit.units)
+    result = {
+        "model": hm.name, "image": str(args.image), "label": circuit.meta["label"],
+        "read_on": circuit.meta["read_on"], "explanation_area": area,
+        "units": int(rows.loc["keep", "units"]), "tapped_units": n_tapped,
+        "unit_fraction": int(rows.loc["keep", "units"]) / n_tapped,
+        "edges": len(circuit.edges), "method": args.method,
+        "faithfulness": {k: (bool(rows.loc["keep", k]) if k == "top1_kept" else
+                             float(rows.loc["keep", k]))
+                         for k in ("logit_fraction", "prob_fraction", "top1_kept")},
+        "necessity": {k: (bool(rows.loc["remove", k]) if k == "top1_kept" else
+                          float(rows.loc["remove", k]))
+                      for k in ("logit_fraction", "prob_fraction", "top1_kept")},
+        "random_faithfulness": {"logit_fraction": float(rand["logit_fraction"].mean()),
+                                "prob_fraction": float(rand["prob_fraction"].mean()),
+                                "top1_kept": float(rand["top1_kept"].mean()),
+                                "draws": len(rand)},
+    }
+    if explanation is not None:  # the same readout on the full image, for comparison
+        image_circuit = read_circuit(hm, x, None, **opts)
+        iv = faithfulness(hm, x, image_circuit, method=args.method, reference=refs,
+                          n_random=0).set_index("test")
+        d = circuit.diff(image_circuit)
+        result["image_circuit"] = {"logit_fraction": float(iv.loc["keep", "logit_fraction"]),
+                                   "top1_kept": bool(iv.loc["keep", "top1_kept"]),
+                                   "shared_units": int((d["in"] == "both").sum())}
+    result["seconds"] = time.perf_counter() - t0
+    circuit.save(out)
+    circuit.plot(out / "circuit.png")
+    from .zoo import write_atomic
+    text = json.dumps(result, indent=2) + "\n"
+    write_atomic(out / "validation.json", lambda f: f.write(text.encode()))
+    f = result["faithfulness"]
+    _emit(args, result, f"{args.image}: {result['label']} circuit of {result['units']} units "
+                        f"({100 * result['unit_fraction']:.1f} % of {n_tapped}), "
+                        f"{result['edges']} edges, read on the {result['read_on']}\n"
+                        f"keep only the circuit ({args.method} ablation): logit x "
+                        f"{f['logit_fraction']:.2f}, top-1 kept {f['top1_kept']}; random "
+                        f"circuits: logit x "
+                        f"{result['random_faithfulness']['logit_fraction']:.2f}; remove it: "
+                        f"top-1 kept {result['necessity']['top1_kept']}\nwrote {out}")
+    return 0
+
+
 def _training_images(args, hm):
     """(N, C, H, W) normalised inputs for train-explainer: a folder, the offline sample
     photos, or the synthetic benchmark's training images."""
@@ -365,6 +472,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="start over, replacing --out")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_train_explainer)
+
+    p = sub.add_parser("circuit", help="read and validate the circuit behind a decision",
+                       description="Read the channel-level circuit of an image's decision "
+                                   "(on its minimal explanation with --explain or "
+                                   "--explanation DIR), test it by ablation against random "
+                                   "circuits, and write nodes.csv, edges.csv, "
+                                   "circuit.graphml, circuit.json, circuit.png and "
+                                   "validation.json.")
+    _add_model_args(p)
+    _add_image_arg(p)
+    p.add_argument("--out", "-o", required=True, help="output folder")
+    p.add_argument("--explain", action="store_true",
+                   help="explain the image first and read the circuit on the explanation")
+    p.add_argument("--explanation", help="folder written by `circuitlab explain` (its "
+                                         "mask.png) to read the circuit on")
+    p.add_argument("--k", type=int, default=16, help="units per tapped layer (default 16)")
+    p.add_argument("--mass", type=float, default=None,
+                   help="instead of --k: fewest units holding this fraction of the score")
+    p.add_argument("--select", choices=["energy", "attribution"], default="energy")
+    p.add_argument("--edges", choices=["auto", "weight", "effective"], default="auto")
+    p.add_argument("--gradient", action="store_true", help="weight edges by |d logit / d dst|")
+    p.add_argument("--method", choices=["mean", "zero", "resample"], default="mean",
+                   help="ablation for the validation (default mean)")
+    p.add_argument("--reference", help="folder of images for mean / resample ablation, or "
+                                       "'synthetic' (default: the offline sample photos)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace existing output files")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_circuit)
     return parser
 
 
@@ -377,7 +513,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if getattr(args, "topk", 1) < 1:
             raise CircuitlabError("--topk must be at least 1")
-        for flag in ("steps", "teacher_steps", "batch_size", "images"):
+        for flag in ("steps", "teacher_steps", "batch_size", "images", "k"):
             if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
                 raise CircuitlabError(f"--{flag.replace('_', '-')} must be at least 1")
         if getattr(args, "refine", 0) < 0:

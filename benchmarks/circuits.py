@@ -1,0 +1,94 @@
+"""Circuit readout and patching speed.
+
+    python benchmarks/circuits.py            # Lite0 at 224 px and the synthetic CNN
+    python benchmarks/circuits.py --quick    # synthetic CNN only, fewer reps
+
+- readout: ``read_circuit`` (k units per tapped layer, weight edges where a conv reads the
+  previous tap, effective edges elsewhere, feature-to-class links) relative to one
+  forward+backward of the model at batch 1. Target <= 3x.
+- patching: ``hm.patch`` of every unit of one layer in batched forwards, relative to one
+  ``hm.patch`` call per unit. Target >= 10x.
+Prints a table and writes CSV (default benchmarks/results/circuits.csv).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import circuitlab as cl  # noqa: E402
+from circuitlab.circuits import read_circuit  # noqa: E402
+from circuitlab.zoo import write_atomic  # noqa: E402
+
+
+def best_of(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def fwd_bwd(hm, x):
+    xi = x.clone().requires_grad_(True)
+    hm.model(xi).max().backward()
+
+
+def bench(name, hm, x, source, layer, k, reps, edges="auto"):
+    rows = []
+    base = best_of(lambda: fwd_bwd(hm, x), reps)
+    for e in (edges, "effective") if edges != "effective" else (edges,):
+        t = best_of(lambda: read_circuit(hm, x, k=k, edges=e), reps)
+        rows.append({"model": name, "what": f"readout k={k}, edges={e}", "seconds": t,
+                     "baseline": "forward+backward b1", "baseline_seconds": base,
+                     "ratio": t / base})
+    n = hm.n_units(layer)
+    variants = hm.each_unit(layer)
+    batched = best_of(lambda: hm.patch(x, source, variants), reps)
+    one = best_of(lambda: [hm.patch(x, source, [v]) for v in variants], max(1, reps // 2))
+    rows.append({"model": name, "what": f"patch all {n} units of {layer}", "seconds": batched,
+                 "baseline": "one patch call per unit", "baseline_seconds": one,
+                 "ratio": one / batched})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "circuits.csv"))
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    reps = 1 if args.quick else args.reps
+    rows = []
+    hm = cl.synthetic.synthetic_model("cnn", log=None) if not args.quick else \
+        cl.HookedModel(cl.synthetic.build("cnn"), data_config=cl.synthetic.DATA_CONFIG)
+    data = cl.synthetic.make_dataset(2, seed=123).normalized()
+    rows += bench("synthetic cnn", hm, data[:1], data[1:], "layer3", 16, reps)
+    if not args.quick:
+        hm = cl.load_model("efficientnet_lite0")
+        x = cl.data.load_image("coffee", hm)
+        src = cl.data.load_image("chelsea", hm)
+        rows += bench("efficientnet_lite0", hm, x, src, "blocks.4", 16, reps)
+    df = pd.DataFrame(rows)
+    with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
+        print(df.to_string(index=False))
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    write_atomic(args.out, lambda f: f.write(buf.getvalue().encode()))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

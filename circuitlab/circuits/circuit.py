@@ -1,0 +1,150 @@
+"""The ``Circuit``: tidy node and edge tables, a networkx graph, and exports."""
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import networkx as nx
+import pandas as pd
+
+NODE_COLUMNS = {"layer": "string", "unit": "int64", "energy": "float64",
+                "attribution": "float64", "kind": "string"}
+EDGE_COLUMNS = {"src_layer": "string", "src_unit": "int64", "dst_layer": "string",
+                "dst_unit": "int64", "weight_l1": "float64", "src_energy": "float64",
+                "score": "float64", "kind": "string"}
+
+
+def typed(df: pd.DataFrame, columns: dict) -> pd.DataFrame:
+    if df.empty:
+        df = pd.DataFrame(columns=list(columns))
+    return df[list(columns)].astype(columns).reset_index(drop=True)
+
+
+@dataclass
+class Circuit:
+    """Nodes (units per layer, ``layer`` = HookedModel hook name) and scored edges."""
+
+    nodes: pd.DataFrame
+    edges: pd.DataFrame
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.nodes = typed(self.nodes, NODE_COLUMNS)
+        self.edges = typed(self.edges, EDGE_COLUMNS)
+
+    @property
+    def units(self) -> dict:
+        """{layer: [units]} of the circuit's unit nodes (what ablation and patching take)."""
+        n = self.nodes[self.nodes["kind"] == "unit"]
+        return {layer: sorted(int(u) for u in g["unit"]) for layer, g in n.groupby(
+            "layer", sort=False)}
+
+    def to_networkx(self) -> nx.DiGraph:
+        g = nx.DiGraph(**{k: v for k, v in self.meta.items()
+                          if isinstance(v, (str, int, float, bool))})
+        for r in self.nodes.itertuples():
+            g.add_node(f"{r.layer}:{r.unit}", layer=r.layer, unit=int(r.unit),
+                       energy=float(r.energy), attribution=float(r.attribution), kind=r.kind)
+        for r in self.edges.itertuples():
+            g.add_edge(f"{r.src_layer}:{r.src_unit}", f"{r.dst_layer}:{r.dst_unit}",
+                       weight_l1=float(r.weight_l1), src_energy=float(r.src_energy),
+                       score=float(r.score), kind=r.kind)
+        return g
+
+    # ------------------------------------------------------------------ exports
+    def to_json(self) -> str:
+        return json.dumps({"meta": self.meta, "nodes": self.nodes.to_dict("records"),
+                           "edges": self.edges.to_dict("records")}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Circuit":
+        obj = json.loads(text)
+        return cls(pd.DataFrame(obj["nodes"]), pd.DataFrame(obj["edges"]), obj.get("meta", {}))
+
+    @classmethod
+    def from_csv(cls, nodes: Union[str, os.PathLike], edges: Union[str, os.PathLike]):
+        return cls(pd.read_csv(nodes), pd.read_csv(edges))
+
+    def save(self, folder: Union[str, os.PathLike]) -> Path:
+        """nodes.csv, edges.csv, circuit.graphml and circuit.json in ``folder``, atomically."""
+        from ..zoo import write_atomic
+        folder = Path(folder)
+        for name, text in (("nodes.csv", self.nodes.to_csv(index=False)),
+                           ("edges.csv", self.edges.to_csv(index=False)),
+                           ("circuit.json", self.to_json())):
+            write_atomic(folder / name, lambda f, t=text: f.write(t.encode()))
+        buf = io.BytesIO()
+        nx.write_graphml(self.to_networkx(), buf)
+        write_atomic(folder / "circuit.graphml", lambda f: f.write(buf.getvalue()))
+        return folder
+
+    def diff(self, other: "Circuit") -> pd.DataFrame:
+        """Unit nodes of either circuit: in which (``both``, ``self``, ``other``), with both
+        energies; e.g. the explanation's circuit against the full image's."""
+        a = self.nodes[self.nodes["kind"] == "unit"][["layer", "unit", "energy"]]
+        b = other.nodes[other.nodes["kind"] == "unit"][["layer", "unit", "energy"]]
+        m = a.merge(b, on=["layer", "unit"], how="outer", suffixes=("_self", "_other"),
+                    indicator=True)
+        m["in"] = m.pop("_merge").map({"both": "both", "left_only": "self",
+                                       "right_only": "other"}).astype("string")
+        return m.sort_values(["layer", "unit"]).reset_index(drop=True)
+
+    def plot(self, path: Union[str, os.PathLike, None] = None, ax=None, title=None,
+             max_edges: int = 300):
+        """The layered graph: one column per layer, node size ~ energy, edge width ~ score.
+        Writes PNG or SVG (by suffix) atomically when ``path`` is given; returns the axes."""
+        import matplotlib
+        if path is not None and ax is None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        own = ax is None
+        if own:
+            fig, ax = plt.subplots(figsize=(2.2 * max(2, self.nodes["layer"].nunique()), 6))
+        layers = list(dict.fromkeys(self.nodes["layer"]))
+        pos = {}
+        for i, layer in enumerate(layers):
+            n = self.nodes[self.nodes["layer"] == layer].sort_values("energy", ascending=False)
+            for j, r in enumerate(n.itertuples()):
+                pos[(layer, int(r.unit))] = (i, -j / max(1, len(n) - 1) if len(n) > 1 else 0)
+        # scores differ in scale between layer pairs: widths and the edge budget per pair
+        pairs = self.edges.groupby(["src_layer", "dst_layer"], sort=False)
+        per = max(1, max_edges // max(1, pairs.ngroups))
+        for _, e in pairs:
+            e = e.nlargest(per, "score")
+            top = float(e["score"].max()) or 1.0
+            for r in e.itertuples():
+                a = pos.get((r.src_layer, int(r.src_unit)))
+                b = pos.get((r.dst_layer, int(r.dst_unit)))
+                if a and b:
+                    ax.plot([a[0], b[0]], [a[1], b[1]], color="tab:blue", alpha=0.5,
+                            lw=0.2 + 3 * float(r.score) / top, zorder=1)
+        for layer in layers:
+            n = self.nodes[self.nodes["layer"] == layer]
+            size = n["energy"].abs() / max(1e-12, float(n["energy"].abs().max()))
+            xy = [pos[(layer, int(u))] for u in n["unit"]]
+            ax.scatter([p[0] for p in xy], [p[1] for p in xy], s=20 + 200 * size,
+                       color="tab:orange", edgecolor="k", zorder=2)
+            for (x, y), u in zip(xy, n["unit"]):
+                ax.annotate(str(int(u)), (x, y), fontsize=6, ha="center", va="center",
+                            zorder=3)
+        ax.set_xticks(range(len(layers)), layers, rotation=30, fontsize=7, ha="right")
+        ax.set_yticks([])
+        ax.set_title(title or f"{self.meta.get('model', '')}: {self.meta.get('label', '')} "
+                              f"({self.meta.get('read_on', '')})", fontsize=9)
+        if own and path is not None:
+            from ..zoo import write_atomic
+            fig.tight_layout()
+            fmt = Path(path).suffix.lstrip(".") or "png"
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, dpi=150)
+            plt.close(fig)
+            write_atomic(path, lambda f: f.write(buf.getvalue()))
+        return ax
+
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{k}: {len(v)}" for k, v in self.units.items())
+        return f"Circuit({len(self.nodes)} nodes [{layers}], {len(self.edges)} edges)"

@@ -1,0 +1,203 @@
+"""Circuit readout: edge scores by hand per layer type, effective edges, faithfulness against
+a hand-written ablation, and export round trips."""
+import networkx as nx
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from circuitlab import CircuitlabError, HookedModel
+from circuitlab.circuits import Circuit, faithfulness, read_circuit, select
+from circuitlab.circuits import edges as E
+
+
+def test_weight_l1_standard_conv_by_hand():
+    conv = nn.Conv2d(2, 3, 2, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.arange(24, dtype=torch.float32).view(3, 2, 2, 2) - 12)
+    l1 = E.weight_l1(conv)
+    w = conv.weight.detach()
+    assert l1.shape == (3, 2)
+    assert l1[1, 0].item() == w[1, 0].abs().sum().item() == abs(-4) + 3 + 2 + 1
+    energy = torch.tensor([2.0, 0.5])
+    s = E.scores(l1, energy, [1, 0], [2])
+    assert s.tolist() == [[l1[2, 1].item() * 0.5, l1[2, 0].item() * 2.0]]
+    s = E.scores(l1, energy, [0], [2, 1], dst_scale=torch.tensor([0.0, 10.0, 3.0]))
+    assert s[:, 0].tolist() == [l1[2, 0].item() * 2 * 3, l1[1, 0].item() * 2 * 10]
+
+
+def test_weight_l1_grouped_and_depthwise_are_block_diagonal():
+    g = nn.Conv2d(4, 6, 3, groups=2, bias=False)          # out 0-2 read in 0-1, 3-5 read 2-3
+    l1 = E.weight_l1(g)
+    assert l1.shape == (6, 4)
+    assert l1[0, 2] == 0 and l1[4, 1] == 0
+    assert l1[4, 3].item() == pytest.approx(g.weight[4, 1].abs().sum().item())
+    dw = nn.Conv2d(3, 3, 3, groups=3, bias=False)
+    l1 = E.weight_l1(dw)
+    assert torch.equal(l1 != 0, torch.eye(3, dtype=torch.bool))
+    assert l1[2, 2].item() == pytest.approx(dw.weight[2, 0].abs().sum().item())
+    lin = nn.Linear(3, 2)
+    assert torch.equal(E.weight_l1(lin), lin.weight.detach().abs())
+    with pytest.raises(CircuitlabError, match="effective"):
+        E.weight_l1(nn.ReLU())
+
+
+def test_select_top_k_and_mass():
+    s = torch.tensor([1.0, 5.0, 3.0, 1.0])
+    assert select(s, k=2) == [1, 2]
+    assert select(s, mass=0.5) == [1]            # 5 / 10
+    assert select(s, mass=0.6) == [1, 2]         # 8 / 10 >= 0.6
+    with pytest.raises(CircuitlabError):
+        select(s, mass=0)
+
+
+class Chain(nn.Module):
+    """conv ``a``, then a block ``b`` (conv, relu, conv) whose output is added to ``a``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        a = self.a(x)
+        b = self.b(a) + a
+        return self.fc(self.pool(b).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def chain():
+    torch.manual_seed(0)
+    hm = HookedModel(Chain(), data_config={"input_size": (3, 8, 8)})
+    return hm, torch.randn(1, 3, 8, 8)
+
+
+def test_read_circuit_weight_edges_and_class_links_by_hand(chain):
+    hm, x = chain
+    c = read_circuit(hm, x, layers=["a", "b"], k=2, edges="weight")
+    a = hm.model.a(x)[0]
+    energy = a.flatten(1).norm(dim=1)
+    top = energy.argsort(descending=True)[:2].tolist()
+    assert c.units["a"] == sorted(top)
+    l1 = hm.model.b[0].weight.detach().abs().flatten(2).sum(-1)
+    e = c.edges[c.edges["kind"] == "weight"].iloc[0]
+    assert e.score == pytest.approx(l1[e.dst_unit, e.src_unit].item() * energy[e.src_unit].item(),
+                                    rel=1e-5)
+    # feature -> class: |W_fc[y, j]| * |h_j| on the pooled features
+    y = int(hm(x).argmax())
+    h = hm.model.pool(hm.model.b(a[None]) + a[None]).flatten()
+    fc = c.edges[(c.edges["kind"] == "feature_class") & (c.edges["dst_unit"] == y)]
+    for r in fc.itertuples():
+        assert r.score == pytest.approx((hm.model.fc.weight[y, r.src_unit].abs() *
+                                         h[r.src_unit].abs()).item(), rel=1e-5)
+
+
+def test_effective_edges_equal_gradient_times_activation(chain):
+    hm, x = chain
+    c = read_circuit(hm, x, layers=["a", "b"], k=4, edges="effective")
+    a = hm.model.a(x).detach().requires_grad_(True)
+    b = hm.model.b(a)                     # hook "b" is the block's output, before the add
+    for d in (0, 3):
+        (g,) = torch.autograd.grad(b[0, d].sum(), a, retain_graph=True)
+        expect = (g * a).detach()[0].flatten(1).sum(1).abs()
+        got = c.edges[(c.edges["dst_layer"] == "b") & (c.edges["dst_unit"] == d)]
+        for r in got.itertuples():
+            assert r.score == pytest.approx(expect[r.src_unit].item(), rel=1e-4, abs=1e-6)
+    assert (c.edges.loc[c.edges["kind"] == "effective", "weight_l1"].isna()).all()
+
+
+def test_faithfulness_equals_hand_written_ablation(chain):
+    hm, x = chain
+    c = read_circuit(hm, x, layers=["a", "b"], k=2)
+    refs = torch.randn(6, 3, 8, 8)
+    df = faithfulness(hm, x, c, method="mean", reference=refs, n_random=2)
+    y = c.meta["target"]
+    ua, ub = c.units["a"], c.units["b"]
+    with torch.no_grad():
+        ma = hm.model.a(refs).mean(0, keepdim=True)
+        mb = hm.model.b(hm.model.a(refs)).mean(0, keepdim=True)
+
+        def run(keep):
+            a = hm.model.a(x)
+            keep_a = torch.zeros(4, dtype=torch.bool)
+            keep_a[ua] = True
+            a = torch.where(keep_a[None, :, None, None] == keep, a, ma)
+            b = hm.model.b(a)
+            keep_b = torch.zeros(4, dtype=torch.bool)
+            keep_b[ub] = True
+            b = torch.where(keep_b[None, :, None, None] == keep, b, mb)
+            return hm.model.fc(hm.model.pool(b + a).flatten(1))[0]
+        base = hm(x)[0]
+        kept, removed = run(True), run(False)
+    row = df.set_index("test")
+    assert row.loc["keep", "logit_fraction"] == pytest.approx((kept[y] / base[y]).item(),
+                                                              rel=1e-5)
+    assert row.loc["remove", "logit_fraction"] == pytest.approx((removed[y] / base[y]).item(),
+                                                                rel=1e-5)
+    assert (df["test"] == "random_keep").sum() == 2
+
+
+def test_exports_round_trip(chain, tmp_path):
+    hm, x = chain
+    c = read_circuit(hm, x, layers=["a", "b"], k=3)
+    c.save(tmp_path)
+    for name in ("nodes.csv", "edges.csv", "circuit.graphml", "circuit.json"):
+        assert (tmp_path / name).is_file()
+    again = Circuit.from_csv(tmp_path / "nodes.csv", tmp_path / "edges.csv")
+    pd.testing.assert_frame_equal(again.nodes, c.nodes)
+    pd.testing.assert_frame_equal(again.edges, c.edges)
+    j = Circuit.from_json((tmp_path / "circuit.json").read_text())
+    pd.testing.assert_frame_equal(j.edges, c.edges)
+    assert j.meta == c.meta
+    g = nx.read_graphml(tmp_path / "circuit.graphml")
+    assert g.number_of_edges() == len(c.edges) and g.number_of_nodes() == len(c.nodes)
+    assert c.edges.dtypes["score"] == "float64" and str(c.edges.dtypes["src_layer"]) == "string"
+
+
+def test_bad_requests_are_one_line_errors(chain):
+    hm, x = chain
+    with pytest.raises(CircuitlabError, match="one image"):
+        read_circuit(hm, x.repeat(2, 1, 1, 1))
+    with pytest.raises(CircuitlabError, match="select_by"):
+        read_circuit(hm, x, select_by="magic")
+    with pytest.raises(CircuitlabError):
+        read_circuit(hm, x, layers=["nope"])
+
+
+def test_cli_circuit_writes_tables_graph_and_validation(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from circuitlab import save_checkpoint, synthetic
+    from circuitlab.cli import main
+    torch.manual_seed(0)
+    hm = HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG,
+                     labels=list(synthetic.CLASSES))
+    model = save_checkpoint(hm, tmp_path / "cnn.pt", arch="synthetic_cnn")
+    arr = (synthetic.make_dataset(1, seed=5).images[0].permute(1, 2, 0).numpy() * 255)
+    Image.fromarray(arr.astype(np.uint8)).save(tmp_path / "s.png")
+    exp = tmp_path / "exp"
+    assert main(["explain", "--model", str(model), "--image", str(tmp_path / "s.png"),
+                 "--out", str(exp), "--steps", "3"]) == 0
+    out = tmp_path / "circ"
+    argv = ["circuit", "--model", str(model), "--image", str(tmp_path / "s.png"), "--out",
+            str(out), "--explanation", str(exp), "--k", "4", "--reference", "synthetic",
+            "--json"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["read_on"] == "explanation" and res["units"] == 12
+    assert {"faithfulness", "necessity", "random_faithfulness", "image_circuit"} <= set(res)
+    for name in ("nodes.csv", "edges.csv", "circuit.graphml", "circuit.json", "circuit.png",
+                 "validation.json"):
+        assert (out / name).is_file(), name
+    assert Image.open(out / "circuit.png").size[0] > 100
+    edges = pd.read_csv(out / "edges.csv")
+    assert set(edges["kind"]) >= {"weight", "feature_class"}
+    assert main(argv) == 2 and "--force" in capsys.readouterr().err
+    assert main(argv[:-1] + ["--explain", "--force"]) == 2     # both sources: one-line error
+    assert "not both" in capsys.readouterr().err
