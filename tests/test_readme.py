@@ -6,7 +6,8 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_examples_run():
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples that save files write here, not into the repo
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 3
     scope: dict = {}
@@ -19,3 +20,5 @@ def test_readme_python_examples_run():
     assert scope["circuit"].shape == (1, 1, 1000)
     assert scope["cache"]["blocks.3.attn.hook_pattern"].shape[1] == 6
     assert scope["ex"].mask.shape == (1, 1, 224, 224)
+    assert (tmp_path / "out" / "edges.csv").is_file() and (tmp_path / "circuit.png").is_file()
+    assert set(scope["c"].units) == set(scope["hm"].taps)
