@@ -197,7 +197,8 @@ def test_cli_circuit_writes_tables_graph_and_validation(tmp_path, capsys):
         assert (out / name).is_file(), name
     assert Image.open(out / "circuit.png").size[0] > 100
     edges = pd.read_csv(out / "edges.csv")
-    assert set(edges["kind"]) >= {"weight", "feature_class"}
+    # a max-pool sits between the taps: effective edges, not weight edges
+    assert set(edges["kind"]) == {"effective", "feature_class"}
     assert main(argv) == 2 and "--force" in capsys.readouterr().err
     assert main(argv[:-1] + ["--explain", "--force"]) == 2     # both sources: one-line error
     assert "not both" in capsys.readouterr().err

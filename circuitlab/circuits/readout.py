@@ -92,8 +92,21 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
             raise CircuitlabError(f"layer {name!r} has no unit axis to read nodes from")
     if target is None:
         target = int(hm(x).argmax(-1))
-    logits, cache = hm.run_with_cache(inp, names=layers + ["hook_pooled"], grads=True,
-                                      target=target)
+    # weight edges only where the destination's first conv / linear reads exactly the
+    # source's output (checked on this run), so a same-width layer further on (a ViT block,
+    # a stage after an untapped one) falls back to effective edges
+    ingress = {}
+    if edges in ("auto", "weight"):
+        for src, dst in zip(layers, layers[1:]):
+            try:
+                path, mod = E.first_weight_layer(hm.model, hm.point(dst).module)
+                if f"{path}.hook_in" in hm.hook_points:
+                    ingress[dst] = (path, mod)
+            except CircuitlabError:
+                pass
+    extra = [f"{p}.hook_in" for p, _ in ingress.values()]
+    logits, cache = hm.run_with_cache(inp, names=layers + ["hook_pooled"] + extra,
+                                      grads=True, target=target)
     node_rows, energies, dscale, chosen = [], {}, {}, {}
     for name in layers:
         ax = hm.point(name).unit_axis
@@ -111,15 +124,15 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
         how = edges
         l1 = None
         if edges in ("auto", "weight"):
-            try:
-                _, mod = E.first_weight_layer(hm.model, hm.point(dst).module)
-                l1 = E.weight_l1(mod)
-                if l1.shape[1] != len(energies[src]):
-                    raise CircuitlabError(f"{dst} does not read {src}'s units directly")
-                how = "weight"
-            except CircuitlabError:
-                if edges == "weight":
-                    raise
+            path, mod = ingress.get(dst, (None, None))
+            direct = mod is not None and cache[f"{path}.hook_in"].shape == cache[src].shape \
+                and torch.equal(cache[f"{path}.hook_in"], cache[src])
+            if direct:
+                l1, how = E.weight_l1(mod), "weight"
+            elif edges == "weight":
+                raise CircuitlabError(f"{dst} does not begin with a conv or linear layer "
+                                      f"reading {src}'s output; use edges='effective'")
+            else:
                 how = "effective"
         if how == "weight":
             w = l1.to(energies[src].device)
