@@ -326,6 +326,64 @@ def cmd_circuit(args) -> int:
     return 0
 
 
+def _write_csv(args, df) -> Path:
+    from .zoo import write_atomic
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise CircuitlabError(f"{str(out)!r} exists; choose another --out or pass --force")
+    text = df.to_csv(index=False)
+    write_atomic(out, lambda f: f.write(text.encode()))
+    return out
+
+
+def cmd_ablate(args) -> int:
+    from . import data
+    from .circuits import ablate_units
+    if Path(args.out).exists() and not args.force:
+        raise CircuitlabError(f"{args.out!r} exists; choose another --out or pass --force")
+    hm = _load(args)
+    x = data.load_image(args.image, hm)
+    hm.point(args.layer)
+    refs = _reference_images(args, hm, str(args.image)).to(x.device) \
+        if args.method != "zero" else None
+    df = ablate_units(hm, x, args.layer, method=args.method, reference=refs)
+    out = _write_csv(args, df)
+    worst = df.nsmallest(5, "logit_change")
+    _emit(args, {"model": hm.name, "layer": args.layer, "method": args.method,
+                 "units": len(df), "flips": int((~df["top1_kept"]).sum()), "csv": str(out),
+                 "top": worst.to_dict("records")},
+          f"{args.layer}: {len(df)} units ablated one at a time ({args.method}); "
+          f"{int((~df['top1_kept']).sum())} flip top-1. Largest logit drops:\n"
+          f"{worst.to_string(index=False)}\nwrote {out}")
+    return 0
+
+
+def cmd_patch(args) -> int:
+    from . import data
+    from .circuits import agreement, patch_units
+    if Path(args.out).exists() and not args.force:
+        raise CircuitlabError(f"{args.out!r} exists; choose another --out or pass --force")
+    hm = _load(args)
+    x = data.load_image(args.image, hm)
+    hm.point(args.layer)
+    m = _mask_from(args.explanation, hm).to(x.device)
+    e, c = m * x, (1 - m) * x
+    target = int(hm(x).argmax(-1))
+    clean, corrupt = (e, c) if args.direction == "into-complement" else (c, e)
+    df = patch_units(hm, clean, corrupt, args.layer, target=target)
+    out = _write_csv(args, df)
+    agree = agreement(df)
+    top = df.reindex(df["exact"].abs().sort_values(ascending=False).index).head(5)
+    _emit(args, {"model": hm.name, "layer": args.layer, "direction": args.direction,
+                 "units": len(df), "agreement": agree, "csv": str(out),
+                 "top": top.to_dict("records")},
+          f"{args.layer}: {len(df)} units patched {args.direction} (target "
+          f"{hm.label(target)}); attribution patching vs exact: pearson "
+          f"{agree['pearson']:.2f}, spearman {agree['spearman']:.2f}. Largest effects:\n"
+          f"{top.to_string(index=False)}\nwrote {out}")
+    return 0
+
+
 def _training_images(args, hm):
     """(N, C, H, W) normalised inputs for train-explainer: a folder, the offline sample
     photos, or the synthetic benchmark's training images."""
@@ -501,6 +559,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing output files")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_circuit)
+
+    p = sub.add_parser("ablate", help="ablate each unit of a layer, write CSV",
+                       description="Ablate every unit of --layer on its own (batched) and "
+                                   "write the change of the top-1 logit per unit as CSV.")
+    _add_model_args(p)
+    _add_image_arg(p)
+    p.add_argument("--layer", "-l", required=True, help="hook name (see `circuitlab layers`)")
+    p.add_argument("--out", "-o", required=True, help="CSV file to write")
+    p.add_argument("--method", choices=["mean", "zero", "resample"], default="mean")
+    p.add_argument("--reference", help="folder of images for mean / resample ablation, or "
+                                       "'synthetic' (default: the offline sample photos)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("patch", help="patch each unit between explanation and complement",
+                       description="Patch every unit of --layer from the explanation run "
+                                   "into the complement run (or back), exactly and by "
+                                   "attribution patching, and write both per unit as CSV.")
+    _add_model_args(p)
+    _add_image_arg(p)
+    p.add_argument("--explanation", required=True,
+                   help="folder written by `circuitlab explain` (its mask.png)")
+    p.add_argument("--layer", "-l", required=True, help="hook name (see `circuitlab layers`)")
+    p.add_argument("--out", "-o", required=True, help="CSV file to write")
+    p.add_argument("--direction", choices=["into-complement", "into-explanation"],
+                   default="into-complement")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_patch)
     return parser
 
 
@@ -527,6 +615,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("circuitlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `circuitlab ... | head`: the reader left, not an error
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise

@@ -202,3 +202,63 @@ def test_cli_circuit_writes_tables_graph_and_validation(tmp_path, capsys):
     assert main(argv) == 2 and "--force" in capsys.readouterr().err
     assert main(argv[:-1] + ["--explain", "--force"]) == 2     # both sources: one-line error
     assert "not both" in capsys.readouterr().err
+
+
+def test_patch_units_exact_by_hand_and_attribution_exact_where_linear(chain):
+    from circuitlab.circuits import ablate_units, agreement, patch_units
+    hm, clean = chain
+    corrupt = torch.randn(1, 3, 8, 8)
+    df = patch_units(hm, clean, corrupt, "b")
+    y = int(hm(clean).argmax())
+    with torch.no_grad():
+        a_x = hm.model.a(corrupt)
+        b_c, b_x = hm.model.b(hm.model.a(clean)), hm.model.b(a_x)
+        base = hm(corrupt)[0, y]
+        for u in (0, 2):
+            b = b_x.clone()
+            b[:, u] = b_c[:, u]
+            hand = hm.model.fc(hm.model.pool(b + a_x).flatten(1))[0, y] - base
+            assert df.loc[u, "exact"] == pytest.approx(hand.item(), rel=1e-4, abs=1e-6)
+    # after "b" the logit is linear in it (add, average pool, linear): the estimate is exact
+    assert df["attribution"].to_numpy() == pytest.approx(df["exact"].to_numpy(), rel=1e-4,
+                                                          abs=1e-5)
+    assert agreement(df)["pearson"] == pytest.approx(1.0, abs=1e-6)
+    ab = ablate_units(hm, clean, "a", method="zero")
+    with torch.no_grad():
+        a = hm.model.a(clean)
+        a[:, 1] = 0
+        hand = hm.model.fc(hm.model.pool(hm.model.b(a) + a).flatten(1))[0, y] - hm(clean)[0, y]
+    assert ab.loc[1, "logit_change"] == pytest.approx(hand.item(), rel=1e-4, abs=1e-6)
+    assert len(ab) == 4 and ab["top1_kept"].dtype == bool
+
+
+def test_cli_ablate_and_patch_write_csv(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from circuitlab import save_checkpoint, synthetic
+    from circuitlab.cli import main
+    torch.manual_seed(0)
+    hm = HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG)
+    model = save_checkpoint(hm, tmp_path / "cnn.pt", arch="synthetic_cnn")
+    arr = (synthetic.make_dataset(1, seed=6).images[0].permute(1, 2, 0).numpy() * 255)
+    Image.fromarray(arr.astype(np.uint8)).save(tmp_path / "s.png")
+    common = ["--model", str(model), "--image", str(tmp_path / "s.png")]
+    assert main(["explain", *common, "--out", str(tmp_path / "e"), "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(["ablate", *common, "--layer", "layer3", "--out", str(tmp_path / "a.csv"),
+                 "--method", "mean", "--reference", "synthetic", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    df = pd.read_csv(tmp_path / "a.csv")
+    assert res["units"] == 64 == len(df) and {"logit_change", "top1_kept"} <= set(df.columns)
+    argv = ["patch", *common, "--explanation", str(tmp_path / "e"), "--layer", "layer4",
+            "--out", str(tmp_path / "p.csv"), "--json"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["agreement"]) == {"pearson", "spearman"}
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 64
+    assert main(argv) == 2 and "--force" in capsys.readouterr().err
+    assert main(["ablate", *common, "--layer", "nope", "--out", str(tmp_path / "x.csv")]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """Circuits: channel / head-level graphs read from a (minimal) explanation, validated by
 ablation and patching."""
 from .circuit import Circuit
+from .patching import ablate_units, agreement, patch_units
 from .readout import read_circuit, select
 from .validate import faithfulness, size_curve
 
-__all__ = ["Circuit", "faithfulness", "read_circuit", "select", "size_curve"]
+__all__ = ["Circuit", "ablate_units", "agreement", "faithfulness", "patch_units", "read_circuit",
+           "select", "size_curve"]
