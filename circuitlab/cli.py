@@ -256,8 +256,8 @@ def cmd_circuit(args) -> int:
     from . import data
     from .circuits import faithfulness, read_circuit
     out = Path(args.out)
-    names = ("nodes.csv", "edges.csv", "circuit.graphml", "circuit.json", "circuit.png",
-             "validation.json")
+    names = ("nodes.csv", "edges.csv", "nodes.parquet", "edges.parquet", "circuit.graphml",
+             "circuit.json", "circuit.png", "validation.json")
     clash = [str(out / n) for n in names if (out / n).exists()]
     if clash and not args.force:
         raise CircuitlabError(f"{clash[0]} exists ({len(clash)} output files would be "
@@ -535,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read the channel-level circuit of an image's decision "
                                    "(on its minimal explanation with --explain or "
                                    "--explanation DIR), test it by ablation against random "
-                                   "circuits, and write nodes.csv, edges.csv, "
+                                   "circuits, and write nodes.csv, edges.csv (and .parquet), "
                                    "circuit.graphml, circuit.json, circuit.png and "
                                    "validation.json.")
     _add_model_args(p)

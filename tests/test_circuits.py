@@ -148,6 +148,9 @@ def test_exports_round_trip(chain, tmp_path):
     again = Circuit.from_csv(tmp_path / "nodes.csv", tmp_path / "edges.csv")
     pd.testing.assert_frame_equal(again.nodes, c.nodes)
     pd.testing.assert_frame_equal(again.edges, c.edges)
+    pq = Circuit.from_parquet(tmp_path / "nodes.parquet", tmp_path / "edges.parquet")
+    pd.testing.assert_frame_equal(pq.nodes, c.nodes)
+    pd.testing.assert_frame_equal(pq.edges, c.edges)
     j = Circuit.from_json((tmp_path / "circuit.json").read_text())
     pd.testing.assert_frame_equal(j.edges, c.edges)
     assert j.meta == c.meta

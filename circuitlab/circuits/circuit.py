@@ -69,10 +69,17 @@ class Circuit:
     def from_csv(cls, nodes: Union[str, os.PathLike], edges: Union[str, os.PathLike]):
         return cls(pd.read_csv(nodes), pd.read_csv(edges))
 
+    @classmethod
+    def from_parquet(cls, nodes: Union[str, os.PathLike], edges: Union[str, os.PathLike]):
+        return cls(pd.read_parquet(nodes), pd.read_parquet(edges))
+
     def save(self, folder: Union[str, os.PathLike]) -> Path:
-        """nodes.csv, edges.csv, circuit.graphml and circuit.json in ``folder``, atomically."""
+        """nodes.csv, edges.csv, nodes.parquet, edges.parquet, circuit.graphml and
+        circuit.json in ``folder``, each written atomically."""
         from ..zoo import write_atomic
         folder = Path(folder)
+        for name, df in (("nodes.parquet", self.nodes), ("edges.parquet", self.edges)):
+            write_atomic(folder / name, lambda f, d=df: d.to_parquet(f, index=False))
         for name, text in (("nodes.csv", self.nodes.to_csv(index=False)),
                            ("edges.csv", self.edges.to_csv(index=False)),
                            ("circuit.json", self.to_json())):
