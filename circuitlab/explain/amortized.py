@@ -9,8 +9,9 @@ Training distils the per-image method: every training image is explained once wi
 per-image objective (the teacher, batched), then the U-Net learns to reproduce those masks
 (binary cross-entropy + soft Dice, random left-right flips). Training the U-Net on the
 objective directly, as the paper does for one image, collapsed to empty or full masks on the
-synthetic benchmark in every setting tried (the logits of a fresh network cross 0.5 together),
-while the distilled network is within 10 % of per-image quality there (see the README).
+synthetic benchmark in every setting tried (the logits of a fresh network cross 0.5 together);
+the distilled network finds the planted object as well as the per-image masks but keeps the
+label less often on its own (README: CNN 0.95, ViT 0.78 of images), which ``refine`` restores.
 Batches depend only on (seed, step), so a resumed run sees the same batches as an
 uninterrupted one.
 """
