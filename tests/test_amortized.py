@@ -108,3 +108,19 @@ def test_cli_train_explainer_then_explain_amortized(capsys, tmp_path, tiny):
     assert main(["explain", "--model", str(model), "--image", "coffee", "--out",
                  str(tmp_path / "r2"), "--mode", "amortized"]) == 2
     assert "--explainer" in capsys.readouterr().err
+
+
+def test_large_inputs_train_on_the_explainers_own_grid():
+    """Above 128 px the U-Net sees the image at half size; teacher masks must match its
+    output grid (56 cells for 224 px, 32 for 128 px)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 3))
+    hm = HookedModel(model, data_config={"input_size": (3, 128, 128)})
+    x = torch.randn(3, 3, 128, 128)
+    ex = train_explainer(hm, x, steps=2, batch_size=2, teacher_steps=1)
+    assert ex.logits(x).shape[-2:] == (32, 32)
+    out = ex.explain(hm, x[:1])
+    assert out.mask.shape == (1, 1, 128, 128)

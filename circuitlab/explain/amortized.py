@@ -189,8 +189,8 @@ def train_explainer(hm: HookedModel, images: torch.Tensor,
     net = _build_net(hm.in_chans, cfg).to(images.device)
     explainer = Explainer(net, cfg, hm.name, tuple(images.shape[1:]))
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    with torch.no_grad():
-        size = tuple(net(images[:1]).shape[-2:])
+    with torch.no_grad():  # the teacher masks live on the explainer's output grid
+        size = tuple(explainer.logits(images[:1]).shape[-2:])
     state = {"n_images": len(images), "seed": seed, "teacher_steps": teacher_steps,
              "teacher": None, "optimizer": None}
     if checkpoint is not None and Path(checkpoint).exists():
