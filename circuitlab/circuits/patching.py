@@ -14,11 +14,7 @@ import torch
 
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
-
-
-def _per_unit_sum(t: torch.Tensor, axis: int) -> torch.Tensor:
-    t = t.movedim(axis, 1)
-    return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+from .readout import per_unit
 
 
 def patch_units(hm: HookedModel, clean: torch.Tensor, corrupt: torch.Tensor, layer: str,
@@ -44,7 +40,7 @@ def patch_units(hm: HookedModel, clean: torch.Tensor, corrupt: torch.Tensor, lay
         _, cc = hm.run_with_cache(clean, names=[layer])
     _, cx = hm.run_with_cache(corrupt, names=[layer], grads=True, target=y)
     diff = (cc[layer] - cx[layer]) * cx.grad(layer)
-    attr = _per_unit_sum(diff, hp.unit_axis)[0]
+    attr = per_unit(diff, hp.unit_axis).sum(-1)[0]
     n = len(exact)
     return pd.DataFrame({"layer": pd.array([layer] * n, dtype="string"),
                          "unit": range(n), "exact": (exact - base).cpu().numpy(),

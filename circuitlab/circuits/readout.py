@@ -27,7 +27,7 @@ from . import edges as E
 from .circuit import Circuit
 
 
-def _per_unit(t: torch.Tensor, axis: int) -> torch.Tensor:
+def per_unit(t: torch.Tensor, axis: int) -> torch.Tensor:
     """(B, U, rest) view of an activation with its units on axis 1."""
     t = t.movedim(axis, 1)
     return t[..., None] if t.dim() == 2 else t.flatten(2)
@@ -64,11 +64,11 @@ def _effective(hm: HookedModel, x: torch.Tensor, src: str, dst: str,
         return act
     with torch.enable_grad():
         hm.run_with_hooks(x.expand(k, *x.shape[1:]), [(src, grab_src), (dst, grab_dst)])
-        d = _per_unit(held["dst"], hd.unit_axis)                     # (k, U_d, P)
+        d = per_unit(held["dst"], hd.unit_axis)                     # (k, U_d, P)
         pick = d[torch.arange(k), torch.as_tensor(list(dst_units))].sum()
         (g,) = torch.autograd.grad(pick, held["src"])
     a = held["src"].detach()
-    return (_per_unit(g * a, hs.unit_axis).sum(-1)).abs()          # (k, U_s)
+    return (per_unit(g * a, hs.unit_axis).sum(-1)).abs()          # (k, U_s)
 
 
 def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.Tensor] = None,
@@ -90,8 +90,8 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
     for name in layers:
         if hm.point(name).unit_axis is None:
             raise CircuitlabError(f"layer {name!r} has no unit axis to read nodes from")
-    if target is None:
-        target = int(hm(x).argmax(-1))
+    if target is None and explanation is not None:
+        target = int(hm(x).argmax(-1))  # the image's decision, read on its explanation
     # weight edges only where the destination's first conv / linear reads exactly the
     # source's output (checked on this run), so a same-width layer further on (a ViT block,
     # a stage after an untapped one) falls back to effective edges
@@ -107,10 +107,12 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
     extra = [f"{p}.hook_in" for p, _ in ingress.values()]
     logits, cache = hm.run_with_cache(inp, names=layers + ["hook_pooled"] + extra,
                                       grads=True, target=target)
+    if target is None:  # read on x itself: its top-1, from this same run
+        target = int(cache.target[0])
     node_rows, energies, dscale, chosen = [], {}, {}, {}
     for name in layers:
         ax = hm.point(name).unit_axis
-        a, g = _per_unit(cache[name], ax)[0], _per_unit(cache.grad(name), ax)[0]   # (U, P)
+        a, g = per_unit(cache[name], ax)[0], per_unit(cache.grad(name), ax)[0]   # (U, P)
         energy = a.norm(dim=-1)
         attribution = (a * g).sum(-1).abs()
         energies[name], dscale[name] = energy, g.abs().mean(-1)

@@ -14,13 +14,18 @@ from ..hooked_model import HookedModel
 from .circuit import Circuit
 
 
-def _random_circuits(hm: HookedModel, units: dict, n: int, seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        out.append({layer: torch.randperm(hm.n_units(layer), generator=g)[:len(u)].tolist()
-                    for layer, u in units.items()})
-    return out
+def _random_circuits(hm: HookedModel, sizes: dict, n: int,
+                     g: torch.Generator) -> list[dict]:
+    """``n`` random circuits with ``sizes[layer]`` units in each layer."""
+    return [{layer: torch.randperm(hm.n_units(layer), generator=g)[:k].tolist()
+             for layer, k in sizes.items()} for _ in range(n)]
+
+
+def _effects(logits: torch.Tensor, base: torch.Tensor, y: int) -> dict:
+    """Target logit and probability after an intervention, relative to the clean run."""
+    return {"logit_fraction": float(logits[y] / base[y]),
+            "prob_fraction": float(logits.softmax(-1)[y] / base.softmax(-1)[y]),
+            "top1_kept": bool(logits.argmax() == y)}
 
 
 @torch.no_grad()
@@ -41,23 +46,18 @@ def faithfulness(hm: HookedModel, x: torch.Tensor, circuit: Circuit, *, method: 
     units = circuit.units
     if not units:
         raise CircuitlabError("the circuit has no unit nodes to ablate")
-    y = int(circuit.meta.get("target", int(hm(x).argmax(-1))))
     base = hm(x)[0]
-    variants = [units, units] + _random_circuits(hm, units, n_random, seed)
-    kinds = ["keep", "remove"] + ["random_keep"] * n_random
-    keep_logits = hm.ablate(x, [v for v, k in zip(variants, kinds) if k != "remove"],
-                            method=method, reference=reference, keep=True)[:, 0]
-    remove_logits = hm.ablate(x, [units], method=method, reference=reference)[:, 0]
-    logits = torch.cat([keep_logits[:1], remove_logits, keep_logits[1:]])
+    y = int(circuit.meta["target"]) if "target" in circuit.meta else int(base.argmax())
+    g = torch.Generator().manual_seed(seed)
+    randoms = _random_circuits(hm, {layer: len(u) for layer, u in units.items()}, n_random, g)
+    kept = hm.ablate(x, [units] + randoms, method=method, reference=reference,
+                     keep=True)[:, 0]
+    removed = hm.ablate(x, [units], method=method, reference=reference)[:, 0]
     n_units = sum(len(u) for u in units.values())
-    rows = []
-    for i, (kind, lg) in enumerate(zip(kinds, logits)):
-        p = lg.softmax(-1)
-        rows.append({"test": kind, "draw": max(0, i - 2) if kind == "random_keep" else 0,
-                     "logit_fraction": float(lg[y] / base[y]),
-                     "prob_fraction": float(p[y] / base.softmax(-1)[y]),
-                     "top1_kept": bool(lg.argmax() == y), "units": n_units})
-    return pd.DataFrame(rows)
+    tests = [("keep", 0, kept[0]), ("remove", 0, removed[0])] + [
+        ("random_keep", i, lg) for i, lg in enumerate(kept[1:])]
+    return pd.DataFrame([{"test": t, "draw": d, **_effects(lg, base, y), "units": n_units}
+                         for t, d, lg in tests])
 
 
 @torch.no_grad()
@@ -80,16 +80,12 @@ def size_curve(hm: HookedModel, x: torch.Tensor, ranking: dict, fractions=(0.02,
     for f in fractions:
         sizes = {layer: max(1, round(f * hm.n_units(layer))) for layer in ranking}
         variants.append({layer: list(ranking[layer][:n]) for layer, n in sizes.items()})
-        tags.append((label, f, sum(sizes.values())))
-        for _ in range(n_random):
-            variants.append({layer: torch.randperm(hm.n_units(layer), generator=g)[:n].tolist()
-                             for layer, n in sizes.items()})
-            tags.append(("random", f, sum(sizes.values())))
+        variants += _random_circuits(hm, sizes, n_random, g)
+        tags += [(label, f, sum(sizes.values()))] + [("random", f, sum(sizes.values()))] * \
+            n_random
     logits = hm.ablate(x, variants, method=method, reference=reference, keep=True)[:, 0]
-    p_base = base.softmax(-1)[y]
-    rows = [{"circuit": t, "fraction": f, "units": n,
-             "logit_fraction": float(lg[y] / base[y]),
-             "prob_fraction": float(lg.softmax(-1)[y] / p_base),
-             "top1_kept": float(lg.argmax() == y)} for (t, f, n), lg in zip(tags, logits)]
-    return (pd.DataFrame(rows).groupby(["circuit", "fraction", "units"], sort=False)
-            .mean().reset_index())
+    rows = [{"circuit": t, "fraction": f, "units": n, **_effects(lg, base, y)}
+            for (t, f, n), lg in zip(tags, logits)]
+    df = pd.DataFrame(rows)
+    df["top1_kept"] = df["top1_kept"].astype(float)  # a rate once averaged over draws
+    return df.groupby(["circuit", "fraction", "units"], sort=False).mean().reset_index()
