@@ -13,7 +13,6 @@ Prints a table and writes CSV (default benchmarks/results/circuits.csv).
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 import warnings
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import circuitlab as cl  # noqa: E402
 from circuitlab.circuits import read_circuit  # noqa: E402
-from circuitlab.zoo import write_atomic  # noqa: E402
+from circuitlab.zoo import write_text  # noqa: E402
 
 
 def best_of(fn, reps):
@@ -83,9 +82,7 @@ def main(argv=None) -> int:
     df = pd.DataFrame(rows)
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
         print(df.to_string(index=False))
-    buf = io.StringIO()
-    df.to_csv(buf, index=False)
-    write_atomic(args.out, lambda f: f.write(buf.getvalue().encode()))
+    write_text(args.out, df.to_csv(index=False))
     print(f"wrote {args.out}")
     return 0
 

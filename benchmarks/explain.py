@@ -14,7 +14,6 @@ benchmarks/results/explain.csv).
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 import warnings
@@ -28,7 +27,7 @@ import circuitlab as cl  # noqa: E402
 from circuitlab import metrics, synthetic  # noqa: E402
 from circuitlab.explain import Explainer, amortized_preset, explain  # noqa: E402
 from circuitlab.explain import train_explainer  # noqa: E402
-from circuitlab.zoo import write_atomic  # noqa: E402
+from circuitlab.zoo import write_text  # noqa: E402
 
 
 def fwd_bwd_seconds(hm, x, reps=5):
@@ -156,10 +155,8 @@ def main(argv=None) -> int:
         for _, title, df in tables:
             if len(df):
                 print(f"\n{title}\n{df.to_string(index=False)}")
-    buf = io.StringIO()
-    pd.concat([df.assign(table=name) for name, _, df in tables if len(df)]).to_csv(
-        buf, index=False)
-    write_atomic(args.out, lambda f: f.write(buf.getvalue().encode()))
+    write_text(args.out, pd.concat([df.assign(table=name) for name, _, df in tables
+                                    if len(df)]).to_csv(index=False))
     print(f"wrote {args.out}")
     return 0
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from circuitlab import HookedModel  # noqa: E402
-from circuitlab.zoo import write_atomic  # noqa: E402
+from circuitlab.zoo import write_text  # noqa: E402
 
 CONFIGS = {
     "full": [("resnet50", {}, 224), ("vit_small_patch16_224", {}, 224)],
@@ -117,9 +116,7 @@ def main(argv=None) -> int:
     df = pd.DataFrame(rows)
     with pd.option_context("display.width", 140, "display.float_format", "{:.3f}".format):
         print(df.drop(columns=["device", "reps"]).to_string(index=False))
-    buf = io.StringIO()
-    df.to_csv(buf, index=False)
-    write_atomic(args.out, lambda f: f.write(buf.getvalue().encode()))
+    write_text(args.out, df.to_csv(index=False))
     print(f"wrote {args.out} (device {device}, torch threads {torch.get_num_threads()})")
     return 0
 

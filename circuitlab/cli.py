@@ -132,6 +132,14 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _refuse_overwrite(paths, force: bool) -> None:
+    """Outputs are never replaced silently: one error naming the first clash."""
+    clash = [str(p) for p in paths if Path(p).exists()]
+    if clash and not force:
+        raise CircuitlabError(f"{clash[0]} exists ({len(clash)} output file(s) would be "
+                              f"replaced); choose another --out or pass --force")
+
+
 def _save_png(path: Path, array) -> None:
     from PIL import Image
 
@@ -146,7 +154,7 @@ def _explain_one(hm, image, out: Path, args) -> dict:
 
     from . import data, metrics
     from .explain import explain
-    from .zoo import write_atomic
+    from .zoo import write_text
     t0 = time.perf_counter()
     x = data.load_image(image, hm)
     if args.mode == "amortized":
@@ -178,23 +186,18 @@ def _explain_one(hm, image, out: Path, args) -> dict:
     _save_png(out / "explanation.png", (e_rgb * 255).round().astype(np.uint8))
     _save_png(out / "overlay.png", (rgb * (0.25 + 0.75 * m[..., None]) * 255).round()
               .astype(np.uint8))
-    text = json.dumps(result, indent=2) + "\n"
-    write_atomic(out / "metrics.json", lambda f: f.write(text.encode()))
+    write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
 def cmd_explain(args) -> int:
     from . import data
-    from .errors import CircuitlabError
     src = Path(args.image)
     images = data.image_files(src) if src.is_dir() else [args.image]
     out = Path(args.out)
     targets = [out / Path(str(i)).stem for i in images] if src.is_dir() else [out]
     names = ("mask.png", "explanation.png", "overlay.png", "metrics.json")
-    clash = [str(t / n) for t in targets for n in names if (t / n).exists()]
-    if clash and not args.force:
-        raise CircuitlabError(f"{clash[0]} exists ({len(clash)} output files would be "
-                              f"replaced); choose another --out or pass --force")
+    _refuse_overwrite([t / n for t in targets for n in names], args.force)
     if args.mode == "amortized":
         if not args.explainer:
             raise CircuitlabError("--mode amortized needs --explainer FILE (train one with "
@@ -250,6 +253,11 @@ def _mask_from(folder: str, hm):
     return torch.from_numpy((m > 0.5).astype(np.float32))[None, None]
 
 
+def _effects(row) -> dict:
+    return {"logit_fraction": float(row["logit_fraction"]),
+            "prob_fraction": float(row["prob_fraction"]), "top1_kept": bool(row["top1_kept"])}
+
+
 def cmd_circuit(args) -> int:
     import time
 
@@ -258,10 +266,7 @@ def cmd_circuit(args) -> int:
     out = Path(args.out)
     names = ("nodes.csv", "edges.csv", "nodes.parquet", "edges.parquet", "circuit.graphml",
              "circuit.json", "circuit.png", "validation.json")
-    clash = [str(out / n) for n in names if (out / n).exists()]
-    if clash and not args.force:
-        raise CircuitlabError(f"{clash[0]} exists ({len(clash)} output files would be "
-                              f"replaced); choose another --out or pass --force")
+    _refuse_overwrite([out / n for n in names], args.force)
     if args.explain and args.explanation:
         raise CircuitlabError("pass --explain or --explanation DIR, not both")
     hm = _load(args)
@@ -289,12 +294,8 @@ def cmd_circuit(args) -> int:
         "units": int(rows.loc["keep", "units"]), "tapped_units": n_tapped,
         "unit_fraction": int(rows.loc["keep", "units"]) / n_tapped,
         "edges": len(circuit.edges), "method": args.method,
-        "faithfulness": {k: (bool(rows.loc["keep", k]) if k == "top1_kept" else
-                             float(rows.loc["keep", k]))
-                         for k in ("logit_fraction", "prob_fraction", "top1_kept")},
-        "necessity": {k: (bool(rows.loc["remove", k]) if k == "top1_kept" else
-                          float(rows.loc["remove", k]))
-                      for k in ("logit_fraction", "prob_fraction", "top1_kept")},
+        "faithfulness": _effects(rows.loc["keep"]),
+        "necessity": _effects(rows.loc["remove"]),
         "random_faithfulness": {"logit_fraction": float(rand["logit_fraction"].mean()),
                                 "prob_fraction": float(rand["prob_fraction"].mean()),
                                 "top1_kept": float(rand["top1_kept"].mean()),
@@ -311,9 +312,8 @@ def cmd_circuit(args) -> int:
     result["seconds"] = time.perf_counter() - t0
     circuit.save(out)
     circuit.plot(out / "circuit.png")
-    from .zoo import write_atomic
-    text = json.dumps(result, indent=2) + "\n"
-    write_atomic(out / "validation.json", lambda f: f.write(text.encode()))
+    from .zoo import write_text
+    write_text(out / "validation.json", json.dumps(result, indent=2) + "\n")
     f = result["faithfulness"]
     _emit(args, result, f"{args.image}: {result['label']} circuit of {result['units']} units "
                         f"({100 * result['unit_fraction']:.1f} % of {n_tapped}), "
@@ -326,24 +326,25 @@ def cmd_circuit(args) -> int:
     return 0
 
 
-def _write_csv(args, df) -> Path:
-    from .zoo import write_atomic
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise CircuitlabError(f"{str(out)!r} exists; choose another --out or pass --force")
-    text = df.to_csv(index=False)
-    write_atomic(out, lambda f: f.write(text.encode()))
-    return out
-
-
-def cmd_ablate(args) -> int:
+def _unit_experiment(args):
+    """(hm, x) for ablate / patch, after refusing to replace --out and checking --layer."""
     from . import data
-    from .circuits import ablate_units
-    if Path(args.out).exists() and not args.force:
-        raise CircuitlabError(f"{args.out!r} exists; choose another --out or pass --force")
+    _refuse_overwrite([args.out], args.force)
     hm = _load(args)
     x = data.load_image(args.image, hm)
     hm.point(args.layer)
+    return hm, x
+
+
+def _write_csv(args, df) -> Path:
+    from .zoo import write_text
+    write_text(args.out, df.to_csv(index=False))
+    return Path(args.out)
+
+
+def cmd_ablate(args) -> int:
+    from .circuits import ablate_units
+    hm, x = _unit_experiment(args)
     refs = _reference_images(args, hm, str(args.image)).to(x.device) \
         if args.method != "zero" else None
     df = ablate_units(hm, x, args.layer, method=args.method, reference=refs)
@@ -359,13 +360,8 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_patch(args) -> int:
-    from . import data
     from .circuits import agreement, patch_units
-    if Path(args.out).exists() and not args.force:
-        raise CircuitlabError(f"{args.out!r} exists; choose another --out or pass --force")
-    hm = _load(args)
-    x = data.load_image(args.image, hm)
-    hm.point(args.layer)
+    hm, x = _unit_experiment(args)
     m = _mask_from(args.explanation, hm).to(x.device)
     e, c = m * x, (1 - m) * x
     target = int(hm(x).argmax(-1))

@@ -199,8 +199,8 @@ def resolve_name(name: str) -> tuple[str, str]:
         return "timm", name
     elif name in _torchvision_names():
         return "torchvision", name
-    choices = list(OFFLINE_MODELS) + list(SYNTHETIC_MODELS) + list(_local_archs()) + timm.list_models() + \
-        _torchvision_names()
+    choices = list(OFFLINE_MODELS) + list(SYNTHETIC_MODELS) + list(_local_archs()) + \
+        timm.list_models() + _torchvision_names()
     raise CircuitlabError(f"unknown model {name!r}.{did_you_mean(name, choices)} "
                           f"`circuitlab models` lists the offline ones; any timm or "
                           f"torchvision classifier name works too")
@@ -296,9 +296,12 @@ def _synthetic(name: str, device=None) -> HookedModel:
     hm = synthetic_model(SYNTHETIC_MODELS[name],
                          log=lambda s: print(f"circuitlab: {s}", file=sys.stderr))
     hm.name = name
-    if device is not None:
-        hm.to(torch.device(device))
-    return hm
+    return _to_device(hm, device)
+
+
+def write_text(path: Union[str, os.PathLike], text: str) -> None:
+    """``text`` (UTF-8) to ``path`` atomically: CSV tables, JSON reports."""
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def write_atomic(path: Union[str, os.PathLike], write) -> None:
@@ -388,6 +391,10 @@ def load_model(name_or_module: Union[str, os.PathLike, nn.Module], checkpoint=No
     hm = HookedModel(model, name=name, data_config=cfg, source=source,
                      labels=_labels_for(classes, labels) if classes else labels)
     hm.arch_kwargs = dict(kwargs)  # recorded so save_checkpoint can rebuild the architecture
+    return _to_device(hm, device)
+
+
+def _to_device(hm: HookedModel, device) -> HookedModel:
     if device is not None:
         try:
             hm.to(torch.device(device))

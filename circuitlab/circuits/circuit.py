@@ -76,14 +76,13 @@ class Circuit:
     def save(self, folder: Union[str, os.PathLike]) -> Path:
         """nodes.csv, edges.csv, nodes.parquet, edges.parquet, circuit.graphml and
         circuit.json in ``folder``, each written atomically."""
-        from ..zoo import write_atomic
+        from ..zoo import write_atomic, write_text
         folder = Path(folder)
         for name, df in (("nodes.parquet", self.nodes), ("edges.parquet", self.edges)):
             write_atomic(folder / name, lambda f, d=df: d.to_parquet(f, index=False))
-        for name, text in (("nodes.csv", self.nodes.to_csv(index=False)),
-                           ("edges.csv", self.edges.to_csv(index=False)),
-                           ("circuit.json", self.to_json())):
-            write_atomic(folder / name, lambda f, t=text: f.write(t.encode()))
+        write_text(folder / "nodes.csv", self.nodes.to_csv(index=False))
+        write_text(folder / "edges.csv", self.edges.to_csv(index=False))
+        write_text(folder / "circuit.json", self.to_json())
         buf = io.BytesIO()
         nx.write_graphml(self.to_networkx(), buf)
         write_atomic(folder / "circuit.graphml", lambda f: f.write(buf.getvalue()))

@@ -1,4 +1,4 @@
-"""Objective weights, taps, generator and optimiser settings; the ``paper`` and ``default`` presets."""
+"""Objective weights, taps, generator and optimiser settings; the presets."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
