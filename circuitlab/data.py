@@ -115,6 +115,8 @@ def _synthetic_image(i: int) -> Image.Image:
 def image_files(folder: Union[str, os.PathLike]) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CircuitlabError(f"{str(folder)!r} is not a folder of images")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise CircuitlabError(f"folder {str(folder)!r} holds no image files "

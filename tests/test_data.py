@@ -50,3 +50,8 @@ def test_bad_images(tmp_path):
     with pytest.raises(CircuitlabError, match="holds no image files"):
         (tmp_path / "empty").mkdir()
         image_files(tmp_path / "empty")
+
+
+def test_image_files_needs_a_folder(tmp_path):
+    with pytest.raises(CircuitlabError, match="not a folder"):
+        image_files(tmp_path / "missing")
