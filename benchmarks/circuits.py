@@ -27,12 +27,19 @@ from circuitlab.circuits import read_circuit  # noqa: E402
 from circuitlab.zoo import write_text  # noqa: E402
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def best_of(fn, reps):
     fn()
     times = []
     for _ in range(reps):
+        _sync()
         t = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return min(times)
 
@@ -64,22 +71,28 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the synthetic CNN is then "
+                   "untrained: timing only, no training on the GPU)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "circuits.csv"))
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     reps = 1 if args.quick else args.reps
     rows = []
-    hm = cl.synthetic.synthetic_model("cnn", log=None) if not args.quick else \
+    dev = torch.device(args.device)
+    trained = not args.quick and dev.type == "cpu"
+    hm = cl.synthetic.synthetic_model("cnn", log=None) if trained else \
         cl.HookedModel(cl.synthetic.build("cnn"), data_config=cl.synthetic.DATA_CONFIG)
-    data = cl.synthetic.make_dataset(2, seed=123).normalized()
+    hm.to(dev)
+    data = cl.synthetic.make_dataset(2, seed=123).normalized().to(dev)
     rows += bench("synthetic cnn", hm, data[:1], data[1:], "layer3", 16, reps)
     if not args.quick:
-        hm = cl.load_model("efficientnet_lite0")
-        x = cl.data.load_image("coffee", hm)
-        src = cl.data.load_image("chelsea", hm)
+        hm = cl.load_model("efficientnet_lite0", device=dev)
+        x = cl.data.load_image("coffee", hm).to(dev)
+        src = cl.data.load_image("chelsea", hm).to(dev)
         rows += bench("efficientnet_lite0", hm, x, src, "blocks.4", 16, reps)
     df = pd.DataFrame(rows)
+    df.insert(0, "device", torch.cuda.get_device_name() if dev.type == "cuda" else "cpu")
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
         print(df.to_string(index=False))
     write_text(args.out, df.to_csv(index=False))

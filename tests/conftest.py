@@ -5,6 +5,10 @@ import pytest
 import torch
 
 os.environ.setdefault("CIRCUITLAB_OFFLINE", "1")  # never wait on a hub in tests
+# Triton kernels run on a CPU only under the interpreter, which must be on before they are
+# defined; on a GPU the tests run the compiled kernels
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import circuitlab  # noqa: E402

@@ -20,10 +20,16 @@ def test_weight_l1_standard_conv_by_hand():
     assert l1.shape == (3, 2)
     assert l1[1, 0].item() == w[1, 0].abs().sum().item() == abs(-4) + 3 + 2 + 1
     energy = torch.tensor([2.0, 0.5])
-    s = E.scores(l1, energy, [1, 0], [2])
+    wl, s = E.scores(conv, energy, [1, 0], [2])
+    assert wl.tolist() == [[l1[2, 1].item(), l1[2, 0].item()]]
     assert s.tolist() == [[l1[2, 1].item() * 0.5, l1[2, 0].item() * 2.0]]
-    s = E.scores(l1, energy, [0], [2, 1], dst_scale=torch.tensor([0.0, 10.0, 3.0]))
+    _, s = E.scores(conv, energy, [0], [2, 1], dst_scale=torch.tensor([0.0, 10.0, 3.0]))
     assert s[:, 0].tolist() == [l1[2, 0].item() * 2 * 3, l1[1, 0].item() * 2 * 10]
+    v, i = E.scores(conv, energy, [1, 0], [2, 0], topk=1)      # best source per destination
+    for row, d in enumerate([2, 0]):
+        cand = [l1[d, 1].item() * 0.5, l1[d, 0].item() * 2.0]
+        assert i[row, 0].item() == max(range(2), key=lambda n: (cand[n], -n))
+        assert v[row, 0].item() == pytest.approx(max(cand))
 
 
 def test_weight_l1_grouped_and_depthwise_are_block_diagonal():

@@ -15,27 +15,22 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+import kernels
+
 from ..errors import CircuitlabError
+
+
+def _weight_module(module: nn.Module) -> nn.Module:
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return module
+    raise CircuitlabError(f"no weight edges for a {type(module).__name__}; use "
+                          f"edges='effective' (gradient x activation through any path)")
 
 
 def weight_l1(module: nn.Module) -> torch.Tensor:
     """(out units, in units) matrix of ||W_{d,s}||_1 (summed over the kernel)."""
-    if isinstance(module, nn.Linear):
-        return module.weight.detach().abs()
-    if isinstance(module, nn.modules.conv._ConvNd):
-        w = module.weight.detach().abs().flatten(2).sum(-1)         # (out, in / groups)
-        g = module.groups
-        if g == 1:
-            return w
-        out, cin_g = w.shape
-        cin = cin_g * g
-        dense = w.new_zeros(out, cin)
-        per = out // g
-        for k in range(g):  # output block k reads only input block k
-            dense[k * per:(k + 1) * per, k * cin_g:(k + 1) * cin_g] = w[k * per:(k + 1) * per]
-        return dense
-    raise CircuitlabError(f"no weight edges for a {type(module).__name__}; use "
-                          f"edges='effective' (gradient x activation through any path)")
+    m = _weight_module(module)
+    return kernels.reference.weight_l1(m.weight, getattr(m, "groups", 1))
 
 
 def first_weight_layer(model: nn.Module, path: str) -> tuple[str, nn.Module]:
@@ -47,13 +42,13 @@ def first_weight_layer(model: nn.Module, path: str) -> tuple[str, nn.Module]:
     raise CircuitlabError(f"{path!r} holds no conv or linear layer")
 
 
-def scores(l1: torch.Tensor, src_energy: torch.Tensor, src_units: Sequence[int],
-           dst_units: Sequence[int], dst_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(len(dst), len(src)) edge scores ||W_{d,s}||_1 * E_s, times ``dst_scale[d]`` (the
-    gradient variant's |d logit / d dst|) when given."""
-    s = torch.as_tensor(list(src_units), dtype=torch.long)
-    d = torch.as_tensor(list(dst_units), dtype=torch.long)
-    out = l1[d][:, s] * src_energy[s][None, :]
-    if dst_scale is not None:
-        out = out * dst_scale[d][:, None]
-    return out
+def scores(module: nn.Module, src_energy: torch.Tensor, src_units: Sequence[int],
+           dst_units: Sequence[int], dst_scale: Optional[torch.Tensor] = None,
+           topk: Optional[int] = None):
+    """``(l1, scores)``, each (len(dst), len(src)): ||W_{d,s}||_1 and ||W_{d,s}||_1 * E_s,
+    times ``dst_scale[d]`` (the gradient variant's |d logit / d dst|) when given; with
+    ``topk``, the best ``topk`` sources per destination ``(values, indices into src_units)``.
+    The fused Triton op on a GPU, its torch reference elsewhere (``kernels.edge_scores``)."""
+    m = _weight_module(module)
+    return kernels.edge_scores(m.weight, src_energy.to(m.weight.device), src_units, dst_units,
+                               getattr(m, "groups", 1), dst_scale, topk)

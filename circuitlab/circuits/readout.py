@@ -124,23 +124,20 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
     edge_rows = []
     for src, dst in zip(layers, layers[1:]):
         how = edges
-        l1 = None
         if edges in ("auto", "weight"):
             path, mod = ingress.get(dst, (None, None))
             direct = mod is not None and cache[f"{path}.hook_in"].shape == cache[src].shape \
                 and torch.equal(cache[f"{path}.hook_in"], cache[src])
             if direct:
-                l1, how = E.weight_l1(mod), "weight"
+                how = "weight"
             elif edges == "weight":
                 raise CircuitlabError(f"{dst} does not begin with a conv or linear layer "
                                       f"reading {src}'s output; use edges='effective'")
             else:
                 how = "effective"
         if how == "weight":
-            w = l1.to(energies[src].device)
-            sc = E.scores(w, energies[src], chosen[src], chosen[dst],
-                          dscale[dst] if gradient else None)
-            wl = w[torch.as_tensor(chosen[dst])][:, torch.as_tensor(chosen[src])]
+            wl, sc = E.scores(mod, energies[src], chosen[src], chosen[dst],
+                              dscale[dst] if gradient else None)
         else:
             eff = _effective(hm, inp, src, dst, chosen[dst])[:, torch.as_tensor(chosen[src])]
             sc = eff * (dscale[dst][torch.as_tensor(chosen[dst])][:, None] if gradient else 1)

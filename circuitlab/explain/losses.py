@@ -1,7 +1,7 @@
 """The terms of the activation-matching objective, each a plain function of tensors.
 
 Every term returns a scalar averaged over the batch, so weights mean the same at any batch size.
-Reference definitions (the fused kernels of ``kernels/`` must match these exactly).
+The activation distances live in ``kernels`` (fused Triton op + its torch reference).
 """
 from __future__ import annotations
 
@@ -11,55 +11,32 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+import kernels
+
 from ..errors import CircuitlabError
 
-DISTANCES = ("mse", "zmse", "cosine", "kl")
-
-
-def _channels_last(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """(B, positions, C) view of a conv map (B, C, H, W) or a token tensor (B, N, C)."""
-    t = t.movedim(channel_dim, -1)
-    return t.reshape(t.shape[0], -1, t.shape[-1])
+DISTANCES = kernels.DISTANCES
 
 
 def activation_distance(a: torch.Tensor, b: torch.Tensor, kind: str = "mse",
-                        channel_dim: int = 1, eps: float = 1e-6) -> torch.Tensor:
-    """d(a, b) between the activations of the image (a, the target) and of the explanation (b).
-
-    - ``mse``: mean squared difference.
-    - ``zmse``: MSE after z-scoring each channel over its positions, per sample (population std,
-      ``eps`` added to it): matches the pattern of a channel, not its scale.
-    - ``cosine``: 1 - mean over positions of the cosine similarity across channels.
-    - ``kl``: KL(softmax_c(a) || softmax_c(b)) over channels, averaged over positions.
-    """
-    if a.shape != b.shape:
-        raise CircuitlabError(f"activation shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    if kind == "mse":
-        return (a - b).pow(2).mean()
-    a3, b3 = _channels_last(a, channel_dim), _channels_last(b, channel_dim)  # (B, P, C)
-    if kind == "zmse":
-        def z(t):
-            mu = t.mean(1, keepdim=True)
-            # clamped so that sqrt has a finite gradient on a constant channel
-            sd = t.var(1, keepdim=True, unbiased=False).clamp_min(1e-20).sqrt()
-            return (t - mu) / (sd + eps)
-        return (z(a3) - z(b3)).pow(2).mean()
-    if kind == "cosine":
-        return 1.0 - F.cosine_similarity(a3, b3, dim=-1, eps=eps).mean()
-    if kind == "kl":
-        la, lb = a3.log_softmax(-1), b3.log_softmax(-1)
-        return (la.exp() * (la - lb)).sum(-1).mean()
-    raise CircuitlabError(f"unknown activation distance {kind!r}; use one of {DISTANCES}")
+                        channel_dim: int = 1, eps: float = kernels.reference.EPS) -> torch.Tensor:
+    """d(a, b) between the image's activations (a, the target) and the explanation's (b); the
+    definitions are ``kernels.reference.activation_distance`` (mse, zmse, cosine, kl)."""
+    try:
+        return kernels.reference.activation_distance(a, b, kind, channel_dim, eps)
+    except kernels.KernelInputError as e:
+        raise CircuitlabError(str(e)) from None
 
 
 def activation_matching(acts_x: Sequence[torch.Tensor], acts_e: Sequence[torch.Tensor],
                         alphas: Sequence[float], kinds: Sequence[str],
                         channel_dims: Sequence[int]) -> torch.Tensor:
-    """sum_l alpha_l * d_l(phi_l(x), phi_l(e))."""
-    total = acts_e[0].new_zeros(())
-    for a, b, w, k, c in zip(acts_x, acts_e, alphas, kinds, channel_dims):
-        total = total + w * activation_distance(a, b, k, c)
-    return total
+    """sum_l alpha_l * d_l(phi_l(x), phi_l(e)): the fused Triton kernel on a GPU, the torch
+    reference elsewhere (``CIRCUITLAB_KERNELS=torch`` forces the reference)."""
+    try:
+        return kernels.activation_matching(acts_x, acts_e, alphas, kinds, channel_dims)
+    except kernels.KernelInputError as e:
+        raise CircuitlabError(str(e)) from None
 
 
 def class_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -98,9 +98,14 @@ class Objective:
             parts.append((1 - m) * x)
         logits, cache = self.hm.run_with_cache(torch.cat(parts), names=self.names)
         logits_e = logits[:b]
+        # lambda_act rides in the alphas and comes back out as a division, so the gradient
+        # reaching the fused kernel is exactly 1 and its backward moves no memory
+        lam = cfg.act if cfg.act else 1.0
+        act = losses.activation_matching(self.acts_x, [cache[n][:b] for n in self.names],
+                                         [a * lam for a in self.alphas], self.kinds,
+                                         self.cdims) / lam
         terms = {
-            "act": losses.activation_matching(self.acts_x, [cache[n][:b] for n in self.names],
-                                              self.alphas, self.kinds, self.cdims),
+            "act": act,
             "ce": losses.class_ce(logits_e, self.target),
             "kl": losses.logit_kl(self.logits_x, logits_e, cfg.temperature),
             "area": losses.area(p) if cfg.area_mode == "mean" else

@@ -1,0 +1,1 @@
+"""One module per fused op: Triton kernel(s) and the autograd.Function around them."""

@@ -1,0 +1,179 @@
+"""Triton kernels against their torch reference: values and gradients, odd shapes, strides,
+dtypes. On a CPU they run under TRITON_INTERPRET=1 (set in conftest.py before kernels is
+imported), so shapes stay small; on a GPU the same tests run the compiled kernels.
+Select them with ``pytest -k kernel``."""
+import os
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference as R
+from kernels._triton import triton
+
+pytestmark = pytest.mark.skipif(triton is None, reason="triton is not installed")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before import", allow_module_level=True)
+
+# (shape, channel dim): conv maps (B, C, H, W) and tokens (B, N, C), powers of two or not
+SHAPES = [((2, 5, 7, 3), 1), ((1, 33, 4, 4), 1), ((3, 9, 6), 2), ((2, 16, 64), 2),
+          ((1, 3, 1, 1), 1)]
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _both(a, b, kind, cdim, alpha=1.5, scale=1.0):
+    """(loss, grad) from the Triton path and from the reference, for the same inputs."""
+    out = []
+    for backend in ("triton", "torch"):
+        bb = b.detach().clone().requires_grad_(True)
+        loss = kernels.activation_matching([a], [bb], [alpha], [kind], [cdim], backend=backend)
+        (loss * scale).backward()
+        out.append((loss.detach(), bb.grad))
+    return out
+
+
+def _close(x, y, tol):
+    x, y = x.float(), y.float()
+    assert torch.allclose(x, y, rtol=tol, atol=tol * max(1e-3, float(y.abs().max()))), \
+        float((x - y).abs().max())
+
+
+@pytest.mark.parametrize("kind", R.DISTANCES)
+@pytest.mark.parametrize("shape,cdim", SHAPES)
+def test_kernel_activation_matching_matches_reference(kind, shape, cdim):
+    torch.manual_seed(0)
+    a, b = torch.randn(shape, device=DEV), torch.randn(shape, device=DEV)
+    (lt, gt), (lr, gr) = _both(a, b, kind, cdim)
+    _close(lt, lr, 1e-5)
+    _close(gt, gr, 1e-4)
+
+
+@pytest.mark.parametrize("kind", R.DISTANCES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_activation_matching_half_inputs_fp32_accumulation(kind, dtype):
+    torch.manual_seed(1)
+    a = torch.randn(2, 6, 5, 3, device=DEV)                  # fp32 target, half explanation
+    b = torch.randn(2, 6, 5, 3, device=DEV).to(dtype)
+    (lt, gt), (lr, gr) = _both(a, b, kind, 1, scale=3.0)
+    assert lt.dtype == torch.float32 and gt.dtype == dtype
+    _close(lt, lr, 1e-5)                                     # both upcast: same fp32 loss
+    _close(gt, gr, TOL[dtype])
+    (lt2, _), (lr2, _) = _both(a.to(dtype), b, kind, 1)      # half on both sides
+    _close(lt2, lr2, 1e-5)
+
+
+@pytest.mark.parametrize("kind", R.DISTANCES)
+def test_kernel_activation_matching_strided_inputs(kind):
+    torch.manual_seed(2)
+    base_a = torch.randn(4, 7, 5, 6, device=DEV)
+    base_b = torch.randn(4, 7, 5, 6, device=DEV)
+    # a batch slice with a step, a channels-last conv map, a transposed token tensor
+    cases = [(base_a[::2], base_b[::2], 1),
+             (base_a.contiguous(memory_format=torch.channels_last),
+              base_b.contiguous(memory_format=torch.channels_last), 1),
+             (base_a[:, :, 0].transpose(1, 2), base_b[:, :, 0].transpose(1, 2), 2)]
+    for a, b, cdim in cases:
+        (lt, gt), (lr, gr) = _both(a, b, kind, cdim, scale=2.0)
+        _close(lt, lr, 1e-5)
+        _close(gt, gr, 1e-4)
+        assert gt.shape == b.shape
+
+
+def test_kernel_activation_matching_several_layers_and_grad_scale():
+    torch.manual_seed(3)
+    xs = [torch.randn(2, 8, 6, 6, device=DEV), torch.randn(2, 16, 3, 3, device=DEV),
+          torch.randn(2, 5, 12, device=DEV)]
+    es = [torch.randn_like(t).requires_grad_(True) for t in xs]
+    kinds, alphas, cdims = ["cosine", "zmse", "kl"], [1.0, 4.0, 8.0], [1, 1, 2]
+    lt = kernels.activation_matching(xs, es, alphas, kinds, cdims, backend="triton")
+    gt = torch.autograd.grad(lt * 2.5, es)
+    lr = R.activation_matching(xs, es, alphas, kinds, cdims)
+    gr = torch.autograd.grad(lr * 2.5, es)
+    _close(lt.detach(), lr.detach(), 1e-5)
+    for x, y in zip(gt, gr):
+        _close(x, y, 1e-4)
+
+
+def test_kernel_activation_matching_zmse_constant_channel_and_no_grad():
+    a = torch.randn(1, 3, 4, 4, device=DEV)
+    b = a.clone()
+    b[:, 1] = 2.0                                            # a constant channel: std clamped
+    (lt, gt), (lr, gr) = _both(a, b, "zmse", 1)
+    _close(lt, lr, 1e-5)
+    _close(gt, gr, 1e-4)
+    assert torch.isfinite(gt).all()
+    with torch.no_grad():                                    # evaluation: no gradient written
+        v = kernels.activation_matching([a], [b], [1.5], ["zmse"], [1], backend="triton")
+    _close(v, lr, 1e-5)
+
+
+def test_kernel_reference_gradcheck():
+    torch.manual_seed(4)
+    for kind in R.DISTANCES:
+        for cdim, shape in ((1, (2, 3, 2, 2)), (2, (2, 3, 4))):
+            a = torch.randn(shape, dtype=torch.double)
+            b = torch.randn(shape, dtype=torch.double, requires_grad=True)
+            assert torch.autograd.gradcheck(lambda bb: R.activation_distance(a, bb, kind, cdim),
+                                            (b,), eps=1e-6, atol=1e-6)
+
+
+def test_kernel_activation_matching_errors():
+    a = torch.randn(1, 3, 4, 4, device=DEV)
+    with pytest.raises(kernels.KernelInputError, match="shapes differ"):
+        kernels.activation_matching([a], [a[:, :2]], [1.0], ["mse"], [1], backend="triton")
+    with pytest.raises(kernels.KernelInputError, match="unknown activation distance"):
+        kernels.activation_matching([a], [a], [1.0], ["l7"], [1], backend="triton")
+    with pytest.raises(kernels.KernelInputError, match="backend"):
+        kernels.activation_matching([a], [a], [1.0], ["mse"], [1], backend="cuda-please")
+
+
+def test_kernel_dispatch():
+    assert kernels.backend_for(torch.device("cpu")) == "torch"       # auto: torch off-GPU
+    assert kernels.backend_for(torch.device("cpu"), "torch") == "torch"
+    if torch.cuda.is_available():
+        assert kernels.backend_for(torch.device("cuda")) == "triton"
+
+
+def _grouped_weights():
+    torch.manual_seed(5)
+    return [(torch.randn(12, 6, 3, 3, device=DEV), 1),        # standard conv
+            (torch.randn(12, 3, 3, 3, device=DEV), 4),        # grouped
+            (torch.randn(12, 1, 5, 5, device=DEV), 12),       # depthwise
+            (torch.randn(12, 6, 1, 1, device=DEV), 1),        # 1x1 projection
+            (torch.randn(10, 6, device=DEV), 1)]              # linear
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_kernel_edge_scores_match_reference(case):
+    w, groups = _grouped_weights()[case]
+    cin = w.shape[1] * groups
+    e = torch.rand(cin, device=DEV)
+    src = [0, 2, 3, cin - 1]
+    dst = [1, 4, 5, 7, w.shape[0] - 1]
+    scale = torch.rand(w.shape[0], device=DEV)
+    for ds in (None, scale):
+        l1, sc = kernels.edge_scores(w, e, src, dst, groups, ds, backend="triton")
+        r1, rs = kernels.edge_scores(w, e, src, dst, groups, ds, backend="torch")
+        _close(l1, r1, 1e-6)
+        _close(sc, rs, 1e-6)
+    # by hand for one pair: same group or zero
+    d, s = dst[1], src[2]
+    same = d // (w.shape[0] // groups) == s // w.shape[1]
+    expect = w[d, s % w.shape[1]].abs().sum() * e[s] if same else 0.0
+    assert float(sc[1, 2] / scale[d]) == pytest.approx(float(expect), rel=1e-5, abs=1e-7)
+
+
+def test_kernel_edge_scores_topk_per_destination():
+    torch.manual_seed(6)
+    w = torch.randn(40, 37, 3, 3, device=DEV)
+    e = torch.rand(37, device=DEV)
+    e[5] = e[6] = 0.0                                         # ties at zero: lower index first
+    src, dst = list(range(37)), [0, 3, 39]
+    v, i = kernels.edge_scores(w, e, src, dst, topk=5, backend="triton")
+    rv, ri = kernels.edge_scores(w, e, src, dst, topk=5, backend="torch")
+    _close(v, rv, 1e-6)
+    assert torch.equal(i.cpu(), ri.cpu())
+    v, i = kernels.edge_scores(w, e, src, dst, topk=37, backend="triton")   # k = all
+    rv, ri = kernels.edge_scores(w, e, src, dst, topk=37, backend="torch")
+    assert torch.equal(i.cpu(), ri.cpu())
