@@ -177,3 +177,19 @@ def test_kernel_edge_scores_topk_per_destination():
     v, i = kernels.edge_scores(w, e, src, dst, topk=37, backend="triton")   # k = all
     rv, ri = kernels.edge_scores(w, e, src, dst, topk=37, backend="torch")
     assert torch.equal(i.cpu(), ri.cpu())
+
+
+def test_kernel_activation_matching_mixed_layouts_and_dtypes_in_one_call():
+    torch.manual_seed(7)
+    xs = [torch.randn(2, 4, 5, 5, device=DEV), torch.randn(2, 6, 8, device=DEV),
+          torch.randn(4, 3, 4, 4, device=DEV)[::2]]
+    es = [xs[0].to(torch.bfloat16), xs[1] * 0.5, torch.randn(4, 3, 4, 4, device=DEV)[::2]]
+    es = [e.detach().requires_grad_(True) for e in es]            # bf16, fp32, strided
+    args = (["zmse", "kl", "cosine"], [1, 2, 1])
+    lt = kernels.activation_matching(xs, es, [1.0, 2.0, 3.0], *args, backend="triton")
+    gt = torch.autograd.grad(lt * 0.5, es)
+    lr = R.activation_matching(xs, es, [1.0, 2.0, 3.0], *args)
+    gr = torch.autograd.grad(lr * 0.5, es)
+    _close(lt.detach(), lr.detach(), 1e-5)
+    for x, y, e in zip(gt, gr, es):
+        _close(x, y, TOL[e.dtype] if e.dtype in TOL else 1e-4)

@@ -222,16 +222,40 @@ if triton is not None:
             tl.store(G + o, (g.to(tl.float32) * s).to(G.dtype.element_ty), mask=m)
 
 
-def _grad_buffer(b: torch.Tensor, cdim: int):
-    """(G, G as a (B, P, C) view): G laid out like b when that view exists, so both are read
-    and written along the same contiguous axis."""
-    g = torch.empty_like(b)
-    g3 = ref.channels_last(g, cdim)
-    if g3.untyped_storage().data_ptr() == g.untyped_storage().data_ptr():
-        return g, g3
-    g3 = torch.empty((b.shape[0], g3.shape[1], g3.shape[2]), dtype=b.dtype, device=b.device)
-    moved = list(b.movedim(cdim, -1).shape)
-    return g3.view(moved).movedim(-1, cdim), g3
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and
+                                 t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _grad_buffers(acts_e, cdims, want):
+    """Per layer (G, G as a (B, P, C) view), each G laid out like phi(e) so both are walked
+    along the same contiguous axis. Dense layers share one flat buffer per dtype, so the
+    backward scales all of them in one launch; the flat buffers are returned too."""
+    sizes = {}
+    for b, w in zip(acts_e, want):
+        if w and _dense(b):
+            sizes[b.dtype] = sizes.get(b.dtype, 0) + b.numel()
+    flats = {dt: torch.empty(n, dtype=dt, device=acts_e[0].device) for dt, n in sizes.items()}
+    offs = dict.fromkeys(flats, 0)
+    out = []
+    for b, cdim, w in zip(acts_e, cdims, want):
+        if not w:
+            out.append((None, None))
+            continue
+        if _dense(b):
+            o = offs[b.dtype]
+            g = flats[b.dtype][o:o + b.numel()].as_strided(b.shape, b.stride())
+            offs[b.dtype] = o + b.numel()
+        else:
+            g = torch.empty_like(b)
+        g3 = ref.channels_last(g, cdim)
+        if g3.untyped_storage().data_ptr() != g.untyped_storage().data_ptr():
+            # no (B, P, C) view of this layout: write a contiguous (B, P, C) buffer instead
+            g3 = torch.empty((b.shape[0], g3.shape[1], g3.shape[2]), dtype=b.dtype,
+                             device=b.device)
+            g = g3.view(list(b.movedim(cdim, -1).shape)).movedim(-1, cdim)
+        out.append((g, g3))
+    return out, list(flats.values())
 
 
 def _plan(a3: torch.Tensor, b3: torch.Tensor, kind: str):
@@ -249,8 +273,9 @@ def _plan(a3: torch.Tensor, b3: torch.Tensor, kind: str):
 
 
 def layers_loss_and_grads(acts_x, acts_e, alphas, kinds, cdims, want):
-    """(sum_l alpha_l d_l as an fp32 0-d tensor, [d/d phi_l(e) or None]) in one kernel launch
-    per layer; every layer's partial sums go to one buffer, summed once."""
+    """(sum_l alpha_l d_l as an fp32 0-d tensor, [d/d phi_l(e) or None], flat gradient
+    buffers) in one kernel launch per layer; every layer's partial sums go to one buffer,
+    summed once."""
     plans, consts = [], 0.0
     for a, b, kind, cdim in zip(acts_x, acts_e, kinds, cdims):
         if kind not in ref.DISTANCES:
@@ -267,10 +292,11 @@ def layers_loss_and_grads(acts_x, acts_e, alphas, kinds, cdims, want):
         plans.append((a3, b3, grid, bp, bc, n))
     part = torch.empty(sum(p[-1] for p in plans), dtype=torch.float32,
                        device=acts_e[0].device)
+    bufs, flats = _grad_buffers(acts_e, cdims, want)
     grads, off = [], 0
-    for (a3, b3, grid, bp, bc, n), b, kind, cdim, alpha, w in zip(plans, acts_e, kinds, cdims,
-                                                                    alphas, want):
-        G, g3 = _grad_buffer(b, cdim) if w else (None, b3)
+    for (a3, b3, grid, bp, bc, n), (G, g3), kind, alpha, w in zip(plans, bufs, kinds, alphas,
+                                                                  want):
+        g3 = b3 if g3 is None else g3
         args = (a3, b3, g3, part[off:], b3.shape[1], b3.shape[2], *a3.stride(), *b3.stride(),
                 *g3.stride())
         nB, P, C = b3.shape
@@ -293,41 +319,35 @@ def layers_loss_and_grads(acts_x, acts_e, alphas, kinds, cdims, want):
         off += n
         grads.append(G)
     total = part.sum()
-    return (total + consts if consts else total), grads
-
-
-def layer_loss_and_grad(a, b, kind, cdim, alpha, want_grad):
-    """One layer: (alpha * d(a, b), d/d b or None)."""
-    loss, grads = layers_loss_and_grads([a], [b], [alpha], [kind], [cdim], [want_grad])
-    return loss, grads[0]
+    return (total + consts if consts else total), grads, flats
 
 
 class ActivationMatching(torch.autograd.Function):
     """Forward computes every layer's loss and d/d phi(e) in the same pass; backward only
-    scales them by the incoming gradient, on the device."""
+    scales them by the incoming gradient, on the device, one launch per gradient dtype."""
 
     @staticmethod
     def forward(ctx, alphas, kinds, cdims, n, *acts):
         xs = [t.detach() for t in acts[:n]]
         es = [t.detach() for t in acts[n:]]
         want = [bool(w) for w in ctx.needs_input_grad[4 + n:]]
-        total, grads = layers_loss_and_grads(xs, es, alphas, kinds, cdims, want)
+        total, grads, flats = layers_loss_and_grads(xs, es, alphas, kinds, cdims, want)
         ctx.n = n
-        ctx.grads = grads
+        ctx.grads, ctx.flats = grads, flats
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads, ctx.grads = ctx.grads, None
+        grads, flats = ctx.grads, ctx.flats
+        ctx.grads = ctx.flats = None
         s = grad_out.detach().reshape(1).float().contiguous()
+        in_flat = set()
+        for f in flats:
+            _scale_kernel[(triton.cdiv(f.numel(), 4096),)](f, s, f.numel(), BLOCK=4096)
+            in_flat.add(f.untyped_storage().data_ptr())
         for g in grads:
-            if g is not None and g.numel():
-                if g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last):
-                    flat = g.as_strided((g.numel(),), (1,))
-                    _scale_kernel[(triton.cdiv(g.numel(), 4096),)](flat, s, g.numel(),
-                                                                   BLOCK=4096)
-                else:
-                    g.mul_(s.to(g.dtype))
+            if g is not None and g.untyped_storage().data_ptr() not in in_flat:
+                g.mul_(s.to(g.dtype))
         return (None, None, None, None, *([None] * ctx.n), *grads)
 
 
