@@ -254,8 +254,9 @@ def _mask_from(folder: str, hm):
 
 
 def _effects(row) -> dict:
-    return {"logit_fraction": float(row["logit_fraction"]),
-            "prob_fraction": float(row["prob_fraction"]), "top1_kept": bool(row["top1_kept"])}
+    return {k: (bool(row[k]) if k == "top1_kept" else float(row[k]))
+            for k in ("logit_fraction", "logit_normalized", "contrast_fraction",
+                      "prob_fraction", "top1_kept") if k in row.index}
 
 
 def cmd_circuit(args) -> int:
@@ -280,10 +281,11 @@ def cmd_circuit(args) -> int:
     elif args.explanation:
         m = _mask_from(args.explanation, hm).to(x.device)
         explanation, area = m * x, float(m.mean())
-    opts = dict(k=args.k, mass=args.mass, select_by=args.select, edges=args.edges,
-                gradient=args.gradient)
-    circuit = read_circuit(hm, x, explanation, **opts)
     refs = _reference_images(args, hm, str(args.image)).to(x.device)
+    opts = dict(k=args.k, mass=args.mass, select_by=args.select, edges=args.edges,
+                gradient=args.gradient, units=args.units, budget=args.budget,
+                reference=refs, method=args.method, steps=args.steps)
+    circuit = read_circuit(hm, x, explanation, **opts)
     val = faithfulness(hm, x, circuit, method=args.method, reference=refs, seed=args.seed)
     rows = val.set_index("test")
     rand = val[val["test"] == "random_keep"]
@@ -296,9 +298,9 @@ def cmd_circuit(args) -> int:
         "edges": len(circuit.edges), "method": args.method,
         "faithfulness": _effects(rows.loc["keep"]),
         "necessity": _effects(rows.loc["remove"]),
-        "random_faithfulness": {"logit_fraction": float(rand["logit_fraction"].mean()),
-                                "prob_fraction": float(rand["prob_fraction"].mean()),
-                                "top1_kept": float(rand["top1_kept"].mean()),
+        "random_faithfulness": {**{k: float(rand[k].astype(float).mean()) for k in
+                                   ("logit_fraction", "logit_normalized", "contrast_fraction",
+                                    "prob_fraction", "top1_kept") if k in rand},
                                 "draws": len(rand)},
     }
     if explanation is not None:  # the same readout on the full image, for comparison
@@ -314,14 +316,16 @@ def cmd_circuit(args) -> int:
     circuit.plot(out / "circuit.png")
     from .zoo import write_text
     write_text(out / "validation.json", json.dumps(result, indent=2) + "\n")
-    f = result["faithfulness"]
+    f, rf = result["faithfulness"], result["random_faithfulness"]
     _emit(args, result, f"{args.image}: {result['label']} circuit of {result['units']} units "
                         f"({100 * result['unit_fraction']:.1f} % of {n_tapped}), "
                         f"{result['edges']} edges, read on the {result['read_on']}\n"
                         f"keep only the circuit ({args.method} ablation): logit x "
-                        f"{f['logit_fraction']:.2f}, top-1 kept {f['top1_kept']}; random "
-                        f"circuits: logit x "
-                        f"{result['random_faithfulness']['logit_fraction']:.2f}; remove it: "
+                        f"{f['logit_fraction']:.2f}, contrast kept "
+                        f"{f.get('contrast_fraction', float('nan')):.2f}, top-1 kept "
+                        f"{f['top1_kept']}; random circuits: contrast kept "
+                        f"{rf.get('contrast_fraction', float('nan')):.2f}"
+                        f"; remove it: "
                         f"top-1 kept {result['necessity']['top1_kept']}\nwrote {out}")
     return 0
 
@@ -544,9 +548,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=16, help="units per tapped layer (default 16)")
     p.add_argument("--mass", type=float, default=None,
                    help="instead of --k: fewest units holding this fraction of the score")
-    p.add_argument("--select", choices=["energy", "attribution"], default="energy")
-    p.add_argument("--edges", choices=["auto", "weight", "effective"], default="auto")
+    p.add_argument("--select", choices=["energy", "attribution", "learned"],
+                   default="energy", help="energy (the paper), attribution, or learned: "
+                   "--budget of all tapped units chosen together by optimised gates under "
+                   "--method ablation of the rest")
+    p.add_argument("--budget", type=float, default=0.1,
+                   help="--select learned: fraction of the tapped units (default 0.1)")
+    p.add_argument("--steps", type=int, default=300,
+                   help="--select learned: optimisation steps (default 300)")
+    p.add_argument("--edges", choices=["auto", "weight", "effective", "none"], default="auto")
     p.add_argument("--gradient", action="store_true", help="weight edges by |d logit / d dst|")
+    p.add_argument("--units", choices=["auto", "components", "channels"], default="auto",
+                   help="ViTs: attention heads and MLP neurons (components, the default for "
+                        "ViTs) or residual channels of the tapped blocks")
     p.add_argument("--method", choices=["mean", "zero", "resample"], default="mean",
                    help="ablation for the validation (default mean)")
     p.add_argument("--reference", help="folder of images for mean / resample ablation, or "

@@ -2,7 +2,8 @@
 
 Activation distances take the target activations ``a`` (the image's, no gradient needed) and
 the explanation's ``b``, upcast both to fp32 (the kernels accumulate in fp32 too; float64
-stays float64) and return an fp32 scalar averaged over the batch, so a weight means the same at any batch size.
+stays float64) and return an fp32 scalar averaged over the batch, so a weight means the same
+at any batch size.
 """
 from __future__ import annotations
 

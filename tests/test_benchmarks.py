@@ -30,3 +30,32 @@ def test_explain_benchmark_smoke(tmp_path):
     assert set(df["table"]) == {"photos", "synthetic", "amortized_speed"}
     modes = set(df.loc[df["table"] == "synthetic", "mode"])
     assert modes == {"per-image", "amortized", "amortized+10"}
+
+
+def test_kernels_benchmark_smoke(tmp_path):
+    # on a CPU the kernels run under Triton's interpreter: tiny shapes, no compile column
+    out = tmp_path / "kernels.csv"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--quick",
+                        "--out", str(out)], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "CIRCUITLAB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    df = pd.read_csv(out)
+    assert set(df["op"]) == {"activation_matching", "edge_scores", "explain_step"}
+    am = df[df["op"] == "activation_matching"]
+    assert set(am["method"]) == {"eager", "triton"}
+    assert (am["rel_diff_vs_eager"] < 1e-5).all()        # the kernels agree with the reference
+    assert (df.loc[df["op"] == "edge_scores", "max_abs_diff"] < 1e-4).all()
+
+
+def test_circuits_analysis_smoke(tmp_path):
+    out = tmp_path / "circ"
+    cmd = [sys.executable, str(ROOT / "analyses" / "circuits.py"), "--quick", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "CIRCUITLAB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    df = pd.read_csv(out / "circuits.csv")
+    assert set(df["select"]) == {"energy", "attribution", "learned"}
+    assert set(df["read_on"]) == {"image", "explanation"}
+    assert (out / "faithfulness.png").stat().st_size > 0 and (out / "circuits.md").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--force" in again.stderr      # nothing replaced silently

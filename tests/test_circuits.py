@@ -211,6 +211,17 @@ def test_cli_circuit_writes_tables_graph_and_validation(tmp_path, capsys):
     assert main(argv) == 2 and "--force" in capsys.readouterr().err
     assert main(argv[:-1] + ["--explain", "--force"]) == 2     # both sources: one-line error
     assert "not both" in capsys.readouterr().err
+    # learned selection: a budget of all tapped units, validated with the contrast
+    learned = ["circuit", "--model", str(model), "--image", str(tmp_path / "s.png"), "--out",
+               str(tmp_path / "learned"), "--select", "learned", "--budget", "0.1",
+               "--steps", "12", "--reference", "synthetic", "--edges", "none", "--json"]
+    capsys.readouterr()
+    assert main(learned) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["units"] == round(0.1 * sum(hm.n_units(n) for n in hm.taps))
+    assert pd.read_csv(tmp_path / "learned" / "edges.csv").empty
+    assert main(learned[:-3] + ["--budget", "2", "--force"]) == 2     # one-line error
+    assert "budget" in capsys.readouterr().err
 
 
 def test_patch_units_exact_by_hand_and_attribution_exact_where_linear(chain):
@@ -271,3 +282,125 @@ def test_cli_ablate_and_patch_write_csv(tmp_path, capsys):
     assert main(argv) == 2 and "--force" in capsys.readouterr().err
     assert main(["ablate", *common, "--layer", "nope", "--out", str(tmp_path / "x.csv")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_vit_circuit_heads_and_neurons_with_virtual_weights_by_hand():
+    from conftest import get_model
+    from circuitlab.circuits import transformer as T
+    hm = get_model("vit")                                   # 4 blocks, 3 heads, 768 neurons
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    c = read_circuit(hm, x, k=4)
+    kinds = c.nodes.groupby("layer")["kind"].first()
+    heads = [n for n in kinds.index if n.endswith("attn.hook_z")]
+    neurons = [n for n in kinds.index if n.endswith("mlp.hook_post")]
+    assert heads and neurons and (kinds[heads] == "head").all() and \
+        (kinds[neurons] == "neuron").all()
+    assert set(c.units) == set(heads) | set(neurons)
+    virt = c.edges[c.edges["kind"] == "virtual"]
+    assert len(virt) and set(virt["src_layer"]) | set(virt["dst_layer"]) <= set(heads + neurons)
+    # one head -> neuron edge and one neuron -> head edge, by hand
+    model = hm.model
+    e = virt[virt["src_layer"].str.endswith("hook_z")].iloc[0]
+    blk = model.get_submodule(e["src_layer"].rsplit(".attn", 1)[0])
+    dblk = model.get_submodule(e["dst_layer"].rsplit(".mlp", 1)[0])
+    h, j, dh = int(e["src_unit"]), int(e["dst_unit"]), blk.attn.head_dim
+    w_out = blk.attn.proj.weight[:, h * dh:(h + 1) * dh]
+    w_in = dblk.mlp.fc1.weight[j] * dblk.norm2.weight
+    assert e["weight_l1"] == pytest.approx(float((w_in @ w_out).abs().sum()), rel=1e-5)
+    assert e["score"] == pytest.approx(e["weight_l1"] * e["src_energy"], rel=1e-5)
+    e = virt[virt["src_layer"].str.endswith("hook_post")].iloc[0]
+    blk = model.get_submodule(e["src_layer"].rsplit(".mlp", 1)[0])
+    dblk = model.get_submodule(e["dst_layer"].rsplit(".attn", 1)[0])
+    n, h, d = int(e["src_unit"]), int(e["dst_unit"]), dblk.attn.qkv.in_features
+    rows = torch.cat([dblk.attn.qkv.weight[q * d + h * dh: q * d + (h + 1) * dh]
+                      for q in range(3)]) * dblk.norm1.weight
+    expect = (rows @ blk.mlp.fc2.weight[:, n]).abs().sum()
+    assert e["weight_l1"] == pytest.approx(float(expect), rel=1e-5)
+    assert T.component_of("blocks.1.attn.hook_z") == ("blocks.1", "head")
+    # the component circuit can be ablated like any other
+    refs = torch.randn(4, 3, 32, 32)
+    val = faithfulness(hm, x, c, reference=refs, n_random=2)
+    assert set(val["test"]) == {"keep", "remove", "random_keep"}
+    ch = read_circuit(hm, x, k=4, units="channels")          # residual channels instead
+    assert set(ch.nodes.loc[ch.nodes["kind"] == "unit", "layer"]) == set(hm.taps)
+    with pytest.raises(CircuitlabError, match="units must be"):
+        read_circuit(hm, x, units="bogus")
+
+
+class Skip(nn.Module):
+    """a -> b -> c, with a skip from a around b into c: (b, c) is not a cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Sequential(nn.Conv2d(4, 5, 1), nn.Tanh())
+        self.c = nn.Conv2d(5, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = torch.tanh(self.a(x))
+        c = torch.tanh(self.c(self.b(a)) + a)
+        return self.fc(self.pool(c).flatten(1))
+
+
+def test_effective_edges_in_one_pass_equal_one_pair_at_a_time(monkeypatch):
+    from circuitlab.circuits import readout
+    from circuitlab.circuits.readout import _effective, _effective_chain
+    torch.manual_seed(0)
+    hm = HookedModel(Skip(), data_config={"input_size": (3, 6, 6)})
+    x = torch.randn(1, 3, 6, 6)
+    # the pooled features read c and, through the skip, a: that pair falls back
+    pairs = [("a", "b.1", [0, 3, 4]), ("b.1", "c", [1, 2]), ("c", "hook_pooled", [0, 2])]
+    fallback = []
+    monkeypatch.setattr(readout, "_effective",
+                        lambda *a: fallback.append(a[2:4]) or _effective(*a))
+    got = _effective_chain(hm, x, pairs)
+    assert fallback == [("c", "hook_pooled")]
+    for src, dst, units in pairs:
+        want = _effective(hm, x, src, dst, units)
+        assert torch.allclose(got[(src, dst)], want, atol=1e-6), (src, dst)
+
+
+class Linear4(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.a(x)).flatten(1))
+
+
+def test_learned_selection_finds_the_units_the_logit_needs():
+    torch.manual_seed(0)
+    m = Linear4()
+    with torch.no_grad():
+        m.a.weight.zero_()
+        m.a.weight[2] = 1.0                                 # channel 2 reads the image
+        m.a.weight[3] = 0.1
+        m.a.bias.copy_(torch.tensor([50.0, 1.0, 0.0, 0.5]))  # channel 0: loud, input-free
+        m.fc.weight.zero_()
+        m.fc.bias.zero_()
+        m.fc.weight[1, 2] = 3.0                             # class 1 reads channel 2 alone
+        m.fc.weight[0, 0] = 0.01
+    hm = HookedModel(m, data_config={"input_size": (3, 4, 4)})
+    x = torch.rand(1, 3, 4, 4) + 0.5
+    assert int(hm(x).argmax()) == 1
+    kw = dict(layers=["a"], reference=-torch.rand(3, 3, 4, 4), steps=40)
+    c = read_circuit(hm, x, select_by="learned", budget=0.25, method="zero", **kw)
+    assert c.units == {"a": [2]}
+    assert c.meta["budget"] == 0.25
+    assert read_circuit(hm, x, k=1, layers=["a"]).units == {"a": [0]}   # energy: the loud one
+    with pytest.raises(CircuitlabError, match="budget"):
+        read_circuit(hm, x, select_by="learned", budget=0, **kw)
+    with pytest.raises(CircuitlabError, match="reference"):
+        read_circuit(hm, x, select_by="learned", layers=["a"], reference=None, steps=40)
+    with pytest.raises(CircuitlabError, match="other classes"):        # no contrast to keep
+        read_circuit(hm, x, select_by="learned", layers=["a"], reference=x.repeat(2, 1, 1, 1),
+                     steps=40)
+    val = faithfulness(hm, x, c, method="zero", reference=kw["reference"], n_random=3)
+    keep = val[val["test"] == "keep"].iloc[0]
+    assert keep["contrast_fraction"] == pytest.approx(1.0, abs=1e-5)  # channel 2 is all of it

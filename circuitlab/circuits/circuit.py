@@ -11,6 +11,9 @@ from typing import Union
 import networkx as nx
 import pandas as pd
 
+# node kinds that are units of a hooked layer (what ablation and patching take); the rest are
+# pooled features and classes
+UNIT_KINDS = ("unit", "head", "neuron")
 NODE_COLUMNS = {"layer": "string", "unit": "int64", "energy": "float64",
                 "attribution": "float64", "kind": "string"}
 EDGE_COLUMNS = {"src_layer": "string", "src_unit": "int64", "dst_layer": "string",
@@ -38,10 +41,13 @@ class Circuit:
 
     @property
     def units(self) -> dict:
-        """{layer: [units]} of the circuit's unit nodes (what ablation and patching take)."""
-        n = self.nodes[self.nodes["kind"] == "unit"]
-        return {layer: sorted(int(u) for u in g["unit"]) for layer, g in n.groupby(
-            "layer", sort=False)}
+        """{layer: [units]} of the circuit's unit nodes (what ablation and patching take);
+        a tapped layer where no unit was chosen maps to [] (keep-only ablates all of it)."""
+        n = self.nodes[self.nodes["kind"].isin(UNIT_KINDS)]
+        out = {layer: [] for layer in str(self.meta.get("layers", "")).split(",") if layer}
+        for layer, g in n.groupby("layer", sort=False):
+            out[layer] = sorted(int(u) for u in g["unit"])
+        return out
 
     def to_networkx(self) -> nx.DiGraph:
         g = nx.DiGraph(**{k: v for k, v in self.meta.items()
@@ -91,8 +97,8 @@ class Circuit:
     def diff(self, other: "Circuit") -> pd.DataFrame:
         """Unit nodes of either circuit: in which (``both``, ``self``, ``other``), with both
         energies; e.g. the explanation's circuit against the full image's."""
-        a = self.nodes[self.nodes["kind"] == "unit"][["layer", "unit", "energy"]]
-        b = other.nodes[other.nodes["kind"] == "unit"][["layer", "unit", "energy"]]
+        a = self.nodes[self.nodes["kind"].isin(UNIT_KINDS)][["layer", "unit", "energy"]]
+        b = other.nodes[other.nodes["kind"].isin(UNIT_KINDS)][["layer", "unit", "energy"]]
         m = a.merge(b, on=["layer", "unit"], how="outer", suffixes=("_self", "_other"),
                     indicator=True)
         m["in"] = m.pop("_merge").map({"both": "both", "left_only": "self",

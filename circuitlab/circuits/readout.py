@@ -9,9 +9,12 @@ Nodes: per tapped layer, the units with the largest energy E_c = ||phi_c(e)||_2 
 layers: ||W_{d,s}||_1 x E_s where the destination layer begins with a conv or linear layer
 reading the source's units (``edges="weight"``; grouped and depthwise convolutions are
 block-diagonal), else the linearised effective contribution (``edges="effective"``, see
-``edges.effective_edges``); ``gradient=True`` multiplies each edge by the destination's mean
-|d logit_y / d phi_d|. Feature-to-class links |W_fc[y, j]| * |h_j| join the pooled features to
-the top classes.
+``edges.effective_edges``); transformer heads and MLP neurons are joined by virtual weights
+through the residual stream (``transformer``); ``gradient=True`` multiplies each edge by the
+destination's mean |d logit_y / d phi_d|. Feature-to-class links |W_fc[y, j]| * |h_j| join
+the pooled features to the top classes. ``select="learned"`` chooses a budget of all tapped
+units together (``learned``). Effective edges of every pair come from one batched backward
+where the taps cut the network (``_effective_chain``).
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ from torch import nn
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from . import edges as E
+from . import transformer as T
 from .circuit import Circuit
+from .learned import learn_units
 
 
 def per_unit(t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -71,21 +76,108 @@ def _effective(hm: HookedModel, x: torch.Tensor, src: str, dst: str,
     return (per_unit(g * a, hs.unit_axis).sum(-1)).abs()          # (k, U_s)
 
 
+def _leaves(t: torch.Tensor) -> set:
+    """ids of the leaf tensors that ``t``'s autograd graph reaches."""
+    out, seen, stack = set(), set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            out.add(id(var))
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return out
+
+
+@torch.no_grad()
+def _effective_chain(hm: HookedModel, x: torch.Tensor, pairs) -> dict:
+    """{(src, dst): (len(dst_units), src units)} effective edges for every pair at once.
+
+    One forward of k copies of x (k = the most destination units of any pair) in which every
+    source's output is replaced by a detached leaf, and one backward of the sum of all picked
+    destinations: where each destination depends on no leaf but its own source (the tapped
+    layers cut the network, as stage and block outputs do), the gradient at each source comes
+    from its own destination alone and equals ``_effective``. Pairs that fail that check (a
+    skip connection around a tap) are computed one at a time with ``_effective``.
+    """
+    k = max(len(u) for _, _, u in pairs)
+    srcs = {s for s, _, _ in pairs}
+    names = list(dict.fromkeys(n for s, d, _ in pairs for n in (s, d)))
+    order = {n: i for i, n in enumerate(hm.hook_points)}
+    names.sort(key=lambda n: order.get(n, len(order)))
+    held, leaves = {}, {}
+
+    def hook(act, name):
+        held[name] = act
+        if name in srcs:
+            leaves[name] = act.detach().requires_grad_(True)
+            return leaves[name]
+        return act
+    out, loose = {}, []
+    with torch.enable_grad():
+        hm.run_with_hooks(x.expand(k, *x.shape[1:]), [(n, hook) for n in names])
+        total, used = 0, []
+        for src, dst, units in pairs:
+            if _leaves(held[dst]) != {id(leaves[src])}:
+                loose.append((src, dst, units))
+                continue
+            d = per_unit(held[dst], hm.point(dst).unit_axis)            # (k, U_d, P)
+            n = len(units)
+            total = total + d[torch.arange(n), torch.as_tensor(list(units))].sum()
+            used.append((src, dst, n))
+        if used:
+            srcs_used = list(dict.fromkeys(s for s, _, _ in used))
+            grads = dict(zip(srcs_used, torch.autograd.grad(total, [leaves[s]
+                                                                      for s in srcs_used])))
+            for src, dst, n in used:
+                ga = grads[src] * leaves[src].detach()
+                out[(src, dst)] = per_unit(ga, hm.point(src).unit_axis).sum(-1).abs()[:n]
+    for src, dst, units in loose:
+        out[(src, dst)] = _effective(hm, x, src, dst, units)
+    return out
+
+
 def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.Tensor] = None,
                  target: Optional[int] = None, *, layers: Optional[Sequence[str]] = None,
                  k: int = 16, mass: Optional[float] = None, select_by: str = "energy",
                  edges: str = "auto", gradient: bool = False, top_classes: int = 3,
-                 features_per_class: int = 3) -> Circuit:
-    """The circuit of one image: read on ``explanation`` when given (the paper), else on x."""
+                 features_per_class: int = 3, units: str = "auto", budget: float = 0.1,
+                 reference: Optional[torch.Tensor] = None, method: str = "mean",
+                 steps: int = 300) -> Circuit:
+    """The circuit of one image: read on ``explanation`` when given (the paper), else on x.
+
+    ``units``: ``"components"`` reads a transformer's tapped blocks as attention heads and
+    MLP neurons (``blocks.i.attn.hook_z``, ``blocks.i.mlp.hook_post``) joined by virtual
+    weights through the residual stream (``circuits.transformer``); ``"channels"`` reads the
+    layers' own units (residual channels of a ViT block); ``"auto"`` is components for ViTs
+    when ``layers`` is not given, channels otherwise.
+
+    ``select_by="learned"`` chooses ``budget`` of all tapped units together by optimising
+    gates under ``method`` ablation of the rest (``reference`` images for the mean; ``steps``
+    Adam steps; ``circuits.learned``) instead of top-k per layer."""
     x = hm.check_input(x)
     if x.shape[0] != 1:
         raise CircuitlabError(f"read_circuit reads one image at a time, got a batch of "
                               f"{x.shape[0]}")
     inp = hm.check_input(explanation) if explanation is not None else x
-    if select_by not in ("energy", "attribution"):
-        raise CircuitlabError("select_by must be 'energy' or 'attribution'")
-    if edges not in ("auto", "weight", "effective"):
-        raise CircuitlabError("edges must be 'auto', 'weight' or 'effective'")
+    if select_by not in ("energy", "attribution", "learned"):
+        raise CircuitlabError("select_by must be 'energy', 'attribution' or 'learned'")
+    if edges not in ("auto", "weight", "effective", "none"):
+        raise CircuitlabError("edges must be 'auto', 'weight', 'effective' or 'none' (nodes "
+                              "only)")
+    if units not in ("auto", "components", "channels"):
+        raise CircuitlabError("units must be 'auto', 'components' or 'channels'")
+    if layers is None and units != "channels" and (units == "components" or
+                                                    hm.family.name == "vit"):
+        comps = T.component_layers(hm.hook_points, hm.taps)
+        if comps:
+            layers = comps
+        elif units == "components":
+            raise CircuitlabError(f"{hm.name}'s taps are not transformer blocks with heads and "
+                                  f"MLP neurons; use units='channels'")
     layers = list(layers or hm.taps)
     for name in layers:
         if hm.point(name).unit_axis is None:
@@ -98,6 +190,8 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
     ingress = {}
     if edges in ("auto", "weight"):
         for src, dst in zip(layers, layers[1:]):
+            if T.component_of(src) and T.component_of(dst):
+                continue                       # virtual weights through the residual stream
             try:
                 path, mod = E.first_weight_layer(hm.model, hm.point(dst).module)
                 if f"{path}.hook_in" in hm.hook_points:
@@ -109,22 +203,33 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
                                       grads=True, target=target)
     if target is None:  # read on x itself: its top-1, from this same run
         target = int(cache.target[0])
+    learned = learn_units(hm, inp, layers, budget, target=target, method=method,
+                          reference=reference, steps=steps) if select_by == "learned" else None
     node_rows, energies, dscale, chosen = [], {}, {}, {}
     for name in layers:
         ax = hm.point(name).unit_axis
         a, g = per_unit(cache[name], ax)[0], per_unit(cache.grad(name), ax)[0]   # (U, P)
         energy = a.norm(dim=-1)
         attribution = (a * g).sum(-1).abs()
+        en_list, attr_list = energy.tolist(), attribution.tolist()
         energies[name], dscale[name] = energy, g.abs().mean(-1)
-        units = select(energy if select_by == "energy" else attribution, k, mass)
-        chosen[name] = units
-        node_rows += [{"layer": name, "unit": u, "energy": float(energy[u]),
-                       "attribution": float(attribution[u]), "kind": "unit"} for u in units]
+        if learned is not None:   # strongest first, like the other selections
+            picked = sorted(learned[name], key=lambda u: -attr_list[u])
+        else:
+            picked = select(energy if select_by == "energy" else attribution, k, mass)
+        chosen[name] = picked
+        comp = T.component_of(name)
+        node_rows += [{"layer": name, "unit": u, "energy": en_list[u],
+                       "attribution": attr_list[u],
+                       "kind": comp[1] if comp else "unit"} for u in picked]
 
-    edge_rows = []
-    for src, dst in zip(layers, layers[1:]):
-        how = edges
-        if edges in ("auto", "weight"):
+    # how each consecutive pair of layers is joined
+    plan = []
+    for src, dst in (zip(layers, layers[1:]) if edges != "none" else ()):
+        how, mod = edges, None
+        if edges != "effective" and T.component_of(src) and T.component_of(dst):
+            how = "virtual"
+        elif edges in ("auto", "weight"):
             path, mod = ingress.get(dst, (None, None))
             direct = mod is not None and cache[f"{path}.hook_in"].shape == cache[src].shape \
                 and torch.equal(cache[f"{path}.hook_in"], cache[src])
@@ -135,26 +240,15 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
                                       f"reading {src}'s output; use edges='effective'")
             else:
                 how = "effective"
-        if how == "weight":
-            wl, sc = E.scores(mod, energies[src], chosen[src], chosen[dst],
-                              dscale[dst] if gradient else None)
-        else:
-            eff = _effective(hm, inp, src, dst, chosen[dst])[:, torch.as_tensor(chosen[src])]
-            sc = eff * (dscale[dst][torch.as_tensor(chosen[dst])][:, None] if gradient else 1)
-            wl = torch.full_like(eff, float("nan"))
-        for i, d in enumerate(chosen[dst]):
-            for j, s in enumerate(chosen[src]):
-                edge_rows.append({"src_layer": src, "src_unit": s, "dst_layer": dst,
-                                  "dst_unit": d, "weight_l1": float(wl[i, j]),
-                                  "src_energy": float(energies[src][s]),
-                                  "score": float(sc[i, j]), "kind": how})
+        plan.append((src, dst, how, mod))
 
     # pooled features -> classes
+    edge_rows, head_rows, features = [], [], []
     fc = hm.model.get_submodule(hm.classifier) if hm.classifier else None
     if isinstance(fc, nn.Linear):
         h = cache["hook_pooled"][0].flatten()
         top = logits[0].topk(min(top_classes, logits.shape[-1])).indices.tolist()
-        class_rows, features = [], []
+        class_rows = []
         for y in top:
             contrib = fc.weight.detach()[y].abs() * h.abs()
             feats = contrib.topk(min(features_per_class, len(h))).indices.tolist()
@@ -166,25 +260,57 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
                     features.append(j)
                     node_rows.append({"layer": "hook_pooled", "unit": j, "energy": float(h[j]),
                                       "attribution": float("nan"), "kind": "feature"})
-                edge_rows.append({"src_layer": "hook_pooled", "src_unit": j,
+                head_rows.append({"src_layer": "hook_pooled", "src_unit": j,
                                   "dst_layer": "hook_logits", "dst_unit": y,
                                   "weight_l1": float(fc.weight[y, j].abs()),
                                   "src_energy": float(h[j].abs()),
                                   "score": float(contrib[j]), "kind": "feature_class"})
         node_rows += class_rows
-        # the last tapped layer feeds the pooled features through the head (conv_head, pool):
-        # effective edges, whatever lies between
+
+    # every effective edge (and the last tap -> pooled features, through the head) from one
+    # batched forward and backward where the tapped layers cut the network in a chain
+    eff_pairs = [(src, dst, chosen[dst]) for src, dst, how, _ in plan if how == "effective"]
+    if features and edges != "none":
+        eff_pairs.append((layers[-1], "hook_pooled", features))
+    effective = _effective_chain(hm, inp, eff_pairs) if eff_pairs else {}
+
+    for src, dst, how, mod in plan:
+        s_idx, d_idx = torch.as_tensor(chosen[src]), torch.as_tensor(chosen[dst])
+        if how == "weight":
+            wl, sc = E.scores(mod, energies[src], chosen[src], chosen[dst],
+                              dscale[dst] if gradient else None)
+        elif how == "virtual":
+            wl = T.virtual_l1(hm.model, src, dst, chosen[src], chosen[dst]).to(
+                energies[src].device)
+            sc = wl * energies[src][s_idx][None, :]
+            if gradient:
+                sc = sc * dscale[dst][d_idx][:, None]
+        else:
+            eff = effective[(src, dst)][:, s_idx]
+            sc = eff * (dscale[dst][d_idx][:, None] if gradient else 1)
+            wl = torch.full_like(eff, float("nan"))
+        # one device-to-host copy per table, not one per number (each is a sync on a GPU)
+        wl, sc, es = wl.tolist(), sc.tolist(), energies[src].tolist()
+        for i, d in enumerate(chosen[dst]):
+            for j, s in enumerate(chosen[src]):
+                edge_rows.append({"src_layer": src, "src_unit": s, "dst_layer": dst,
+                                  "dst_unit": d, "weight_l1": wl[i][j], "src_energy": es[s],
+                                  "score": sc[i][j], "kind": how})
+    if features and edges != "none":
         last = layers[-1]
-        eff = _effective(hm, inp, last, "hook_pooled", features)[:, torch.as_tensor(
-            chosen[last])]
+        eff = effective[(last, "hook_pooled")][:, torch.as_tensor(chosen[last])].tolist()
+        es = energies[last].tolist()
         for i, j in enumerate(features):
             for n, s in enumerate(chosen[last]):
                 edge_rows.append({"src_layer": last, "src_unit": s, "dst_layer": "hook_pooled",
                                   "dst_unit": j, "weight_l1": float("nan"),
-                                  "src_energy": float(energies[last][s]),
-                                  "score": float(eff[i, n]), "kind": "effective"})
+                                  "src_energy": es[s], "score": eff[i][n],
+                                  "kind": "effective"})
+    if edges != "none":
+        edge_rows += head_rows
     nodes = pd.DataFrame(node_rows)
     meta = {"model": hm.name, "target": int(target), "label": hm.label(int(target)),
             "read_on": "explanation" if explanation is not None else "image",
-            "select_by": select_by, "gradient": bool(gradient)}
+            "select_by": select_by, "gradient": bool(gradient), "layers": ",".join(layers),
+            **({"budget": float(budget), "method": method} if learned is not None else {})}
     return Circuit(nodes, pd.DataFrame(edge_rows), meta)

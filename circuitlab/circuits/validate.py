@@ -21,11 +21,18 @@ def _random_circuits(hm: HookedModel, sizes: dict, n: int,
              for layer, k in sizes.items()} for _ in range(n)]
 
 
-def _effects(logits: torch.Tensor, base: torch.Tensor, y: int) -> dict:
-    """Target logit and probability after an intervention, relative to the clean run."""
-    return {"logit_fraction": float(logits[y] / base[y]),
-            "prob_fraction": float(logits.softmax(-1)[y] / base.softmax(-1)[y]),
-            "top1_kept": bool(logits.argmax() == y)}
+def _effects(logits: torch.Tensor, base: torch.Tensor, y: int,
+             empty: Optional[torch.Tensor] = None) -> dict:
+    """Target logit and probability after an intervention, relative to the clean run; with
+    ``empty`` (the logits with every unit of the layers ablated) also the normalised logit
+    (z - z_empty) / (z_clean - z_empty) of Wang et al. 2022: 0 = no better than ablating
+    everything, 1 = the clean model."""
+    out = {"logit_fraction": float(logits[y] / base[y]),
+           "prob_fraction": float(logits.softmax(-1)[y] / base.softmax(-1)[y]),
+           "top1_kept": bool(logits.argmax() == y)}
+    if empty is not None:
+        out["logit_normalized"] = float((logits[y] - empty[y]) / (base[y] - empty[y]))
+    return out
 
 
 @torch.no_grad()
@@ -39,8 +46,12 @@ def faithfulness(hm: HookedModel, x: torch.Tensor, circuit: Circuit, *, method: 
     - ``remove``: only the circuit's units are ablated (necessity);
     - ``random_keep``: random circuits of the same size per layer, kept (``n_random`` draws).
 
-    Columns: test, draw, logit_fraction (target logit after / before), prob_fraction,
-    top1_kept, units.
+    Columns: test, draw, logit_fraction (target logit after / before), logit_normalized
+    ((z - z_empty) / (z_clean - z_empty), z_empty with every unit of the layers ablated),
+    prob_fraction, top1_kept, units and, with ``reference`` images, contrast_fraction:
+    (z(x) - mean z(reference)) under the intervention over the same for the clean network,
+    the part of the image-specific evidence the circuit carries (a circuit that ignores its
+    input can keep the logit of x under mean ablation, never the contrast).
     """
     x = hm.check_input(x)
     units = circuit.units
@@ -50,14 +61,29 @@ def faithfulness(hm: HookedModel, x: torch.Tensor, circuit: Circuit, *, method: 
     y = int(circuit.meta["target"]) if "target" in circuit.meta else int(base.argmax())
     g = torch.Generator().manual_seed(seed)
     randoms = _random_circuits(hm, {layer: len(u) for layer, u in units.items()}, n_random, g)
-    kept = hm.ablate(x, [units] + randoms, method=method, reference=reference,
+    nothing = {layer: [] for layer in units}
+    kept = hm.ablate(x, [units, nothing] + randoms, method=method, reference=reference,
                      keep=True)[:, 0]
+    empty = kept[1]
     removed = hm.ablate(x, [units], method=method, reference=reference)[:, 0]
     n_units = sum(len(u) for u in units.values())
     tests = [("keep", 0, kept[0]), ("remove", 0, removed[0])] + [
-        ("random_keep", i, lg) for i, lg in enumerate(kept[1:])]
-    return pd.DataFrame([{"test": t, "draw": d, **_effects(lg, base, y), "units": n_units}
-                         for t, d, lg in tests])
+        ("random_keep", i, lg) for i, lg in enumerate(kept[2:])]
+    df = pd.DataFrame([{"test": t, "draw": d, **_effects(lg, base, y, empty),
+                        "units": n_units} for t, d, lg in tests])
+    if reference is not None:
+        # the same interventions on the reference images: how much of the clean network's
+        # image-vs-reference contrast each variant keeps (0 for a circuit that ignores its
+        # input, however much of the image's logit it keeps)
+        ref = hm.check_input(reference.to(x.device))
+        zr = hm.ablate(ref, [units] + randoms, method=method, reference=reference,
+                       keep=True)[..., y].mean(1)                          # (V,)
+        zr_removed = hm.ablate(ref, [units], method=method, reference=reference)[..., y].mean()
+        clean = float(base[y] - hm(ref)[:, y].mean())
+        ours = [kept[0, y] - zr[0], removed[0, y] - zr_removed] + [
+            lg[y] - z for lg, z in zip(kept[2:], zr[1:])]
+        df["contrast_fraction"] = [float(v) / clean if clean else float("nan") for v in ours]
+    return df
 
 
 @torch.no_grad()
