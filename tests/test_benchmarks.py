@@ -9,11 +9,17 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run(script: str, *args, timeout=900):
+    """Run a repo script with this interpreter, offline; the CompletedProcess."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "CIRCUITLAB_OFFLINE": "1"})
+
+
 def test_hooks_benchmark_smoke(tmp_path):
     out = tmp_path / "hooks.csv"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hooks.py"), "--quick",
-                        "--reps", "1", "--batches", "1", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    r = _run("benchmarks/hooks.py", "--quick", "--reps", "1", "--batches", "1", "--out", out,
+             timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     df = pd.read_csv(out)
     assert set(df["method"]) >= {"bare forward", "torch hooks (taps)", "run_with_cache (taps)"}
@@ -22,9 +28,7 @@ def test_hooks_benchmark_smoke(tmp_path):
 
 def test_explain_benchmark_smoke(tmp_path):
     out = tmp_path / "explain.csv"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "explain.py"), "--quick",
-                        "--out", str(out)], capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "CIRCUITLAB_OFFLINE": "1"})
+    r = _run("benchmarks/explain.py", "--quick", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     df = pd.read_csv(out)
     assert set(df["table"]) == {"photos", "synthetic", "amortized_speed"}
@@ -35,9 +39,7 @@ def test_explain_benchmark_smoke(tmp_path):
 def test_kernels_benchmark_smoke(tmp_path):
     # on a CPU the kernels run under Triton's interpreter: tiny shapes, no compile column
     out = tmp_path / "kernels.csv"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--quick",
-                        "--out", str(out)], capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "CIRCUITLAB_OFFLINE": "1"})
+    r = _run("benchmarks/kernels.py", "--quick", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     df = pd.read_csv(out)
     assert set(df["op"]) == {"activation_matching", "edge_scores", "explain_step"}
@@ -49,13 +51,11 @@ def test_kernels_benchmark_smoke(tmp_path):
 
 def test_circuits_analysis_smoke(tmp_path):
     out = tmp_path / "circ"
-    cmd = [sys.executable, str(ROOT / "analyses" / "circuits.py"), "--quick", "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "CIRCUITLAB_OFFLINE": "1"})
+    r = _run("analyses/circuits.py", "--quick", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     df = pd.read_csv(out / "circuits.csv")
     assert set(df["select"]) == {"energy", "attribution", "learned"}
     assert set(df["read_on"]) == {"image", "explanation"}
     assert (out / "faithfulness.png").stat().st_size > 0 and (out / "circuits.md").exists()
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    again = _run("analyses/circuits.py", "--quick", "--out", out, timeout=300)
     assert again.returncode == 2 and "--force" in again.stderr      # nothing replaced silently

@@ -31,6 +31,18 @@ from .._triton import next_pow2, tl, triton
 if triton is not None:
 
     @triton.jit
+    def _tile(X, pb, sxb, op, sxp, oc, sxc, m):
+        """The (positions, channels) tile of sample pb as fp32 (zero outside the mask)."""
+        return tl.load(X + pb * sxb + op[:, None] * sxp + oc[None, :] * sxc, mask=m,
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _put(G, pb, sgb, op, sgp, oc, sgc, g, m):
+        """Store the fp32 tile g into G in G's dtype."""
+        tl.store(G + pb * sgb + op[:, None] * sgp + oc[None, :] * sgc,
+                 g.to(G.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _mse_kernel(A, B, G, PART, P, C, sab, sap, sac, sbb, sbp, sbc, sgb, sgp, sgc, lscale,
                     gscale, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                     WRITE_GRAD: tl.constexpr):
@@ -40,14 +52,11 @@ if triton is not None:
         op = pp * BLOCK_P + tl.arange(0, BLOCK_P)
         oc = pc * BLOCK_C + tl.arange(0, BLOCK_C)
         m = (op[:, None] < P) & (oc[None, :] < C)
-        a = tl.load(A + pb * sab + op[:, None] * sap + oc[None, :] * sac, mask=m, other=0.0)
-        b = tl.load(B + pb * sbb + op[:, None] * sbp + oc[None, :] * sbc, mask=m, other=0.0)
-        d = b.to(tl.float32) - a.to(tl.float32)
+        d = _tile(B, pb, sbb, op, sbp, oc, sbc, m) - _tile(A, pb, sab, op, sap, oc, sac, m)
         pid = (tl.program_id(0) * tl.num_programs(1) + pp) * tl.num_programs(2) + pc
         tl.store(PART + pid, tl.sum(tl.sum(d * d, axis=1), axis=0) * lscale)
         if WRITE_GRAD:
-            tl.store(G + pb * sgb + op[:, None] * sgp + oc[None, :] * sgc,
-                     (d * gscale).to(G.dtype.element_ty), mask=m)
+            _put(G, pb, sgb, op, sgp, oc, sgc, d * gscale, m)
 
     @triton.jit
     def _zmse_kernel(A, B, G, PART, P, C, sab, sap, sac, sbb, sbp, sbc, sgb, sgp, sgc, lscale,
@@ -70,10 +79,8 @@ if triton is not None:
         for p0 in range(0, P, BLOCK_P):
             op = p0 + tl.arange(0, BLOCK_P)
             m = (op[:, None] < P) & cm[None, :]
-            a = tl.load(A + pb * sab + op[:, None] * sap + oc[None, :] * sac, mask=m,
-                        other=0.0).to(tl.float32)
-            b = tl.load(B + pb * sbb + op[:, None] * sbp + oc[None, :] * sbc, mask=m,
-                        other=0.0).to(tl.float32)
+            a = _tile(A, pb, sab, op, sap, oc, sac, m)
+            b = _tile(B, pb, sbb, op, sbp, oc, sbc, m)
             da = tl.where(m, a - a0[None, :], 0.0)
             db = tl.where(m, b - b0[None, :], 0.0)
             s1a += da
@@ -104,15 +111,12 @@ if triton is not None:
             for p0 in range(0, P, BLOCK_P):
                 op = p0 + tl.arange(0, BLOCK_P)
                 m = (op[:, None] < P) & cm[None, :]
-                a = tl.load(A + pb * sab + op[:, None] * sap + oc[None, :] * sac, mask=m,
-                            other=0.0).to(tl.float32)
-                b = tl.load(B + pb * sbb + op[:, None] * sbp + oc[None, :] * sbc, mask=m,
-                            other=0.0).to(tl.float32)
+                a = _tile(A, pb, sab, op, sap, oc, sac, m)
+                b = _tile(B, pb, sbb, op, sbp, oc, sbc, m)
                 bc = b - mub[None, :]
                 g = ((a - mua[None, :]) / s_a[None, :] - bc / s_b[None, :]) * gz[None, :] \
                     + bc * k[None, :]
-                tl.store(G + pb * sgb + op[:, None] * sgp + oc[None, :] * sgc,
-                         g.to(G.dtype.element_ty), mask=m)
+                _put(G, pb, sgb, op, sgp, oc, sgc, g, m)
 
     @triton.jit
     def _cosine_kernel(A, B, G, PART, P, C, sab, sap, sac, sbb, sbp, sbc, sgb, sgp, sgc,
@@ -129,10 +133,8 @@ if triton is not None:
         for c0 in range(0, C, BLOCK_C):
             oc = c0 + tl.arange(0, BLOCK_C)
             m = pm[:, None] & (oc[None, :] < C)
-            a = tl.load(A + pb * sab + op[:, None] * sap + oc[None, :] * sac, mask=m,
-                        other=0.0).to(tl.float32)
-            b = tl.load(B + pb * sbb + op[:, None] * sbp + oc[None, :] * sbc, mask=m,
-                        other=0.0).to(tl.float32)
+            a = _tile(A, pb, sab, op, sap, oc, sac, m)
+            b = _tile(B, pb, sbb, op, sbp, oc, sbc, m)
             dot += tl.sum(a * b, axis=1)
             na2 += tl.sum(a * a, axis=1)
             nb2 += tl.sum(b * b, axis=1)
@@ -149,13 +151,10 @@ if triton is not None:
             for c0 in range(0, C, BLOCK_C):
                 oc = c0 + tl.arange(0, BLOCK_C)
                 m = pm[:, None] & (oc[None, :] < C)
-                a = tl.load(A + pb * sab + op[:, None] * sap + oc[None, :] * sac, mask=m,
-                            other=0.0).to(tl.float32)
-                b = tl.load(B + pb * sbb + op[:, None] * sbp + oc[None, :] * sbc, mask=m,
-                            other=0.0).to(tl.float32)
+                a = _tile(A, pb, sab, op, sap, oc, sac, m)
+                b = _tile(B, pb, sbb, op, sbp, oc, sbc, m)
                 g = a * ca[:, None] + b * cb[:, None]
-                tl.store(G + pb * sgb + op[:, None] * sgp + oc[None, :] * sgc,
-                         g.to(G.dtype.element_ty), mask=m)
+                _put(G, pb, sgb, op, sgp, oc, sgc, g, m)
 
     @triton.jit
     def _kl_kernel(A, B, G, PART, P, C, sab, sap, sac, sbb, sbp, sbc, sgb, sgp, sgc, lscale,
@@ -176,10 +175,8 @@ if triton is not None:
             oc = c0 + tl.arange(0, BLOCK_C)
             cm = oc[None, :] < C
             m = pm[:, None] & cm
-            a = tl.load(A + pb * sab + op[:, None] * sap + oc[None, :] * sac, mask=m,
-                        other=0.0).to(tl.float32)
-            b = tl.load(B + pb * sbb + op[:, None] * sbp + oc[None, :] * sbc, mask=m,
-                        other=0.0).to(tl.float32)
+            a = _tile(A, pb, sab, op, sap, oc, sac, m)
+            b = _tile(B, pb, sbb, op, sbp, oc, sbc, m)
             diff = a - b                     # before masking: -inf - -inf would be nan
             a = tl.where(cm, a, float("-inf"))
             b = tl.where(cm, b, float("-inf"))
@@ -201,14 +198,11 @@ if triton is not None:
             for c0 in range(0, C, BLOCK_C):
                 oc = c0 + tl.arange(0, BLOCK_C)
                 m = pm[:, None] & (oc[None, :] < C)
-                a = tl.load(A + pb * sab + op[:, None] * sap + oc[None, :] * sac, mask=m,
-                            other=0.0).to(tl.float32)
-                b = tl.load(B + pb * sbb + op[:, None] * sbp + oc[None, :] * sbc, mask=m,
-                            other=0.0).to(tl.float32)
+                a = _tile(A, pb, sab, op, sap, oc, sac, m)
+                b = _tile(B, pb, sbb, op, sbp, oc, sbc, m)
                 g = (tl.exp(b - mb[:, None]) * ib[:, None]
                      - tl.exp(a - ma[:, None]) * ia[:, None]) * gscale
-                tl.store(G + pb * sgb + op[:, None] * sgp + oc[None, :] * sgc,
-                         g.to(G.dtype.element_ty), mask=m)
+                _put(G, pb, sgb, op, sgp, oc, sgc, g, m)
 
     @triton.jit
     def _scale_kernel(G, S, n, BLOCK: tl.constexpr):
