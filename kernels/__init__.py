@@ -75,9 +75,29 @@ def edge_scores(weight: torch.Tensor, src_energy: torch.Tensor, src_units: Seque
                 backend: Optional[str] = None):
     """``(l1, scores)`` (len(dst), len(src)) or, with ``topk``, the ``topk`` best sources per
     destination ``(values, indices into src_units)``; see ``reference.edge_scores``."""
+    _check_edges(weight, src_energy, src_units, dst_units, groups)
     if backend_for(weight.device, backend) == "triton":
         from .ops.edge_scores import edge_scores_triton
         return edge_scores_triton(weight, src_energy, src_units, dst_units, groups, dst_scale,
                                   topk)
     return reference.edge_scores(weight, src_energy, src_units, dst_units, groups, dst_scale,
                                  topk)
+
+
+def _check_edges(weight, src_energy, src_units, dst_units, groups) -> None:
+    if weight.dim() < 2:
+        raise KernelInputError(f"edge scores need a conv or linear weight, got shape "
+                               f"{tuple(weight.shape)}")
+    if groups < 1 or weight.shape[0] % groups:
+        raise KernelInputError(f"{weight.shape[0]} output units do not split into {groups} "
+                               f"groups")
+    n_in, n_out = weight.shape[1] * groups, weight.shape[0]
+    if src_energy.numel() != n_in:
+        raise KernelInputError(f"src_energy has {src_energy.numel()} entries but the weight "
+                               f"reads {n_in} input units (groups={groups}); pass the source "
+                               f"layer's energies and groups=conv.groups")
+    for name, units, n in (("source", src_units, n_in), ("destination", dst_units, n_out)):
+        bad = [int(u) for u in units if not 0 <= int(u) < n]
+        if bad:
+            raise KernelInputError(f"{name} unit {bad[0]} is out of range: the weight has {n} "
+                                   f"{name} units (groups={groups})")

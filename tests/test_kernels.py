@@ -193,3 +193,15 @@ def test_kernel_activation_matching_mixed_layouts_and_dtypes_in_one_call():
     _close(lt.detach(), lr.detach(), 1e-5)
     for x, y, e in zip(gt, gr, es):
         _close(x, y, TOL[e.dtype] if e.dtype in TOL else 1e-4)
+
+
+def test_kernel_edge_scores_bad_input_is_one_clear_error():
+    w = torch.randn(8, 2, 3, 3, device=DEV)                  # a conv with groups=2: 4 inputs
+    e = torch.rand(4, device=DEV)
+    for backend in ("triton", "torch"):
+        with pytest.raises(kernels.KernelInputError, match="groups=1"):
+            kernels.edge_scores(w, e, [0], [1], backend=backend)    # groups forgotten
+        with pytest.raises(kernels.KernelInputError, match="source unit 7"):
+            kernels.edge_scores(w, e, [7], [1], 2, backend=backend)
+        with pytest.raises(kernels.KernelInputError, match="destination unit 8"):
+            kernels.edge_scores(w, e, [0], [8], 2, backend=backend)
