@@ -1,6 +1,6 @@
 """How faithful are circuits? Keep-only, removal and random-circuit tests over circuit size.
 
-    python analyses/circuits.py --out analyses/out/circuits            # ~15 min on 2 CPU cores
+    python analyses/circuits.py --out analyses/out/circuits            # ~1 h on 2 CPU cores
     python analyses/circuits.py --out /tmp/c --quick                   # synthetic CNN, 1 image
 
 For each model and image, circuits are read on the image and on its minimal explanation (the
@@ -39,21 +39,29 @@ BUDGETS = (0.05, 0.10, 0.20)
 OUTPUTS = ("circuits.csv", "circuits.md", "faithfulness.png")
 
 
-def models(quick: bool):
+MODELS = ("synthetic-cnn", "synthetic-vit", "efficientnet_lite0")
+
+
+def models(quick: bool, names=MODELS, n_images: int = 3):
     """(name, HookedModel, {image name: x}, reference batch) per model."""
     if quick:
         hm = cl.synthetic.synthetic_model("cnn", log=None)      # trained once, then cached
         d = cl.synthetic.make_dataset(9, seed=123).normalized()
         yield "synthetic-cnn", hm, {"synthetic:0": d[:1]}, d[1:]
         return
-    test = cl.synthetic.make_dataset(3, seed=123).normalized()
+    test = cl.synthetic.make_dataset(n_images, seed=123).normalized()
     refs = cl.synthetic.make_dataset(32, seed=7).normalized()
     for kind in ("cnn", "vit"):
+        if f"synthetic-{kind}" not in names:
+            continue
         hm = cl.synthetic.synthetic_model(kind, log=None)
-        yield f"synthetic-{kind}", hm, {f"synthetic:{i}": test[i:i + 1] for i in range(3)}, refs
+        yield f"synthetic-{kind}", hm, {f"synthetic:{i}": test[i:i + 1]
+                                        for i in range(n_images)}, refs
+    if "efficientnet_lite0" not in names:
+        return
     hm = cl.load_model("efficientnet_lite0")
-    photos = ("coffee", "chelsea", "rocket")
-    others = [s for s in cl.data.available_samples() if s not in photos]
+    photos = ("coffee", "chelsea", "rocket")[:n_images]
+    others = [s for s in cl.data.available_samples() if s not in ("coffee", "chelsea", "rocket")]
     refs = torch.cat([cl.data.load_image(s, hm) for s in others])
     yield "efficientnet_lite0", hm, {p: cl.data.load_image(p, hm) for p in photos}, refs
 
@@ -82,7 +90,8 @@ def _row(val: pd.DataFrame) -> dict:
             "random_top1": rnd["top1_kept"].astype(float).mean()}
 
 
-def analyse(name, hm, images, refs, budgets, steps, seed=0, log=print):
+def analyse(name, hm, images, refs, budgets, steps, seed=0, log=print,
+            learned_on=("image", "explanation")):
     rows = []
     layers_total = None
     for image, x in images.items():
@@ -96,6 +105,8 @@ def analyse(name, hm, images, refs, budgets, steps, seed=0, log=print):
             for b in budgets:
                 for score in ("energy", "attribution"):
                     circuits.append((score, b, _subset(full, score, b, hm)))
+                if read_on not in learned_on:
+                    continue
                 try:
                     circuits.append(("learned", b, read_circuit(
                         hm, x, inp, select_by="learned", budget=b, reference=refs,
@@ -154,6 +165,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quick", action="store_true", help="synthetic CNN, one image, 10 %% only")
     p.add_argument("--steps", type=int, default=300, help="learned selection steps")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated, of " +
+                   ", ".join(MODELS))
+    p.add_argument("--images", type=int, default=3, help="images per model (at most 3)")
+    p.add_argument("--learned-on", choices=["image", "explanation", "both"], default="both",
+                   help="where the learned selection runs (it is the slow part)")
     p.add_argument("--force", action="store_true", help="replace existing outputs")
     p.add_argument("--gather", action="store_true",
                    help="only rebuild circuits.md and faithfulness.png from --out/circuits.csv")
@@ -175,12 +191,19 @@ def main(argv=None) -> int:
     rows = []
     budgets = BUDGETS[1:2] if args.quick else BUDGETS
     steps = 20 if args.quick else args.steps
-    for name, hm, images, refs in models(args.quick):
-        rows += analyse(name, hm, images, refs, budgets, steps)
-    df = pd.DataFrame(rows)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown or not 1 <= args.images <= 3:
+        print(f"analyses/circuits.py: error: models are {', '.join(MODELS)} and --images is "
+              f"1 to 3", file=sys.stderr)
+        return 2
+    learned_on = ("image", "explanation") if args.learned_on == "both" else (args.learned_on,)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "circuits.csv", df.to_csv(index=False))
-    return write_outputs(df, out)
+    for name, hm, images, refs in models(args.quick, names, args.images):
+        rows += analyse(name, hm, images, refs, budgets, steps, learned_on=learned_on)
+        # after every model, so a long run that stops keeps what it measured
+        write_text(out / "circuits.csv", pd.DataFrame(rows).to_csv(index=False))
+    return write_outputs(pd.DataFrame(rows), out)
 
 
 def write_outputs(df: pd.DataFrame, out: Path) -> int:
