@@ -53,12 +53,12 @@ def learn_units(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], budget:
     reference = reference.to(x.device)
     batch = torch.cat([x, reference[:contrast_images]])
     with torch.no_grad():
-        logits0, rc = hm.run_with_cache(reference, names=layers)
+        logits_ref, rc = hm.run_with_cache(reference, names=layers)
         ablated = {n: rc[n].mean(0, keepdim=True) if method == "mean" else None
                    for n in layers}
-        clean = hm(batch)
-        y = int(clean[0].argmax()) if target is None else int(target)
-        contrast0 = clean[0, y] - clean[1:, y].mean()
+        logits_x = hm(x)[0]          # the references' clean logits come from the run above
+        y = int(logits_x.argmax()) if target is None else int(target)
+        contrast0 = logits_x[y] - logits_ref[:contrast_images, y].mean()
         if float(contrast0) <= 0:
             raise CircuitlabError("the reference images score the target class as high as "
                                   "the image itself; pass references of other classes")

@@ -14,7 +14,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import reference as ref
 from .._triton import next_pow2, tl, triton
 
 MAX_TOPK_SOURCES = 4096   # a row of scores held in registers for the fused top-k
@@ -65,15 +64,11 @@ if triton is not None:
 def edge_scores_triton(weight: torch.Tensor, src_energy: torch.Tensor,
                        src_units: Sequence[int], dst_units: Sequence[int], groups: int = 1,
                        dst_scale: Optional[torch.Tensor] = None, topk: Optional[int] = None):
+    # inputs (weight shape, groups, energies, unit ranges) are checked by kernels.edge_scores
     dev = weight.device
-    if weight.dim() < 2:
-        raise ref.KernelInputError(f"edge scores need a conv or linear weight, got shape "
-                                   f"{tuple(weight.shape)}")
     w = weight.detach()
     w3 = w.reshape(w.shape[0], w.shape[1], -1)                      # (out, in / groups, K)
     cout, cin_g, ksize = w3.shape
-    if cout % groups:
-        raise ref.KernelInputError(f"{cout} output units do not split into {groups} groups")
     s = torch.as_tensor(list(src_units), dtype=torch.long, device=dev)
     d = torch.as_tensor(list(dst_units), dtype=torch.long, device=dev)
     ns, nd = len(s), len(d)
