@@ -18,7 +18,7 @@ _EXPORTS = {
     "HookPoint": "hook_points", "HookedModel": "hooked_model", "OFFLINE_MODELS": "zoo",
     "load_model": "zoo", "save_checkpoint": "zoo",
 }
-_SUBMODULES = ("cache", "circuits", "cli", "data", "errors", "explain", "families", "hook_points",
+_SUBMODULES = ("baselines", "cache", "circuits", "cli", "data", "errors", "explain", "families", "hook_points",
                "hooked_model", "metrics", "synthetic", "zoo")
 __all__ = sorted(_EXPORTS) + ["data", "__version__"]
 
