@@ -28,8 +28,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import circuitlab as cl  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cl, fail, markdown, pyplot, refuse_clash, save_figure  # noqa: E402
 from circuitlab.circuits import Circuit, faithfulness, read_circuit  # noqa: E402
 from circuitlab.circuits.circuit import UNIT_KINDS  # noqa: E402
 from circuitlab.explain import explain  # noqa: E402
@@ -135,9 +135,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(df: pd.DataFrame, path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     s = summary(df)
     ms = list(dict.fromkeys(s["model"]))
     fig, axes = plt.subplots(1, len(ms), figsize=(4.2 * len(ms), 3.4), squeeze=False)
@@ -154,10 +152,7 @@ def plot(df: pd.DataFrame, path: Path):
         ax.set_ylabel("image-vs-reference contrast kept")
     axes[0][-1].legend(fontsize=6)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -175,17 +170,15 @@ def main(argv=None) -> int:
                    help="only rebuild circuits.md and faithfulness.png from --out/circuits.csv")
     args = p.parse_args(argv)
     out = Path(args.out)
-    clash = [f for f in OUTPUTS if (out / f).exists()]
+    prog = "analyses/circuits.py"
     if args.gather:
         if not (out / "circuits.csv").is_file():
-            print(f"analyses/circuits.py: error: {out / 'circuits.csv'} does not exist; run "
-                  f"without --gather first", file=sys.stderr)
-            return 2
+            return fail(prog, f"{out / 'circuits.csv'} does not exist; run without --gather "
+                              f"first")
         return write_outputs(pd.read_csv(out / "circuits.csv"), out)
-    if clash and not args.force:
-        print(f"analyses/circuits.py: error: {out / clash[0]} exists (not replaced); choose "
-              f"another --out or pass --force", file=sys.stderr)
-        return 2
+    refused = refuse_clash(prog, out, OUTPUTS, args.force)
+    if refused is not None:
+        return refused
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     rows = []
@@ -194,9 +187,7 @@ def main(argv=None) -> int:
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(names) - set(MODELS))
     if unknown or not 1 <= args.images <= 3:
-        print(f"analyses/circuits.py: error: models are {', '.join(MODELS)} and --images is "
-              f"1 to 3", file=sys.stderr)
-        return 2
+        return fail(prog, f"models are {', '.join(MODELS)} and --images is 1 to 3")
     learned_on = ("image", "explanation") if args.learned_on == "both" else (args.learned_on,)
     out.mkdir(parents=True, exist_ok=True)
     for name, hm, images, refs in models(args.quick, names, args.images):
@@ -224,15 +215,6 @@ def write_outputs(df: pd.DataFrame, out: Path) -> int:
         print(s.to_string(index=False))
     print(f"wrote {out}")
     return 0
-
-
-def markdown(df: pd.DataFrame) -> str:
-    """A Markdown table (floats to 2 decimals) without the optional tabulate package."""
-    def cell(v):
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ _EXPORTS = {
     "HookPoint": "hook_points", "HookedModel": "hooked_model", "OFFLINE_MODELS": "zoo",
     "load_model": "zoo", "save_checkpoint": "zoo",
 }
-_SUBMODULES = ("baselines", "cache", "circuits", "cli", "data", "errors", "explain", "families", "hook_points",
-               "hooked_model", "metrics", "synthetic", "zoo")
+_SUBMODULES = ("baselines", "cache", "circuits", "cli", "data", "errors", "explain",
+               "families", "hook_points", "hooked_model", "metrics", "report", "synthetic",
+               "zoo")
 __all__ = sorted(_EXPORTS) + ["data", "__version__"]
 
 if TYPE_CHECKING:

@@ -7,6 +7,7 @@
     circuitlab train-explainer --model synthetic-cnn --data synthetic --out explainer.pt
     circuitlab explain --model synthetic-cnn --image synthetic:0 --out runs/s0 \
         --mode amortized --explainer explainer.pt
+    circuitlab report --out runs/report [--from analyses/out | --run [--quick]]
 
 Bad input gives one line on stderr and exit status 2; ``--debug`` shows the traceback.
 """
@@ -448,6 +449,32 @@ def cmd_train_explainer(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import analyses_dir, build_report, run_analyses
+    out = Path(args.out)
+    page = out / "report.html"
+    if page.exists() and not args.force:
+        raise CircuitlabError(f"{page} exists (not replaced); choose another --out or pass "
+                              f"--force")
+    if out.exists() and not out.is_dir():
+        raise CircuitlabError(f"--out {out} is a file; pass a folder")
+    if args.run:
+        src = run_analyses(out / "analyses", quick=args.quick,
+                           log=lambda s: print(s, file=sys.stderr))
+    elif args.source:
+        src = Path(args.source)
+    else:
+        try:
+            src = analyses_dir() / "out"
+        except CircuitlabError:
+            raise CircuitlabError("no --from folder given and no source checkout to take "
+                                  "analyses/out from; pass --from DIR or --run") from None
+    found = build_report(src, page)
+    _emit(args, {"report": str(page), "sections": found, "source": str(src)},
+          f"wrote {page} ({len(found)} analyses from {src})")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -599,6 +626,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_patch)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of the analyses",
+                       description="Gather the analyses' tables and figures (analyses/*.py "
+                                   "--out) into DIR/report.html, figures inlined; --run runs "
+                                   "the analyses first (with --quick in minutes).")
+    p.add_argument("--out", "-o", required=True, help="output folder")
+    p.add_argument("--from", dest="source",
+                   help="folder with one subfolder per analysis (default: analyses/out of "
+                        "the source checkout)")
+    p.add_argument("--run", action="store_true", help="run the analyses into "
+                                                      "DIR/analyses first")
+    p.add_argument("--quick", action="store_true",
+                   help="with --run: each analysis's --quick variant (minutes)")
+    p.add_argument("--force", action="store_true", help="replace an existing report.html")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

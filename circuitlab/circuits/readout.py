@@ -177,7 +177,7 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
             layers = comps
         elif units == "components":
             raise CircuitlabError(f"{hm.name}'s taps are not transformer blocks with heads and "
-                                  f"MLP neurons; use units='channels'")
+                                  f"MLP neurons; use units='channels' (--units channels)")
     layers = list(layers or hm.taps)
     for name in layers:
         if hm.point(name).unit_axis is None:

@@ -1,0 +1,76 @@
+"""What every analysis script shares: output-folder rules, Markdown tables, figures, data."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import circuitlab as cl  # noqa: E402
+
+PHOTOS = ("coffee", "chelsea", "rocket", "astronaut", "cat", "flower")
+
+
+def fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def refuse_clash(prog: str, out: Path, outputs: Sequence[str], force: bool) -> Optional[int]:
+    """Exit status 2 with one line when an output exists and --force was not given."""
+    clash = [f for f in outputs if (out / f).exists()]
+    if clash and not force:
+        return fail(prog, f"{out / clash[0]} exists (not replaced); choose another --out or "
+                          f"pass --force")
+    return None
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """A Markdown table (floats to 2 decimals) without the optional tabulate package."""
+    def cell(v):
+        if isinstance(v, float):
+            return "" if v != v else f"{v:.2f}"
+        return str(v)
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Write atomically: a reader never sees half a PNG."""
+    plt = pyplot()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def show_image(x: torch.Tensor, hm) -> "object":
+    """(1, C, H, W) normalised -> (H, W, C) numpy in [0, 1] for imshow."""
+    return cl.data.denormalize(x, hm).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
+
+
+def synthetic_images(n: int, seed: int = 123):
+    """The ground-truth benchmark's held-out images (normalised) and object masks."""
+    d = cl.synthetic.make_dataset(n, seed=seed)
+    return d.normalized(), d.masks, d.labels
+
+
+def parse_list(text: str, kind=str) -> list:
+    return [kind(t.strip()) for t in text.split(",") if t.strip()]
+
+
+def faded(img, mask):
+    """Kept pixels as they are, the rest faded to grey: how a mask reads at a glance."""
+    m = mask[..., None]
+    return img * m + (0.5 + 0.2 * (img - 0.5)) * (1 - m)

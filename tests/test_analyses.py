@@ -1,0 +1,136 @@
+"""The analyses run end to end (their --quick variants), and the report gathers them into one
+self-contained page that a real browser renders with every figure."""
+import html.parser
+import importlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from circuitlab import cli
+from circuitlab.report import SECTIONS, markdown_to_html
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ("compare_methods", "sanity", "ablate_losses", "paper_figures")
+
+
+def _main(script):
+    """An analysis script's main(), imported in this process (no second torch start-up)."""
+    sys.path.insert(0, str(ROOT / "analyses"))
+    try:
+        return importlib.import_module(script).main
+    finally:
+        sys.path.remove(str(ROOT / "analyses"))
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analyses")
+    for name in QUICK:
+        assert _main(name)(["--quick", "--out", str(root / name)]) == 0, name
+    return root
+
+
+def test_compare_methods_quick(outputs):
+    df = pd.read_csv(outputs / "compare_methods" / "compare.csv")
+    assert set(df["method"]) == {"ours", "gradcam", "gradcam++", "ig", "rise", "extremal"}
+    assert set(df["area"]) == {0.05, 0.10}
+    # every method scored on the same images at each area
+    assert df.groupby(["area", "method"]).size().nunique() == 1
+    assert df[["confidence", "deletion", "insertion", "pointing", "iou", "precision"]].notna().all().all()
+    assert df["pointing"].between(0, 1).all() and (df["seconds"] > 0).all()
+    assert (outputs / "compare_methods" / "examples_synthetic-cnn.png").stat().st_size > 0
+
+
+def test_sanity_quick(outputs):
+    df = pd.read_csv(outputs / "sanity" / "sanity.csv")
+    assert list(dict.fromkeys(df["randomised"])) == ["fc", "layer4"]   # from the top
+    assert df["spearman"].between(-1, 1).all()
+    assert (outputs / "sanity" / "sanity.png").stat().st_size > 0
+
+
+def test_ablate_losses_quick(outputs):
+    df = pd.read_csv(outputs / "ablate_losses" / "ablate_losses.csv")
+    assert {"full", "-area", "-tv", "-nec", "+rob"} <= set(df["variant"])
+    area = df.groupby("variant")["area"].mean()
+    assert area["-area"] > area["full"]          # without the area prior nothing shrinks it
+
+
+def test_paper_figures_quick(outputs):
+    df = pd.read_csv(outputs / "paper_figures" / "paper_figures.csv")
+    assert list(df["preset"]) == ["paper", "default"] and list(df["steps"]) == [3, 5]
+
+
+def test_analyses_refuse_to_overwrite(outputs, capsys):
+    capsys.readouterr()
+    assert _main("sanity")(["--quick", "--out", str(outputs / "sanity")]) == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and "\n" not in err.strip()
+    assert _main("compare_methods")(["--out", str(outputs / "x"), "--areas", "0.05,2"]) == 2
+    assert "--areas" in capsys.readouterr().err
+    assert _main("compare_methods")(["--out", str(outputs / "x"), "--models", "resnet"]) == 2
+    assert "--models" in capsys.readouterr().err
+    assert _main("compare_methods")(["--out", str(outputs / "none"), "--gather"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+class _Page(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.tables, self.external = [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        if tag == "table":
+            self.tables += 1
+        for k in ("src", "href"):
+            v = a.get(k) or ""
+            if v and not v.startswith(("data:", "#")):
+                self.external.append(v)
+
+
+def test_report_is_self_contained(outputs, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert cli.main(["report", "--from", str(outputs), "--out", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    p = _Page()
+    p.feed(page)
+    pngs = sorted(outputs.glob("*/*.png"))
+    assert len(p.imgs) == len(pngs) >= 4
+    assert all(s.startswith("data:image/png;base64,") for s in p.imgs)
+    assert p.tables == 4 and not p.external        # one table per analysis run, nothing linked
+    assert "Not run" in page                        # circuits was not run here: said so
+    # no silent overwrite, and one clear line for bad input
+    assert cli.main(["report", "--from", str(outputs), "--out", str(out)]) == 2
+    assert cli.main(["report", "--from", str(tmp_path / "none"), "--out",
+                     str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and "not a folder of analysis outputs" in err
+
+
+def test_report_renders_in_a_headless_browser(outputs, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or \
+        shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine (apt install chromium)")
+    out = tmp_path / "rep"
+    assert cli.main(["report", "--from", str(outputs), "--out", str(out)]) == 0
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                          "--virtual-time-budget=10000", "--dump-dom",
+                          (out / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    n = len(sorted(outputs.glob("*/*.png")))
+    # the page's own check: every figure decoded (naturalWidth > 0) after load
+    assert f'data-figures="{n}/{n}"' in dom
+
+
+def test_markdown_tables_to_html():
+    h = markdown_to_html("# T\n\nsome `code` & text\n\n| a | b |\n| --- | --- |\n| 1 | x<y |\n")
+    assert "<h3>T</h3>" in h and "<code>code</code> &amp; text" in h
+    assert "<th>a</th>" in h and "<td>x&lt;y</td>" in h and "---" not in h
+    assert [s[0] for s in SECTIONS][-1] == "circuits"
