@@ -11,7 +11,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import circuitlab as cl  # noqa: E402
 
-PHOTOS = ("coffee", "chelsea", "rocket", "astronaut", "cat", "flower")
+# distinct photos (scikit-image's "cat" is chelsea again)
+PHOTOS = ("coffee", "chelsea", "rocket", "astronaut", "flower", "grace_hopper")
 
 
 def fail(prog: str, message: str) -> int:

@@ -7,6 +7,7 @@
     circuitlab train-explainer --model synthetic-cnn --data synthetic --out explainer.pt
     circuitlab explain --model synthetic-cnn --image synthetic:0 --out runs/s0 \
         --mode amortized --explainer explainer.pt
+    circuitlab saliency --model efficientnet_lite0 --image coffee --method gradcam --out runs/gc
     circuitlab report --out runs/report [--from analyses/out | --run [--quick]]
 
 Bad input gives one line on stderr and exit status 2; ``--debug`` shows the traceback.
@@ -220,6 +221,60 @@ def cmd_explain(args) -> int:
                      f"{r['necessity_drop']:.2f} ({r['seconds']:.1f} s)")
     lines.append(f"wrote {out}")
     _emit(args, results if src.is_dir() else results[0], "\n".join(lines))
+    return 0
+
+
+def cmd_saliency(args) -> int:
+    import time
+
+    import numpy as np
+
+    from . import baselines, data, metrics
+    from .zoo import write_text
+    out = Path(args.out)
+    _refuse_overwrite([out / n for n in ("saliency.png", "mask.png", "overlay.png",
+                                         "metrics.json")], args.force)
+    if not 0 < args.area < 1:
+        raise CircuitlabError(f"--area must lie in (0, 1), got {args.area}")
+    hm = _load(args)
+    if args.method not in baselines.methods_for(hm):
+        raise CircuitlabError(f"--method {args.method} does not apply to {hm.name}; use one "
+                              f"of {', '.join(baselines.methods_for(hm))}")
+    x = data.load_image(args.image, hm)
+    kw = {"layer": args.layer} if args.layer else {}
+    if args.method == "extremal":
+        kw["area"] = args.area
+    if args.layer and args.method not in ("gradcam", "gradcam++"):
+        raise CircuitlabError("--layer belongs to --method gradcam / gradcam++")
+    t0 = time.perf_counter()
+    sal = baselines.saliency(hm, x, args.method, **kw)
+    seconds = time.perf_counter() - t0
+    mask = baselines.binarize_at_area(sal, args.area)
+    r = metrics.evaluate_mask(hm, x, mask)
+    y = int(r["label"][0])
+    result = {"image": str(args.image), "model": hm.name, "method": args.method,
+              "area_fraction": float(r["area_fraction"][0]),
+              "top1_kept": bool(r["top1_kept"][0]), "label": hm.label(y), "class_index": y,
+              "confidence_image": float(r["confidence_image"][0]),
+              "confidence_explanation": float(r["confidence_explanation"][0]),
+              "sufficiency": float(r["sufficiency"][0]),
+              "necessity_drop": float(r["necessity_drop"][0]),
+              "deletion_auc": float(metrics.deletion_auc(hm, x, sal, y)[0]),
+              "insertion_auc": float(metrics.insertion_auc(hm, x, sal, y)[0]),
+              "seconds": seconds}
+    s = sal[0, 0].numpy()
+    m = mask[0, 0].numpy()
+    rgb = data.denormalize(x[0], hm).permute(1, 2, 0).cpu().numpy()
+    out.mkdir(parents=True, exist_ok=True)
+    _save_png(out / "saliency.png", (s * 255).round().astype(np.uint8))
+    _save_png(out / "mask.png", (m * 255).astype(np.uint8))
+    _save_png(out / "overlay.png", (rgb * (0.25 + 0.75 * m[..., None]) * 255).round()
+              .astype(np.uint8))
+    write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+    _emit(args, result, f"{result['image']}: {args.method} top {args.area:.0%}: "
+                        f"{result['label']} kept={result['top1_kept']} conf "
+                        f"{result['confidence_image']:.3f} -> "
+                        f"{result['confidence_explanation']:.3f} ({seconds:.1f} s)\nwrote {out}")
     return 0
 
 
@@ -626,6 +681,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_patch)
+
+    p = sub.add_parser("saliency", help="a baseline saliency map (Grad-CAM, IG, RISE, ...)",
+                       description="Run one baseline saliency method on an image and write "
+                                   "saliency.png (the map), mask.png (its top --area), "
+                                   "overlay.png and metrics.json (the same numbers as "
+                                   "`explain`, for comparison at equal area).")
+    _add_model_args(p)
+    _add_image_arg(p)
+    p.add_argument("--method", required=True,
+                   choices=["gradcam", "gradcam++", "ig", "rise", "extremal", "rollout",
+                            "cls_attention"])
+    p.add_argument("--area", type=float, default=0.05,
+                   help="fraction kept by mask.png (and extremal's area; default 0.05)")
+    p.add_argument("--layer", help="gradcam / gradcam++: hook name to read (default: the "
+                                   "last spatial map, or the last ViT block's norm1)")
+    p.add_argument("--out", "-o", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="replace existing output files")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_saliency)
 
     p = sub.add_parser("report", help="one self-contained HTML page of the analyses",
                        description="Gather the analyses' tables and figures (analyses/*.py "

@@ -50,11 +50,16 @@ def _sample_array(name: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+# Loadable by name but not listed: scikit-image's cat() is the chelsea photo, and a listed
+# duplicate would put an image among its own references (mean ablation) or count it twice.
+DUPLICATES = {"cat": "chelsea"}
+
+
 def available_samples() -> list[str]:
-    """Sample names whose package is installed."""
+    """Distinct sample names whose package is installed."""
     ok = []
     for name, (package, _) in SAMPLES.items():
-        if importlib.util.find_spec(package) is not None:
+        if name not in DUPLICATES and importlib.util.find_spec(package) is not None:
             ok.append(name)
     return ok
 

@@ -75,6 +75,9 @@ def test_methods_find_the_only_evidence(quadrant, method, kw):
     # left-right symmetric)
     hm, x = quadrant
     s = B.saliency(hm, x, method, target=0, **kw)
+    if method == "extremal":
+        # the rank constraint makes the mask close to binary with about 10 % of it on
+        assert abs(float((s > 0.5).float().mean()) - 0.1) < 0.05
     mask = B.binarize_at_area(s, 0.05)        # 51 pixels; the quadrant has 256
     assert mask[..., :16, :16].sum() / mask.sum() > 0.9, method
 
@@ -88,13 +91,6 @@ def test_integrated_gradients_completeness(small_resnet):
         gap = hm(x).gather(1, y[:, None])[:, 0] - hm(torch.zeros_like(x)).gather(1, y[:, None])[:, 0]
     # sum of attributions = f(x) - f(baseline), up to the Riemann error
     assert torch.allclose(attr.sum((1, 2, 3)), gap, rtol=0.05, atol=0.05)
-
-
-def test_extremal_meets_its_area(quadrant):
-    hm, x = quadrant
-    m = B.extremal_perturbation(hm, x, target=0, area=0.1, steps=800, jitter=False)
-    # the rank constraint makes the mask close to binary with about 10 % of its pixels on
-    assert abs(float((m > 0.5).float().mean()) - 0.1) < 0.05
 
 
 def test_rollout_of_one_block_is_the_cls_attention():

@@ -126,3 +126,26 @@ def test_explain_folder(capsys, tmp_path, tiny_checkpoint):
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["shape0", "shape1"]
     assert (out / "shape1" / "overlay.png").is_file() and "wrote" in stdout
+
+
+def test_saliency_command(capsys, tmp_path, tiny_checkpoint):
+    out = tmp_path / "gc"
+    argv = ["saliency", "--model", str(tiny_checkpoint), "--image", str(tmp_path / "shape0.png"),
+            "--method", "gradcam", "--area", "0.1", "--out", str(out), "--json"]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["method"] == "gradcam" and res["area_fraction"] == pytest.approx(0.1, abs=0.002)
+    mask = np.asarray(Image.open(out / "mask.png"))
+    assert mask.shape == (32, 32) and abs(mask.mean() / 255 - 0.1) < 0.002
+    sal = np.asarray(Image.open(out / "saliency.png"))
+    # the mask is the top 10 % of the map it was cut from
+    assert sal[mask > 0].min() >= sal[mask == 0].max() - 1
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "pass --force" in err
+    base = argv[:5]                                  # saliency --model M --image I
+    code, _, err = run(capsys, *base, "--method", "rollout", "--out", str(tmp_path / "r"))
+    assert code == 2 and "does not apply" in err and err.count("\n") == 1
+    code, _, err = run(capsys, *base, "--method", "ig", "--area", "2", "--out",
+                       str(tmp_path / "a"))
+    assert code == 2 and "--area must lie" in err

@@ -30,6 +30,10 @@ def test_modes_become_rgb(tmp_path):
 
 def test_samples_and_model_preprocessing():
     assert {"coffee", "chelsea", "rocket", "astronaut"} <= set(available_samples())
+    # distinct photos only: skimage's cat is chelsea, loadable by name but not listed twice
+    assert "cat" not in available_samples()
+    assert torch.equal(load_image("cat", {"input_size": (3, 32, 32)}),
+                       load_image("chelsea", {"input_size": (3, 32, 32)}))
     cfg = {"input_size": (3, 224, 224), "mean": (0.5,) * 3, "std": (0.5,) * 3}
     x = load_image("coffee", cfg)
     assert x.shape == (1, 3, 224, 224) and -1.0 <= x.min() and x.max() <= 1.0

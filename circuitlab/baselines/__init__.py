@@ -11,6 +11,7 @@ rollout) and ``cls_attention``. Keyword arguments go to the method.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -47,13 +48,13 @@ def saliency(hm: HookedModel, x: torch.Tensor, method: str, target=None, **kwarg
     if method not in METHODS:
         raise CircuitlabError(f"unknown saliency method {method!r}; use one of "
                               f"{', '.join(METHODS)}")
-    try:
-        return METHODS[method](hm, x, target=target, **kwargs)
-    except TypeError as e:  # a wrong keyword: say which method and what it takes
-        import inspect
-        params = [p for p in inspect.signature(METHODS[method]).parameters
-                  if p not in ("hm", "x", "target")]
-        raise CircuitlabError(f"{method}: {e}; it takes {', '.join(params)}") from None
+    params = [p for p in inspect.signature(METHODS[method]).parameters
+              if p not in ("hm", "x", "target")]
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise CircuitlabError(f"{method} has no setting {', '.join(unknown)}; it takes "
+                              f"{', '.join(params)}")
+    return METHODS[method](hm, x, target=target, **kwargs)
 
 
 __all__ = ["METHODS", "attention_rollout", "binarize_at_area", "cls_attention", "default_layer",
