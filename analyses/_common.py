@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,6 +28,45 @@ def refuse_clash(prog: str, out: Path, outputs: Sequence[str], force: bool) -> O
         return fail(prog, f"{out / clash[0]} exists (not replaced); choose another --out or "
                           f"pass --force")
     return None
+
+
+def bad_models(prog: str, names: Sequence[str], allowed: Sequence[str]) -> Optional[int]:
+    """Exit status 2 with one line when --models is empty or names an unknown model."""
+    if not names or sorted(set(names) - set(allowed)):
+        return fail(prog, f"--models are {', '.join(allowed)}")
+    return None
+
+
+def start(prog: str, out: Path, outputs: Sequence[str], force: bool) -> Optional[int]:
+    """Refuse to replace outputs (exit status 2), else quiet warnings, seed torch and create
+    the output folder; None means go on."""
+    refused = refuse_clash(prog, out, outputs, force)
+    if refused is not None:
+        return refused
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def gather(prog: str, out: Path, csv_name: str, write_outputs) -> int:
+    """--gather: rebuild tables and figures from the CSV an earlier run wrote."""
+    path = out / csv_name
+    if not path.is_file():
+        return fail(prog, f"{path} does not exist; run without --gather first")
+    return write_outputs(pd.read_csv(path), out)
+
+
+def write_summary(out: Path, stem: str, title: str, caption: str, table: pd.DataFrame,
+                  width: int = 200) -> int:
+    """``stem.md`` (title, caption, the table) written atomically; the table printed."""
+    from circuitlab.zoo import write_text
+    write_text(out / f"{stem}.md", "\n".join([f"# {title}", "", caption, "", markdown(table)])
+               + "\n")
+    with pd.option_context("display.width", width, "display.float_format", "{:.2f}".format):
+        print(table.to_string(index=False))
+    print(f"wrote {out}")
+    return 0
 
 
 def markdown(df: pd.DataFrame) -> str:

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (cl, fail, faded, markdown, parse_list, pyplot, refuse_clash,  # noqa: E402
-                     save_figure, show_image, synthetic_images)
+from _common import (bad_models, cl, fail, faded, parse_list, pyplot,  # noqa: E402
+                     save_figure, show_image, start, synthetic_images, write_summary)
 from circuitlab import metrics  # noqa: E402
 from circuitlab.explain import explain  # noqa: E402
 from circuitlab.explain.config import preset  # noqa: E402
@@ -110,16 +108,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     names = ["synthetic-cnn"] if args.quick else parse_list(args.models)
-    if not names or sorted(set(names) - set(MODELS)):
-        return fail(PROG, f"--models are {', '.join(MODELS)}")
+    bad = bad_models(PROG, names, MODELS)
+    if bad is not None:
+        return bad
     if args.images < 1:
         return fail(PROG, "--images must be positive")
-    refused = refuse_clash(PROG, out, OUTPUTS, args.force)
-    if refused is not None:
-        return refused
-    warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
-    out.mkdir(parents=True, exist_ok=True)
+    stop = start(PROG, out, OUTPUTS, args.force)
+    if stop is not None:
+        return stop
     rows, examples = [], {}
     n = 4 if args.quick else args.images
     for name in names:
@@ -129,18 +125,13 @@ def main(argv=None) -> int:
         rows += r
         examples[name] = (hm, x, masks)
         write_text(out / "ablate_losses.csv", pd.DataFrame(rows).to_csv(index=False))
-    s = summary(pd.DataFrame(rows))
-    md = ["# Leave-one-out over the loss terms (synthetic benchmark)", "",
-          "full: the default preset. -t: term t's weight set to 0. +rob: the paper's "
-          "robustness term added. only act+area+bin+tv: no class terms at all (CE, KL, "
-          "necessity off): what activation matching alone keeps. area: kept fraction; "
-          "pointing / precision / iou against the planted object.", "", markdown(s)]
-    write_text(out / "ablate_losses.md", "\n".join(md) + "\n")
     plot(examples, out / "ablate_losses.png")
-    with pd.option_context("display.width", 200, "display.float_format", "{:.2f}".format):
-        print(s.to_string(index=False))
-    print(f"wrote {out}")
-    return 0
+    return write_summary(
+        out, "ablate_losses", "Leave-one-out over the loss terms (synthetic benchmark)",
+        "full: the default preset. -t: term t's weight set to 0. +rob: the paper's "
+        "robustness term added. only act+area+bin+tv: no class terms at all (CE, KL, "
+        "necessity off): what activation matching alone keeps. area: kept fraction; "
+        "pointing / precision / iou against the planted object.", summary(pd.DataFrame(rows)))
 
 
 if __name__ == "__main__":

@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cl, fail, markdown, pyplot, refuse_clash, save_figure  # noqa: E402
+from _common import cl, fail, gather, pyplot, save_figure, start, write_summary  # noqa: E402
 from circuitlab.circuits import Circuit, faithfulness, read_circuit  # noqa: E402
 from circuitlab.circuits.circuit import UNIT_KINDS  # noqa: E402
 from circuitlab.explain import explain  # noqa: E402
@@ -172,15 +171,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     prog = "analyses/circuits.py"
     if args.gather:
-        if not (out / "circuits.csv").is_file():
-            return fail(prog, f"{out / 'circuits.csv'} does not exist; run without --gather "
-                              f"first")
-        return write_outputs(pd.read_csv(out / "circuits.csv"), out)
-    refused = refuse_clash(prog, out, OUTPUTS, args.force)
-    if refused is not None:
-        return refused
-    warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
+        return gather(prog, out, "circuits.csv", write_outputs)
     rows = []
     budgets = BUDGETS[1:2] if args.quick else BUDGETS
     steps = 20 if args.quick else args.steps
@@ -189,7 +180,9 @@ def main(argv=None) -> int:
     if unknown or not 1 <= args.images <= 3:
         return fail(prog, f"models are {', '.join(MODELS)} and --images is 1 to 3")
     learned_on = ("image", "explanation") if args.learned_on == "both" else (args.learned_on,)
-    out.mkdir(parents=True, exist_ok=True)
+    stop = start(prog, out, OUTPUTS, args.force)
+    if stop is not None:
+        return stop
     for name, hm, images, refs in models(args.quick, names, args.images):
         rows += analyse(name, hm, images, refs, budgets, steps, learned_on=learned_on)
         # after every model, so a long run that stops keeps what it measured
@@ -198,23 +191,17 @@ def main(argv=None) -> int:
 
 
 def write_outputs(df: pd.DataFrame, out: Path) -> int:
-    s = summary(df)
-    md = ["# Circuit faithfulness (mean ablation, target = the image's top-1)", "",
-          "keep_* : only the circuit's units stay (every other unit of the tapped layers "
-          "mean-ablated). keep_logit = z / z_clean; keep_normalized = (z - z_all_ablated) / "
-          "(z_clean - z_all_ablated); keep_contrast = (z(image) - mean z(references)) under "
-          "the same ablation over the clean network's: the image-specific evidence kept (0 "
-          "for a circuit that ignores its input, which can still keep z on one image). "
-          "remove_flips: removing only the circuit changes top-1. random_*: random circuits "
-          "of the same size per layer (4 draws). units: mean circuit size; budget: fraction "
-          "of all tapped units.", "",
-          markdown(s)]
-    write_text(out / "circuits.md", "\n".join(md) + "\n")
     plot(df, out / "faithfulness.png")
-    with pd.option_context("display.width", 200, "display.float_format", "{:.2f}".format):
-        print(s.to_string(index=False))
-    print(f"wrote {out}")
-    return 0
+    return write_summary(
+        out, "circuits", "Circuit faithfulness (mean ablation, target = the image's top-1)",
+        "keep_* : only the circuit's units stay (every other unit of the tapped layers "
+        "mean-ablated). keep_logit = z / z_clean; keep_normalized = (z - z_all_ablated) / "
+        "(z_clean - z_all_ablated); keep_contrast = (z(image) - mean z(references)) under "
+        "the same ablation over the clean network's: the image-specific evidence kept (0 "
+        "for a circuit that ignores its input, which can still keep z on one image). "
+        "remove_flips: removing only the circuit changes top-1. random_*: random circuits "
+        "of the same size per layer (4 draws). units: mean circuit size; budget: fraction "
+        "of all tapped units.", summary(df))
 
 
 if __name__ == "__main__":

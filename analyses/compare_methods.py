@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -34,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (PHOTOS, cl, fail, faded, markdown, parse_list, pyplot,  # noqa: E402
-                     refuse_clash, save_figure, show_image, synthetic_images)
+from _common import (PHOTOS, bad_models, cl, fail, faded, gather, parse_list,  # noqa: E402
+                     pyplot, save_figure, show_image, start, synthetic_images, write_summary)
 from circuitlab import baselines, metrics  # noqa: E402
 from circuitlab.explain import explain  # noqa: E402
 from circuitlab.explain.backgrounds import gaussian_blur  # noqa: E402
@@ -96,7 +95,7 @@ def saliencies(hm, x, quick: bool, areas, log, only=None):
                 extra = dict(kw.get(method, {}), **({"area": area} if area else {}))
                 # one image at a time for the fast methods: seconds per image is then what a
                 # user waits; extremal and ours run the batch (they optimise per image anyway)
-                s = baselines.saliency(hm, x, method, **extra) if method in ("extremal",) \
+                s = baselines.saliency(hm, x, method, **extra) if method == "extremal" \
                     else torch.cat([baselines.saliency(hm, x[i:i + 1], method, **extra)
                                     for i in range(x.shape[0])])
             sec = (time.perf_counter() - t) / x.shape[0]
@@ -201,16 +200,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.gather:
-        if not (out / "compare.csv").is_file():
-            return fail(PROG, f"{out / 'compare.csv'} does not exist; run without --gather")
-        return write_outputs(pd.read_csv(out / "compare.csv"), out)
+        return gather(PROG, out, "compare.csv", write_outputs)
     names = ["synthetic-cnn"] if args.quick else parse_list(args.models)
     try:
         areas = parse_list(args.areas, float)
     except ValueError:
         return fail(PROG, f"--areas takes fractions like 0.05,0.1, got {args.areas!r}")
-    if sorted(set(names) - set(MODELS)) or not names:
-        return fail(PROG, f"--models are {', '.join(MODELS)}")
+    bad = bad_models(PROG, names, MODELS)
+    if bad is not None:
+        return bad
     if not areas or not all(0 < a < 1 for a in areas):
         return fail(PROG, "--areas must lie in (0, 1)")
     if args.images is not None and args.images < 1:
@@ -224,13 +222,10 @@ def main(argv=None) -> int:
             return fail(PROG, "--update needs --methods and an existing --out/compare.csv")
         kept = pd.read_csv(out / "compare.csv")
         kept = kept[~(kept["model"].isin(names) & kept["method"].isin(only))]
-    else:
-        refused = refuse_clash(PROG, out, OUTPUTS, args.force)
-        if refused is not None:
-            return refused
-    warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
-    out.mkdir(parents=True, exist_ok=True)
+    # --update replaces rows of its own compare.csv: no clash to refuse there
+    stop = start(PROG, out, OUTPUTS, args.force or args.update)
+    if stop is not None:
+        return stop
     rows = []
     for name in names:
         synthetic = name.startswith("synthetic-")
@@ -254,19 +249,14 @@ def main(argv=None) -> int:
 
 
 def write_outputs(df: pd.DataFrame, out: Path) -> int:
-    s = summary(df)
-    md = ["# Saliency methods at equal area", "",
-          "Each method's saliency map binarised at the same area. top1: the masked image "
-          "keeps the model's top-1; confidence: p_target of the masked image; sufficiency: "
-          "top-1 kept over filled-in backgrounds; necessity: relative drop of p_target when "
-          "only the complement is shown; deletion (lower is better) and insertion (higher) "
-          "AUC in saliency order; pointing, iou, precision against the synthetic benchmark's "
-          "object masks; seconds per image on this machine.", "", markdown(s)]
-    write_text(out / "compare.md", "\n".join(md) + "\n")
-    with pd.option_context("display.width", 220, "display.float_format", "{:.2f}".format):
-        print(s.to_string(index=False))
-    print(f"wrote {out}")
-    return 0
+    return write_summary(
+        out, "compare", "Saliency methods at equal area",
+        "Each method's saliency map binarised at the same area. top1: the masked image "
+        "keeps the model's top-1; confidence: p_target of the masked image; sufficiency: "
+        "top-1 kept over filled-in backgrounds; necessity: relative drop of p_target when "
+        "only the complement is shown; deletion (lower is better) and insertion (higher) "
+        "AUC in saliency order; pointing, iou, precision against the synthetic benchmark's "
+        "object masks; seconds per image on this machine.", summary(df), width=220)
 
 
 if __name__ == "__main__":

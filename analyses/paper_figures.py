@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (PHOTOS, cl, fail, faded, markdown, pyplot, refuse_clash,  # noqa: E402
-                     save_figure, show_image)
+from _common import (PHOTOS, cl, fail, faded, pyplot, save_figure, show_image,  # noqa: E402
+                     start, write_summary)
 from circuitlab import baselines, metrics  # noqa: E402
 from circuitlab.explain import explain  # noqa: E402
 from circuitlab.explain.config import preset  # noqa: E402
@@ -70,12 +68,9 @@ def main(argv=None) -> int:
         return fail(PROG, f"--images is 1 to {len(PHOTOS)}")
     if args.steps is not None and args.steps < 1:
         return fail(PROG, "--steps must be positive")
-    refused = refuse_clash(PROG, out, OUTPUTS, args.force)
-    if refused is not None:
-        return refused
-    warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
-    out.mkdir(parents=True, exist_ok=True)
+    stop = start(PROG, out, OUTPUTS, args.force)
+    if stop is not None:
+        return stop
     hm = cl.load_model("efficientnet_lite0")
     photos = PHOTOS[:1 if args.quick else args.images]
     paper_steps = 3 if args.quick else args.steps
@@ -91,17 +86,14 @@ def main(argv=None) -> int:
               f"{row_p['confidence_explanation']:.2f} ({row_p['seconds']:.0f} s); default "
               f"area {row_d['area']:.3f} -> {row_d['confidence_explanation']:.2f}", flush=True)
         write_text(out / "paper_figures.csv", pd.DataFrame(rows).to_csv(index=False))
-    df = pd.DataFrame(rows)
-    md = ["# The paper's examples, measured (EfficientNet-Lite0, real ImageNet weights)", "",
-          PAPER_PROSE, "", "area: kept fraction of the pixels; confidence: p_target on the "
-          "image and on the explanation (masked pixels at the normalisation mean); necessity: "
-          "relative drop of p_target when only the complement is shown; seconds: per image "
-          "on this machine.", "", markdown(df)]
-    write_text(out / "paper_figures.md", "\n".join(md) + "\n")
     plot(hm, shown, out / "paper_figures.png")
-    print(f"wrote {out}")
-    return 0
-
+    return write_summary(
+        out, "paper_figures",
+        "The paper's examples, measured (EfficientNet-Lite0, real ImageNet weights)",
+        PAPER_PROSE + "\n\narea: kept fraction of the pixels; confidence: p_target on the "
+        "image and on the explanation (masked pixels at the normalisation mean); necessity: "
+        "relative drop of p_target when only the complement is shown; seconds: per image "
+        "on this machine.", pd.DataFrame(rows))
 
 def plot(hm, shown, path: Path):
     plt = pyplot()

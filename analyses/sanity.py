@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import warnings
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cl, fail, markdown, parse_list, pyplot, refuse_clash, save_figure  # noqa: E402
-from _common import PHOTOS, synthetic_images  # noqa: E402
-from compare_methods import QUICK_STEPS, ours, settings  # noqa: E402
+from _common import (bad_models, cl, fail, gather, parse_list, pyplot,  # noqa: E402
+                     save_figure, start, write_summary)
+from compare_methods import QUICK_STEPS, load, ours, settings  # noqa: E402
 from circuitlab import baselines  # noqa: E402
 from circuitlab.zoo import write_text  # noqa: E402
 
@@ -145,46 +144,33 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.gather:
-        if not (out / "sanity.csv").is_file():
-            return fail(PROG, f"{out / 'sanity.csv'} does not exist; run without --gather")
-        return write_outputs(pd.read_csv(out / "sanity.csv"), out)
+        return gather(PROG, out, "sanity.csv", write_outputs)
     names = ["synthetic-cnn"] if args.quick else parse_list(args.models)
-    if not names or sorted(set(names) - set(MODELS)):
-        return fail(PROG, f"--models are {', '.join(MODELS)}")
+    bad = bad_models(PROG, names, MODELS)
+    if bad is not None:
+        return bad
     if args.images < 1:
         return fail(PROG, "--images must be positive")
-    refused = refuse_clash(PROG, out, OUTPUTS, args.force)
-    if refused is not None:
-        return refused
-    warnings.filterwarnings("ignore")
-    out.mkdir(parents=True, exist_ok=True)
+    stop = start(PROG, out, OUTPUTS, args.force)
+    if stop is not None:
+        return stop
     rows = []
     n = 2 if args.quick else args.images
     for name in names:
-        if name.startswith("synthetic-"):
-            hm = cl.synthetic.synthetic_model(name.split("-")[1], log=None)
-            x = synthetic_images(n)[0]
-        else:
-            hm = cl.load_model(name)
-            x = torch.cat([cl.data.load_image(p, hm) for p in PHOTOS[:min(n, len(PHOTOS))]])
+        hm, x, _, _ = load(name, n)
         rows += analyse(name, hm, x, args.quick)
         write_text(out / "sanity.csv", pd.DataFrame(rows).to_csv(index=False))
     return write_outputs(pd.DataFrame(rows), out)
 
 
 def write_outputs(df: pd.DataFrame, out: Path) -> int:
-    s = summary(df)
-    md = ["# Model-parameter randomisation (cascading, from the top)", "",
-          "spearman: rank correlation between the trained and the randomised model's maps "
-          "(each explaining its own top-1); top10_iou: overlap of their top 10 % pixels. "
-          "Lower after randomisation = the method depends on the weights (it passes).", "",
-          markdown(s)]
-    write_text(out / "sanity.md", "\n".join(md) + "\n")
     plot(df, out / "sanity.png")
-    with pd.option_context("display.width", 200, "display.float_format", "{:.2f}".format):
-        print(s.to_string(index=False))
-    print(f"wrote {out}")
-    return 0
+    return write_summary(
+        out, "sanity", "Model-parameter randomisation (cascading, from the top)",
+        "spearman: rank correlation between the trained and the randomised model's maps "
+        "(each explaining its own top-1); top10_iou: overlap of their top 10 % pixels. "
+        "Lower after randomisation = the method depends on the weights (it passes).",
+        summary(df))
 
 
 if __name__ == "__main__":

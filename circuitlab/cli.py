@@ -149,12 +149,43 @@ def _save_png(path: Path, array) -> None:
     write_atomic(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
+def _mask_results(hm, x, mask, ranking, target=None, seed: int = 0) -> dict:
+    """The numbers `explain` and `saliency` report for a mask (deletion / insertion follow
+    ``ranking``: the mask itself, or the saliency map it was cut from)."""
+    from . import metrics
+    r = metrics.evaluate_mask(hm, x, mask, target, seed=seed)
+    y = int(r["label"][0])
+    return {
+        "area_fraction": float(r["area_fraction"][0]), "top1_kept": bool(r["top1_kept"][0]),
+        "label": hm.label(y), "class_index": y,
+        "confidence_image": float(r["confidence_image"][0]),
+        "confidence_explanation": float(r["confidence_explanation"][0]),
+        "sufficiency": float(r["sufficiency"][0]),
+        "necessity_drop": float(r["necessity_drop"][0]),
+        "deletion_auc": float(metrics.deletion_auc(hm, x, ranking, y, seed=seed)[0]),
+        "insertion_auc": float(metrics.insertion_auc(hm, x, ranking, y, seed=seed)[0]),
+    }
+
+
+def _save_mask_pngs(out: Path, hm, x, mask) -> None:
+    """mask.png (white = kept) and overlay.png (the rest dimmed) at input resolution."""
+    import numpy as np
+
+    from . import data
+    m = mask[0, 0].cpu().numpy()
+    rgb = data.denormalize(x[0], hm).permute(1, 2, 0).cpu().numpy()
+    out.mkdir(parents=True, exist_ok=True)
+    _save_png(out / "mask.png", (m * 255).astype(np.uint8))
+    _save_png(out / "overlay.png", (rgb * (0.25 + 0.75 * m[..., None]) * 255).round()
+              .astype(np.uint8))
+
+
 def _explain_one(hm, image, out: Path, args) -> dict:
     import time
 
     import numpy as np
 
-    from . import data, metrics
+    from . import data
     from .explain import explain
     from .zoo import write_text
     t0 = time.perf_counter()
@@ -164,30 +195,15 @@ def _explain_one(hm, image, out: Path, args) -> dict:
     else:
         ex = explain(hm, x, preset_name=args.preset, steps=args.steps, seed=args.seed)
     seconds = time.perf_counter() - t0
-    r = metrics.evaluate_mask(hm, x, ex.mask, ex.target, seed=args.seed)
-    del_auc = metrics.deletion_auc(hm, x, ex.mask, ex.target, seed=args.seed)
-    ins_auc = metrics.insertion_auc(hm, x, ex.mask, ex.target, seed=args.seed)
-    label = int(r["label"][0])
     result = {
         "image": str(image), "model": hm.name, "mode": args.mode,
         "preset": args.preset if args.mode == "per-image" else None, "steps": ex.steps,
-        "area_fraction": float(r["area_fraction"][0]), "top1_kept": bool(r["top1_kept"][0]),
-        "label": hm.label(label), "class_index": label,
-        "confidence_image": float(r["confidence_image"][0]),
-        "confidence_explanation": float(r["confidence_explanation"][0]),
-        "sufficiency": float(r["sufficiency"][0]),
-        "necessity_drop": float(r["necessity_drop"][0]),
-        "deletion_auc": float(del_auc[0]), "insertion_auc": float(ins_auc[0]),
+        **_mask_results(hm, x, ex.mask, ex.mask, ex.target, seed=args.seed),
         "seconds": seconds,
     }
-    m = ex.mask[0, 0].cpu().numpy()
-    rgb = data.denormalize(x[0], hm).permute(1, 2, 0).cpu().numpy()
     e_rgb = data.denormalize(ex.explanation[0], hm).permute(1, 2, 0).cpu().numpy()
-    out.mkdir(parents=True, exist_ok=True)
-    _save_png(out / "mask.png", (m * 255).astype(np.uint8))
+    _save_mask_pngs(out, hm, x, ex.mask)
     _save_png(out / "explanation.png", (e_rgb * 255).round().astype(np.uint8))
-    _save_png(out / "overlay.png", (rgb * (0.25 + 0.75 * m[..., None]) * 255).round()
-              .astype(np.uint8))
     write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
 
@@ -229,13 +245,15 @@ def cmd_saliency(args) -> int:
 
     import numpy as np
 
-    from . import baselines, data, metrics
+    from . import baselines, data
     from .zoo import write_text
     out = Path(args.out)
     _refuse_overwrite([out / n for n in ("saliency.png", "mask.png", "overlay.png",
                                          "metrics.json")], args.force)
     if not 0 < args.area < 1:
         raise CircuitlabError(f"--area must lie in (0, 1), got {args.area}")
+    if args.layer and args.method not in ("gradcam", "gradcam++"):
+        raise CircuitlabError("--layer belongs to --method gradcam / gradcam++")
     hm = _load(args)
     if args.method not in baselines.methods_for(hm):
         raise CircuitlabError(f"--method {args.method} does not apply to {hm.name}; use one "
@@ -244,32 +262,14 @@ def cmd_saliency(args) -> int:
     kw = {"layer": args.layer} if args.layer else {}
     if args.method == "extremal":
         kw["area"] = args.area
-    if args.layer and args.method not in ("gradcam", "gradcam++"):
-        raise CircuitlabError("--layer belongs to --method gradcam / gradcam++")
     t0 = time.perf_counter()
     sal = baselines.saliency(hm, x, args.method, **kw)
     seconds = time.perf_counter() - t0
     mask = baselines.binarize_at_area(sal, args.area)
-    r = metrics.evaluate_mask(hm, x, mask)
-    y = int(r["label"][0])
     result = {"image": str(args.image), "model": hm.name, "method": args.method,
-              "area_fraction": float(r["area_fraction"][0]),
-              "top1_kept": bool(r["top1_kept"][0]), "label": hm.label(y), "class_index": y,
-              "confidence_image": float(r["confidence_image"][0]),
-              "confidence_explanation": float(r["confidence_explanation"][0]),
-              "sufficiency": float(r["sufficiency"][0]),
-              "necessity_drop": float(r["necessity_drop"][0]),
-              "deletion_auc": float(metrics.deletion_auc(hm, x, sal, y)[0]),
-              "insertion_auc": float(metrics.insertion_auc(hm, x, sal, y)[0]),
-              "seconds": seconds}
-    s = sal[0, 0].numpy()
-    m = mask[0, 0].numpy()
-    rgb = data.denormalize(x[0], hm).permute(1, 2, 0).cpu().numpy()
-    out.mkdir(parents=True, exist_ok=True)
-    _save_png(out / "saliency.png", (s * 255).round().astype(np.uint8))
-    _save_png(out / "mask.png", (m * 255).astype(np.uint8))
-    _save_png(out / "overlay.png", (rgb * (0.25 + 0.75 * m[..., None]) * 255).round()
-              .astype(np.uint8))
+              **_mask_results(hm, x, mask, sal), "seconds": seconds}
+    _save_mask_pngs(out, hm, x, mask)
+    _save_png(out / "saliency.png", (sal[0, 0].numpy() * 255).round().astype(np.uint8))
     write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     _emit(args, result, f"{result['image']}: {args.method} top {args.area:.0%}: "
                         f"{result['label']} kept={result['top1_kept']} conf "
