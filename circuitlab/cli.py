@@ -638,7 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--select learned: fraction of the tapped units (default 0.1)")
     p.add_argument("--steps", type=int, default=300,
                    help="--select learned: optimisation steps (default 300)")
-    p.add_argument("--edges", choices=["auto", "weight", "effective", "none"], default="auto")
+    p.add_argument("--edges", choices=["auto", "weight", "effective", "none"], default="auto",
+                   help="weight: |W| of the conv between taps, or composed through the blocks "
+                   "between them (kind path); effective: gradient x activation on this "
+                   "image; auto: weight where the modules compose, else effective")
     p.add_argument("--gradient", action="store_true", help="weight edges by |d logit / d dst|")
     p.add_argument("--units", choices=["auto", "components", "channels"], default="auto",
                    help="ViTs: attention heads and MLP neurons (components, the default for "

@@ -82,7 +82,7 @@ def chain():
 
 def test_read_circuit_weight_edges_and_class_links_by_hand(chain):
     hm, x = chain
-    c = read_circuit(hm, x, layers=["a", "b"], k=2, edges="weight")
+    c = read_circuit(hm, x, layers=["a", "b.0"], k=2, edges="weight")
     a = hm.model.a(x)[0]
     energy = a.flatten(1).norm(dim=1)
     top = energy.argsort(descending=True)[:2].tolist()
@@ -91,6 +91,13 @@ def test_read_circuit_weight_edges_and_class_links_by_hand(chain):
     e = c.edges[c.edges["kind"] == "weight"].iloc[0]
     assert e.score == pytest.approx(l1[e.dst_unit, e.src_unit].item() * energy[e.src_unit].item(),
                                     rel=1e-5)
+    # b is conv, relu, conv: its units are the second conv's, so the edge is the path
+    # |W2| |W1| (1x1 kernels), not the first conv's rows
+    c = read_circuit(hm, x, layers=["a", "b"], k=2, edges="weight")
+    path = hm.model.b[2].weight.detach().abs()[:, :, 0, 0] @ l1
+    e = c.edges[c.edges["kind"] == "path"].iloc[0]
+    assert e.score == pytest.approx(path[e.dst_unit, e.src_unit].item() *
+                                    energy[e.src_unit].item(), rel=1e-5)
     # feature -> class: |W_fc[y, j]| * |h_j| on the pooled features
     y = int(hm(x).argmax())
     h = hm.model.pool(hm.model.b(a[None]) + a[None]).flatten()
@@ -206,8 +213,12 @@ def test_cli_circuit_writes_tables_graph_and_validation(tmp_path, capsys):
         assert (out / name).is_file(), name
     assert Image.open(out / "circuit.png").size[0] > 100
     edges = pd.read_csv(out / "edges.csv")
-    # a max-pool sits between the taps: effective edges, not weight edges
-    assert set(edges["kind"]) == {"effective", "feature_class"}
+    # a max-pool then one conv between the taps: the conv's weight (channel-wise modules
+    # pass units through); only pooling before the features: the identity path
+    kinds = edges.groupby(["src_layer", "dst_layer"])["kind"].first().to_dict()
+    assert kinds == {("layer2", "layer3"): "weight", ("layer3", "layer4"): "weight",
+                     ("layer4", "hook_pooled"): "path", ("hook_pooled", "hook_logits"):
+                     "feature_class"}
     assert main(argv) == 2 and "--force" in capsys.readouterr().err
     assert main(argv[:-1] + ["--explain", "--force"]) == 2     # both sources: one-line error
     assert "not both" in capsys.readouterr().err
@@ -404,3 +415,24 @@ def test_learned_selection_finds_the_units_the_logit_needs():
     val = faithfulness(hm, x, c, method="zero", reference=kw["reference"], n_random=3)
     keep = val[val["test"] == "keep"].iloc[0]
     assert keep["contrast_fraction"] == pytest.approx(1.0, abs=1e-5)  # channel 2 is all of it
+
+
+def test_units_needed_one_layer_at_a_time_by_hand():
+    from circuitlab.circuits import units_needed
+    torch.manual_seed(0)
+    m = Linear4()
+    with torch.no_grad():
+        m.fc.weight.zero_()
+        m.fc.weight[1, 2], m.fc.weight[1, 3] = 3.0, 1.0   # class 1 reads channels 2 and 3
+        m.fc.bias.zero_()
+        m.a.bias.fill_(2.0)                                # class 1 is top-1
+    hm = HookedModel(m, data_config={"input_size": (3, 4, 4)})
+    x = torch.rand(1, 3, 4, 4)
+    assert int(hm(x).argmax()) == 1
+    a = m.a(x).mean((2, 3))[0].detach()
+    df = units_needed(hm, x, {"a": [2, 0, 1, 3]}, fractions=(0.25, 0.5, 1.0), method="zero",
+                      target=1)
+    want = [3 * a[2] / (3 * a[2] + a[3]), 3 * a[2] / (3 * a[2] + a[3]), 1.0]
+    assert df["logit_fraction"].tolist() == pytest.approx([float(w) for w in want], rel=1e-5)
+    assert df["meets"].tolist() == [bool(w >= 0.8) for w in want]
+    assert df["units"].tolist() == [1, 2, 4]

@@ -3,7 +3,7 @@ ablation and patching."""
 from .circuit import Circuit
 from .patching import ablate_units, agreement, patch_units
 from .readout import read_circuit, select
-from .validate import faithfulness, size_curve
+from .validate import faithfulness, size_curve, units_needed
 
 __all__ = ["Circuit", "ablate_units", "agreement", "faithfulness", "patch_units", "read_circuit",
-           "select", "size_curve"]
+           "select", "size_curve", "units_needed"]

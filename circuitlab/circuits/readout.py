@@ -6,27 +6,31 @@
 Nodes: per tapped layer, the units with the largest energy E_c = ||phi_c(e)||_2 over space
 (``select="energy"``, the paper) or attribution |sum_pos phi_c * d logit_y / d phi_c|
 (``select="attribution"``), chosen by top-k or by cumulative mass. Edges join consecutive
-layers: ||W_{d,s}||_1 x E_s where the destination layer begins with a conv or linear layer
-reading the source's units (``edges="weight"``; grouped and depthwise convolutions are
-block-diagonal), else the linearised effective contribution (``edges="effective"``, see
-``edges.effective_edges``); transformer heads and MLP neurons are joined by virtual weights
-through the residual stream (``transformer``); ``gradient=True`` multiplies each edge by the
-destination's mean |d logit_y / d phi_d|. Feature-to-class links |W_fc[y, j]| * |h_j| join
-the pooled features to the top classes. ``select="learned"`` chooses a budget of all tapped
-units together (``learned``). Effective edges of every pair come from one batched backward
-where the taps cut the network (``_effective_chain``).
+layers and the last one to the pooled features: ||W_{d,s}||_1 x E_s where one conv or linear
+layer lies between them (``edges="weight"``, the paper; grouped and depthwise convolutions
+are block-diagonal), the ingress weight through the path where blocks lie between them
+(kind ``path``: residual, inverted-residual and downsample blocks composed from their
+absolute weights, ``paths``), else the linearised effective contribution
+(``edges="effective"``, see ``edges.effective_edges``); transformer heads and MLP neurons are
+joined by virtual weights through the residual stream (``transformer``); ``gradient=True``
+multiplies each edge by the destination's mean |d logit_y / d phi_d|. Feature-to-class links
+|W_fc[y, j]| * |h_j| join the pooled features to the top classes. ``select="learned"``
+chooses a budget of all tapped units together (``learned``). Effective edges of every pair
+come from one batched backward where the taps cut the network (``_effective_chain``).
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import pandas as pd
 import torch
 from torch import nn
+
+import kernels
 
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from . import edges as E
+from . import paths as P
 from . import transformer as T
 from .circuit import Circuit
 from .learned import learn_units
@@ -51,28 +55,56 @@ def select(scores: torch.Tensor, k: Optional[int] = None,
     return order[:min(k or 16, len(order))].tolist()
 
 
+def _run_copies(hm: HookedModel, x: torch.Tensor, k: int, names: Sequence[str], srcs,
+                late: bool = True) -> tuple[dict, dict]:
+    """Run ``k`` copies of x with every source in ``srcs`` replaced by a detached leaf:
+    ({name: activation}, {source: leaf}).
+
+    The copies only differ in what is back-propagated, so with ``late`` the layers before
+    the first source run once and the batch is expanded there (on a CPU, where a batch of k
+    costs k times one image, that saves the whole front of the network k - 1 times); a
+    model that fixed its batch size earlier in its forward falls back to k copies of x."""
+    held, leaves = {}, {}
+
+    def hook(act, name):
+        held[name] = act
+        if name in srcs:
+            leaf = act.detach()
+            if leaf.shape[0] != k:
+                leaf = leaf.expand(k, *leaf.shape[1:]).contiguous()
+            leaves[name] = leaf.requires_grad_(True)
+            return leaves[name]
+        return act
+    if late:
+        try:
+            hm.run_with_hooks(x, [(n, hook) for n in names])
+            if all(t.shape[0] == k for n, t in held.items() if n not in srcs):
+                return held, leaves
+        except Exception:  # noqa: BLE001 -- any failure means: run the safe way
+            pass
+        held.clear()
+        leaves.clear()
+    hm.run_with_hooks(x.expand(k, *x.shape[1:]), [(n, hook) for n in names])
+    return held, leaves
+
+
+def _ordered(hm: HookedModel, names) -> list:
+    order = {n: i for i, n in enumerate(hm.hook_points)}
+    return sorted(dict.fromkeys(names), key=lambda n: order.get(n, len(order)))
+
+
 @torch.no_grad()
 def _effective(hm: HookedModel, x: torch.Tensor, src: str, dst: str,
                dst_units: Sequence[int]) -> torch.Tensor:
     """(len(dst_units), src units): |sum_pos dD_d/dA_s * A_s| for each chosen destination."""
     hs, hd = hm.point(src), hm.point(dst)
     k = len(dst_units)
-    held = {}
-
-    def grab_src(act, _name):
-        leaf = act.detach().requires_grad_(True)
-        held["src"] = leaf
-        return leaf
-
-    def grab_dst(act, _name):
-        held["dst"] = act
-        return act
     with torch.enable_grad():
-        hm.run_with_hooks(x.expand(k, *x.shape[1:]), [(src, grab_src), (dst, grab_dst)])
-        d = per_unit(held["dst"], hd.unit_axis)                     # (k, U_d, P)
+        held, leaves = _run_copies(hm, x, k, _ordered(hm, [src, dst]), {src})
+        d = per_unit(held[dst], hd.unit_axis)                     # (k, U_d, P)
         pick = d[torch.arange(k), torch.as_tensor(list(dst_units))].sum()
-        (g,) = torch.autograd.grad(pick, held["src"])
-    a = held["src"].detach()
+        (g,) = torch.autograd.grad(pick, leaves[src])
+    a = leaves[src].detach()
     return (per_unit(g * a, hs.unit_axis).sum(-1)).abs()          # (k, U_s)
 
 
@@ -105,20 +137,10 @@ def _effective_chain(hm: HookedModel, x: torch.Tensor, pairs) -> dict:
     """
     k = max(len(u) for _, _, u in pairs)
     srcs = {s for s, _, _ in pairs}
-    names = list(dict.fromkeys(n for s, d, _ in pairs for n in (s, d)))
-    order = {n: i for i, n in enumerate(hm.hook_points)}
-    names.sort(key=lambda n: order.get(n, len(order)))
-    held, leaves = {}, {}
-
-    def hook(act, name):
-        held[name] = act
-        if name in srcs:
-            leaves[name] = act.detach().requires_grad_(True)
-            return leaves[name]
-        return act
+    names = _ordered(hm, [n for s, d, _ in pairs for n in (s, d)])
     out, loose = {}, []
     with torch.enable_grad():
-        hm.run_with_hooks(x.expand(k, *x.shape[1:]), [(n, hook) for n in names])
+        held, leaves = _run_copies(hm, x, k, names, srcs)
         total, used = 0, []
         for src, dst, units in pairs:
             if _leaves(held[dst]) != {id(leaves[src])}:
@@ -184,23 +206,26 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
             raise CircuitlabError(f"layer {name!r} has no unit axis to read nodes from")
     if target is None and explanation is not None:
         target = int(hm(x).argmax(-1))  # the image's decision, read on its explanation
-    # weight edges only where the destination's first conv / linear reads exactly the
-    # source's output (checked on this run), so a same-width layer further on (a ViT block,
-    # a stage after an untapped one) falls back to effective edges
-    ingress = {}
+    # weight edges where the modules between two taps compose (a conv, or the path weight
+    # through blocks: ``paths``), checked against this run below; the pooled features are
+    # one more destination, reached from the last tap through the head's modules
+    fc = hm.model.get_submodule(hm.classifier) if hm.classifier else None
+    pairs = list(zip(layers, layers[1:])) if edges != "none" else []
+    if isinstance(fc, nn.Linear) and edges != "none":
+        pairs.append((layers[-1], "hook_pooled"))
+    chains = {}
     if edges in ("auto", "weight"):
-        for src, dst in zip(layers, layers[1:]):
+        for src, dst in pairs:
             if T.component_of(src) and T.component_of(dst):
                 continue                       # virtual weights through the residual stream
-            try:
-                path, mod = E.first_weight_layer(hm.model, hm.point(dst).module)
-                if f"{path}.hook_in" in hm.hook_points:
-                    ingress[dst] = (path, mod)
-            except CircuitlabError:
-                pass
-    extra = [f"{p}.hook_in" for p, _ in ingress.values()]
-    logits, cache = hm.run_with_cache(inp, names=layers + ["hook_pooled"] + extra,
-                                      grads=True, target=target)
+            pooled = dst == "hook_pooled"
+            chain = P.module_chain(hm.model, src, None if pooled else dst,
+                                   stop_before=hm.classifier if pooled else None)
+            if chain and all(n in hm.hook_points for n in P.chain_hooks(chain)):
+                chains[(src, dst)] = chain
+    extra = list(dict.fromkeys(n for c in chains.values() for n in P.chain_hooks(c)))
+    logits, cache = hm.run_with_cache(inp, names=list(dict.fromkeys(
+        layers + ["hook_pooled"] + extra)), grads=True, target=target)
     if target is None:  # read on x itself: its top-1, from this same run
         target = int(cache.target[0])
     learned = learn_units(hm, inp, layers, budget, target=target, method=method,
@@ -223,28 +248,29 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
                        "attribution": attr_list[u],
                        "kind": comp[1] if comp else "unit"} for u in picked]
 
-    # how each consecutive pair of layers is joined
-    plan = []
-    for src, dst in (zip(layers, layers[1:]) if edges != "none" else ()):
-        how, mod = edges, None
+    # how each pair of layers is joined: weight (one conv / linear), path (composed through
+    # blocks), virtual (transformer components), else effective (gradient x activation)
+    plan = {}
+    for src, dst in pairs:
+        how, w = edges, None
         if edges != "effective" and T.component_of(src) and T.component_of(dst):
             how = "virtual"
         elif edges in ("auto", "weight"):
-            path, mod = ingress.get(dst, (None, None))
-            direct = mod is not None and cache[f"{path}.hook_in"].shape == cache[src].shape \
-                and torch.equal(cache[f"{path}.hook_in"], cache[src])
-            if direct:
-                how = "weight"
-            elif edges == "weight":
-                raise CircuitlabError(f"{dst} does not begin with a conv or linear layer "
-                                      f"reading {src}'s output; use edges='effective'")
+            chain = chains.get((src, dst))
+            got = P.path_weight(hm.model, chain, hm.n_units(src)) \
+                if chain and P.verify(cache, src, chain, dst) else None
+            if got is not None and got[0].shape[0] == hm.n_units(dst):
+                how, w = ("weight", got[1]) if got[1] is not None else ("path", got[0])
+            elif edges == "weight" and dst != "hook_pooled":
+                raise CircuitlabError(f"the modules between {src} and {dst} do not compose "
+                                      f"into a weight (a gate, attention or a branch that "
+                                      f"skips a tap); use edges='effective'")
             else:
                 how = "effective"
-        plan.append((src, dst, how, mod))
+        plan[(src, dst)] = (how, w)
 
     # pooled features -> classes
     edge_rows, head_rows, features = [], [], []
-    fc = hm.model.get_submodule(hm.classifier) if hm.classifier else None
     if isinstance(fc, nn.Linear):
         h = cache["hook_pooled"][0].flatten()
         top = logits[0].topk(min(top_classes, logits.shape[-1])).indices.tolist()
@@ -267,27 +293,36 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
                                   "score": float(contrib[j]), "kind": "feature_class"})
         node_rows += class_rows
 
-    # every effective edge (and the last tap -> pooled features, through the head) from one
-    # batched forward and backward where the tapped layers cut the network in a chain
-    eff_pairs = [(src, dst, chosen[dst]) for src, dst, how, _ in plan if how == "effective"]
-    if features and edges != "none":
-        eff_pairs.append((layers[-1], "hook_pooled", features))
+    chosen["hook_pooled"] = features
+    energies["hook_pooled"] = cache["hook_pooled"][0].flatten().abs()
+    if gradient:
+        dscale["hook_pooled"] = cache.grad("hook_pooled")[0].flatten().abs()
+    # every effective edge from one batched forward and backward where the taps cut the
+    # network in a chain
+    eff_pairs = [(src, dst, chosen[dst]) for (src, dst), (how, _) in plan.items()
+                 if how == "effective" and chosen[dst]]
     effective = _effective_chain(hm, inp, eff_pairs) if eff_pairs else {}
 
-    for src, dst, how, mod in plan:
+    for (src, dst), (how, w) in plan.items():
+        if not chosen[dst]:
+            continue
         s_idx, d_idx = torch.as_tensor(chosen[src]), torch.as_tensor(chosen[dst])
-        if how == "weight":
-            wl, sc = E.scores(mod, energies[src], chosen[src], chosen[dst],
-                              dscale[dst] if gradient else None)
+        scale = dscale.get(dst) if gradient else None
+        if how in ("weight", "path"):
+            if how == "weight":
+                wl, sc = E.scores(w, energies[src], chosen[src], chosen[dst], scale)
+            else:
+                wl, sc = kernels.edge_scores(w, energies[src].to(w.device), chosen[src],
+                                             chosen[dst], 1, scale)
         elif how == "virtual":
             wl = T.virtual_l1(hm.model, src, dst, chosen[src], chosen[dst]).to(
                 energies[src].device)
             sc = wl * energies[src][s_idx][None, :]
-            if gradient:
-                sc = sc * dscale[dst][d_idx][:, None]
+            if scale is not None:
+                sc = sc * scale[d_idx][:, None]
         else:
             eff = effective[(src, dst)][:, s_idx]
-            sc = eff * (dscale[dst][d_idx][:, None] if gradient else 1)
+            sc = eff * (scale[d_idx][:, None] if scale is not None else 1)
             wl = torch.full_like(eff, float("nan"))
         # one device-to-host copy per table, not one per number (each is a sync on a GPU)
         wl, sc, es = wl.tolist(), sc.tolist(), energies[src].tolist()
@@ -296,21 +331,10 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
                 edge_rows.append({"src_layer": src, "src_unit": s, "dst_layer": dst,
                                   "dst_unit": d, "weight_l1": wl[i][j], "src_energy": es[s],
                                   "score": sc[i][j], "kind": how})
-    if features and edges != "none":
-        last = layers[-1]
-        eff = effective[(last, "hook_pooled")][:, torch.as_tensor(chosen[last])].tolist()
-        es = energies[last].tolist()
-        for i, j in enumerate(features):
-            for n, s in enumerate(chosen[last]):
-                edge_rows.append({"src_layer": last, "src_unit": s, "dst_layer": "hook_pooled",
-                                  "dst_unit": j, "weight_l1": float("nan"),
-                                  "src_energy": es[s], "score": eff[i][n],
-                                  "kind": "effective"})
     if edges != "none":
         edge_rows += head_rows
-    nodes = pd.DataFrame(node_rows)
     meta = {"model": hm.name, "target": int(target), "label": hm.label(int(target)),
             "read_on": "explanation" if explanation is not None else "image",
             "select_by": select_by, "gradient": bool(gradient), "layers": ",".join(layers),
             **({"budget": float(budget), "method": method} if learned is not None else {})}
-    return Circuit(nodes, pd.DataFrame(edge_rows), meta)
+    return Circuit(node_rows, edge_rows, meta)
