@@ -1,6 +1,7 @@
 """What every analysis script shares: output-folder rules, Markdown tables, figures, data."""
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 from pathlib import Path
@@ -35,6 +36,25 @@ def bad_models(prog: str, names: Sequence[str], allowed: Sequence[str]) -> Optio
     if not names or sorted(set(names) - set(allowed)):
         return fail(prog, f"--models are {', '.join(allowed)}")
     return None
+
+
+def arguments(doc: str, quick: str, models: Optional[Sequence[str]] = None,
+              default_models: Optional[str] = None, images: Optional[int] = None,
+              images_help: str = "images per model",
+              gather: Optional[str] = None) -> argparse.ArgumentParser:
+    """The options every analysis shares: --out, --quick, --models, --images, --force and,
+    where the outputs can be rebuilt from a CSV, --gather (``gather`` says what from)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quick", action="store_true", help=quick)
+    if models is not None:
+        p.add_argument("--models", default=default_models or ",".join(models),
+                       help="comma-separated, of " + ", ".join(models))
+    p.add_argument("--images", type=int, default=images, help=images_help)
+    p.add_argument("--force", action="store_true", help="replace existing outputs")
+    if gather:
+        p.add_argument("--gather", action="store_true", help=f"only rebuild {gather}")
+    return p
 
 
 def start(prog: str, out: Path, outputs: Sequence[str], force: bool) -> Optional[int]:

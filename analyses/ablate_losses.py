@@ -16,15 +16,15 @@ and ``ablate_losses.png`` (one example image's mask per variant).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (bad_models, cl, fail, faded, parse_list, pyplot,  # noqa: E402
-                     save_figure, show_image, start, synthetic_images, write_summary)
+from _common import (arguments, bad_models, cl, fail, faded, parse_list,  # noqa: E402
+                     pyplot, save_figure, show_image, start, synthetic_images,
+                     write_summary)
 from circuitlab import metrics  # noqa: E402
 from circuitlab.explain import explain  # noqa: E402
 from circuitlab.explain.config import preset  # noqa: E402
@@ -98,13 +98,7 @@ def plot(examples: dict, path: Path):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="synthetic CNN, 4 images, 20 steps")
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated, of " +
-                   ", ".join(MODELS))
-    p.add_argument("--images", type=int, default=32, help="images per model")
-    p.add_argument("--force", action="store_true", help="replace existing outputs")
+    p = arguments(__doc__, "synthetic CNN, 4 images, 20 steps", MODELS, images=32)
     args = p.parse_args(argv)
     out = Path(args.out)
     names = ["synthetic-cnn"] if args.quick else parse_list(args.models)

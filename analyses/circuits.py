@@ -19,7 +19,6 @@ Writes ``circuits.csv`` (every row), ``circuits.md`` (means over images) and
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cl, fail, gather, pyplot, save_figure, start, write_summary  # noqa: E402
+from _common import (arguments, cl, fail, gather, pyplot, save_figure, start,  # noqa: E402
+                     write_summary)
 from circuitlab.circuits import Circuit, faithfulness, read_circuit  # noqa: E402
 from circuitlab.circuits.circuit import UNIT_KINDS  # noqa: E402
 from circuitlab.explain import explain  # noqa: E402
@@ -155,18 +155,12 @@ def plot(df: pd.DataFrame, path: Path):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="synthetic CNN, one image, 10 %% only")
+    p = arguments(__doc__, "synthetic CNN, one image, 10 %% only", MODELS, images=3,
+                  images_help="images per model (at most 3)",
+                  gather="circuits.md and faithfulness.png from --out/circuits.csv")
     p.add_argument("--steps", type=int, default=300, help="learned selection steps")
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated, of " +
-                   ", ".join(MODELS))
-    p.add_argument("--images", type=int, default=3, help="images per model (at most 3)")
     p.add_argument("--learned-on", choices=["image", "explanation", "both"], default="both",
                    help="where the learned selection runs (it is the slow part)")
-    p.add_argument("--force", action="store_true", help="replace existing outputs")
-    p.add_argument("--gather", action="store_true",
-                   help="only rebuild circuits.md and faithfulness.png from --out/circuits.csv")
     args = p.parse_args(argv)
     out = Path(args.out)
     prog = "analyses/circuits.py"

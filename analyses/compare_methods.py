@@ -23,7 +23,6 @@ Writes ``compare.csv`` (one row per image, method, area), ``compare.md`` (means)
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (PHOTOS, bad_models, cl, fail, faded, gather, parse_list,  # noqa: E402
-                     pyplot, save_figure, show_image, start, synthetic_images, write_summary)
+from _common import (PHOTOS, arguments, bad_models, cl, fail, faded, gather,  # noqa: E402
+                     parse_list, pyplot, save_figure, show_image, start, synthetic_images,
+                     write_summary)
 from circuitlab import baselines, metrics  # noqa: E402
 from circuitlab.explain import explain  # noqa: E402
 from circuitlab.explain.backgrounds import gaussian_blur  # noqa: E402
@@ -180,23 +180,15 @@ def examples(hm, x, names, maps, area: float, path: Path, n: int = 4):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quick", action="store_true",
-                   help="synthetic CNN, 4 images, fewer samples per method")
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated, of " +
-                   ", ".join(MODELS))
-    p.add_argument("--images", type=int, default=None,
-                   help=f"images per model (default 32 synthetic, {len(PHOTOS)} photos)")
+    p = arguments(__doc__, "synthetic CNN, 4 images, fewer samples per method", MODELS,
+                  images_help=f"images per model (default 32 synthetic, {len(PHOTOS)} photos)",
+                  gather="compare.md from --out/compare.csv")
     p.add_argument("--areas", default="0.05,0.1", help="comma-separated fractions")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset (ours, " + ", ".join(baselines.METHODS) + ")")
     p.add_argument("--update", action="store_true",
                    help="rerun --methods on --models and replace only their rows of an "
                         "existing compare.csv")
-    p.add_argument("--force", action="store_true", help="replace existing outputs")
-    p.add_argument("--gather", action="store_true",
-                   help="only rebuild compare.md from --out/compare.csv")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.gather:

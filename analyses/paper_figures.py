@@ -16,15 +16,14 @@ Grad-CAM, paper-preset explanation, default-preset explanation per photo).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (PHOTOS, cl, fail, faded, pyplot, save_figure, show_image,  # noqa: E402
-                     start, write_summary)
+from _common import (PHOTOS, arguments, cl, fail, faded, pyplot, save_figure,  # noqa: E402
+                     show_image, start, write_summary)
 from circuitlab import baselines, metrics  # noqa: E402
 from circuitlab.explain import explain  # noqa: E402
 from circuitlab.explain.config import preset  # noqa: E402
@@ -55,13 +54,10 @@ def run(hm, x, name, preset_name, steps):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="one photo, 3 paper / 5 default steps (a smoke run)")
-    p.add_argument("--images", type=int, default=3, help=f"photos (at most {len(PHOTOS)})")
+    p = arguments(__doc__, "one photo, 3 paper / 5 default steps (a smoke run)", images=3,
+                  images_help=f"photos (at most {len(PHOTOS)})")
     p.add_argument("--steps", type=int, default=None,
                    help="override the paper preset's 880 steps (say so when you report)")
-    p.add_argument("--force", action="store_true", help="replace existing outputs")
     args = p.parse_args(argv)
     out = Path(args.out)
     if not 1 <= args.images <= len(PHOTOS):

@@ -17,7 +17,6 @@ Writes ``sanity.csv`` (one row per image, method, stage), ``sanity.md`` (means) 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (bad_models, cl, fail, gather, parse_list, pyplot,  # noqa: E402
+from _common import (arguments, bad_models, cl, fail, gather, parse_list, pyplot,  # noqa: E402
                      save_figure, start, write_summary)
 from compare_methods import QUICK_STEPS, load, ours, settings  # noqa: E402
 from circuitlab import baselines  # noqa: E402
@@ -132,15 +131,9 @@ def plot(df: pd.DataFrame, path: Path):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="synthetic CNN, 2 images, 2 stages")
-    p.add_argument("--models", default="synthetic-cnn,synthetic-vit",
-                   help="comma-separated, of " + ", ".join(MODELS))
-    p.add_argument("--images", type=int, default=8, help="images per model")
-    p.add_argument("--force", action="store_true", help="replace existing outputs")
-    p.add_argument("--gather", action="store_true",
-                   help="only rebuild sanity.md and sanity.png from --out/sanity.csv")
+    p = arguments(__doc__, "synthetic CNN, 2 images, 2 stages", MODELS,
+                  "synthetic-cnn,synthetic-vit", 8,
+                  gather="sanity.md and sanity.png from --out/sanity.csv")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.gather:

@@ -33,6 +33,8 @@ SECTIONS = (
     ("circuits", "Circuit faithfulness",
      "Circuits read on the explanation and on the image against random circuits, by "
      "ablation."),
+    ("units_needed", "Can a sparse circuit exist?",
+     "How much of each tapped layer, on its own, carries the decision."),
 )
 
 _STYLE = """

@@ -14,7 +14,7 @@ from circuitlab import cli
 from circuitlab.report import SECTIONS, markdown_to_html
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ("compare_methods", "sanity", "ablate_losses", "paper_figures")
+QUICK = ("compare_methods", "sanity", "ablate_losses", "paper_figures", "units_needed")
 
 
 def _main(script):
@@ -64,6 +64,16 @@ def test_paper_figures_quick(outputs):
     assert list(df["preset"]) == ["paper", "default"] and list(df["steps"]) == [3, 5]
 
 
+def test_units_needed_quick(outputs):
+    df = pd.read_csv(outputs / "units_needed" / "units_needed.csv")
+    assert set(df["ranking"]) == {"attribution", "mean-delta"}
+    assert set(df["layer"]) == {"layer2", "layer3", "layer4"}
+    full = df[df["fraction"] == 1.0]
+    assert (full["logit_fraction"] - 1).abs().max() < 1e-4 and full["meets"].all()
+    md = (outputs / "units_needed" / "units_needed.md").read_text()
+    assert "all (size-weighted)" in md
+
+
 def test_analyses_refuse_to_overwrite(outputs, capsys):
     capsys.readouterr()
     assert _main("sanity")(["--quick", "--out", str(outputs / "sanity")]) == 2
@@ -103,7 +113,7 @@ def test_report_is_self_contained(outputs, tmp_path, capsys):
     pngs = sorted(outputs.glob("*/*.png"))
     assert len(p.imgs) == len(pngs) >= 4
     assert all(s.startswith("data:image/png;base64,") for s in p.imgs)
-    assert p.tables == 4 and not p.external        # one table per analysis run, nothing linked
+    assert p.tables == len(QUICK) and not p.external        # one table per analysis run, nothing linked
     assert "Not run" in page                        # circuits was not run here: said so
     # no silent overwrite, and one clear line for bad input
     assert cli.main(["report", "--from", str(outputs), "--out", str(out)]) == 2
@@ -133,4 +143,4 @@ def test_markdown_tables_to_html():
     h = markdown_to_html("# T\n\nsome `code` & text\n\n| a | b |\n| --- | --- |\n| 1 | x<y |\n")
     assert "<h3>T</h3>" in h and "<code>code</code> &amp; text" in h
     assert "<th>a</th>" in h and "<td>x&lt;y</td>" in h and "---" not in h
-    assert [s[0] for s in SECTIONS][-1] == "circuits"
+    assert [s[0] for s in SECTIONS][-2:] == ["circuits", "units_needed"]
