@@ -176,3 +176,13 @@ def test_integrated_gradients_matches_captum(small_resnet):
     got = B.integrated_gradients(hm, x, reduce=None, steps=16)
     for i in range(2):
         assert _corr(got[i], want[i].detach()) >= 0.99
+
+
+def test_extremal_masks_leave_their_all_ones_start_at_224_px():
+    # the smoothed all-ones mask exceeds 1 by rounding; a plain clamp there has no gradient
+    # and kept every Lite0 mask at 1 everywhere (a flat map, binarised as the top rows)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    hm = circuitlab.load_model(model, data_config={"input_size": (3, 224, 224)})
+    m = B.extremal_perturbation(hm, torch.randn(1, 3, 224, 224), area=0.1, steps=20)
+    assert float(m.min()) < 0.99

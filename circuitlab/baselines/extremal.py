@@ -32,10 +32,17 @@ def _pyramid(x: torch.Tensor, levels: int, max_blur: float) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _unit(m: torch.Tensor) -> torch.Tensor:
+    """m clamped to [0, 1] with the gradient of the identity. A plain clamp has zero
+    gradient past its bounds, and the smoothed mask of an all-ones parameter (the paper's
+    start) exceeds 1 by float rounding: with it, Lite0 masks never left 1 everywhere."""
+    return m + (m.clamp(0, 1) - m).detach()
+
+
 def _apply(pyr: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Interpolate the pyramid at levels m * (levels - 1), per pixel."""
     n = pyr.shape[0]
-    pos = m.clamp(0, 1) * (n - 1)                                  # (B, 1, H, W)
+    pos = _unit(m) * (n - 1)                                       # (B, 1, H, W)
     lo = pos.floor().clamp(max=n - 2)
     frac = pos - lo
     lo = lo.long()
@@ -106,4 +113,4 @@ def _smooth(pmask: torch.Tensor, size, step: int, sigma: float) -> torch.Tensor:
     up = up[..., step // 2:step // 2 + h, step // 2:step // 2 + w]
     if sigma / 3 > 0.3:
         up = gaussian_blur(up, sigma / 3)
-    return up.clamp(0, 1)
+    return _unit(up)
