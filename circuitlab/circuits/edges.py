@@ -2,11 +2,11 @@
 
 - ``weight_l1``: ||W_{d,s}||_1 over the kernel, as a dense (dst units, src units) matrix, for
   standard, grouped and depthwise convolutions (block-diagonal) and linear layers.
-- ``effective_edges``: for layers that are not joined by one conv or linear layer (residual
-  blocks, inverted residuals, attention), the linearised contribution of each source unit to
-  each destination unit's total activation, |sum_pos dD_d/dA_s * A_s| (gradient x activation
-  from the destination back to the source), computed for all chosen destinations in one
-  batched backward.
+- ``scores``: ||W_{d,s}||_1 x E_s for chosen units (the fused op on a GPU).
+
+Blocks between taps are composed in ``paths``; where they do not compose, the readout's
+effective edges (``readout._effective_chain``) take the linearised contribution
+|sum_pos dD_d/dA_s * A_s| of each source unit to each destination unit.
 """
 from __future__ import annotations
 
@@ -31,15 +31,6 @@ def weight_l1(module: nn.Module) -> torch.Tensor:
     """(out units, in units) matrix of ||W_{d,s}||_1 (summed over the kernel)."""
     m = _weight_module(module)
     return kernels.reference.weight_l1(m.weight, getattr(m, "groups", 1))
-
-
-def first_weight_layer(model: nn.Module, path: str) -> tuple[str, nn.Module]:
-    """The first conv or linear module at or inside ``path`` (registration order)."""
-    root = model.get_submodule(path) if path else model
-    for name, mod in root.named_modules():
-        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
-            return (f"{path}.{name}" if name and path else name or path), mod
-    raise CircuitlabError(f"{path!r} holds no conv or linear layer")
 
 
 def scores(module: nn.Module, src_energy: torch.Tensor, src_units: Sequence[int],

@@ -1,7 +1,7 @@
 """Ingress weights through the modules between two tapped layers.
 
 >>> chain = module_chain(hm.model, "blocks.2", "blocks.4")     # ['blocks.3', 'blocks.4']
->>> w, n_weights = path_weight(hm.model, chain)                 # (units of blocks.4, of blocks.2)
+>>> w, single = path_weight(hm.model, chain, hm.n_units("blocks.2"))  # (112, 40) on Lite0
 
 When two taps are not joined by one conv, the paper's ||W_{d,s}||_1 has no single W. The
 ingress weight through the path is the sum over every path from source unit s to destination
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-import kernels
+from .edges import weight_l1
 
 # modules that map channel c to channel c (activations, pooling, regularisers)
 _CHANNELWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
@@ -126,7 +126,7 @@ def _compose(module: nn.Module, n_in: int) -> Optional[tuple]:
                 return None
             a = mats[src]
             if _is_weight(m):
-                w = kernels.reference.weight_l1(m.weight, getattr(m, "groups", 1))
+                w = weight_l1(m)
                 mats[node] = w if a is None else w @ a
                 n_weights += 1
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):

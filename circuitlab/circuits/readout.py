@@ -11,7 +11,7 @@ layer lies between them (``edges="weight"``, the paper; grouped and depthwise co
 are block-diagonal), the ingress weight through the path where blocks lie between them
 (kind ``path``: residual, inverted-residual and downsample blocks composed from their
 absolute weights, ``paths``), else the linearised effective contribution
-(``edges="effective"``, see ``edges.effective_edges``); transformer heads and MLP neurons are
+(``edges="effective"``, see ``_effective_chain``); transformer heads and MLP neurons are
 joined by virtual weights through the residual stream (``transformer``); ``gradient=True``
 multiplies each edge by the destination's mean |d logit_y / d phi_d|. Feature-to-class links
 |W_fc[y, j]| * |h_j| join the pooled features to the top classes. ``select="learned"``

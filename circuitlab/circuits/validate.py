@@ -75,15 +75,26 @@ def faithfulness(hm: HookedModel, x: torch.Tensor, circuit: Circuit, *, method: 
         # the same interventions on the reference images: how much of the clean network's
         # image-vs-reference contrast each variant keeps (0 for a circuit that ignores its
         # input, however much of the image's logit it keeps)
-        ref = hm.check_input(reference.to(x.device))
-        zr = hm.ablate(ref, [units] + randoms, method=method, reference=reference,
-                       keep=True)[..., y].mean(1)                          # (V,)
-        zr_removed = hm.ablate(ref, [units], method=method, reference=reference)[..., y].mean()
-        clean = float(base[y] - hm(ref)[:, y].mean())
-        ours = [kept[0, y] - zr[0], removed[0, y] - zr_removed] + [
-            lg[y] - z for lg, z in zip(kept[2:], zr[1:])]
-        df["contrast_fraction"] = [float(v) / clean if clean else float("nan") for v in ours]
+        c = _contrast(hm, base, y, reference, method, [
+            ([kept[0, y]] + [lg[y] for lg in kept[2:]], [units] + randoms, True),
+            ([removed[0, y]], [units], False)])
+        df["contrast_fraction"] = [c[0], c[-1]] + c[1:-1]      # keep, remove, random draws
     return df
+
+
+def _contrast(hm: HookedModel, base: torch.Tensor, y: int, reference: torch.Tensor,
+              method: str, groups) -> list[float]:
+    """(z(x) - mean z(reference)) under each intervention over the same for the clean
+    network: the part of the image-specific evidence kept. ``groups``: (the target logits of
+    x under some variants, the variants, keep) each; the variants run on the references."""
+    ref = hm.check_input(reference.to(base.device))
+    clean = float(base[y] - hm(ref)[:, y].mean())
+    out = []
+    for zx, variants, keep in groups:
+        zr = hm.ablate(ref, variants, method=method, reference=reference,
+                       keep=keep)[..., y].mean(1)                          # (V,)
+        out += [float(a - b) / clean if clean else float("nan") for a, b in zip(zx, zr)]
+    return out
 
 
 @torch.no_grad()
@@ -149,10 +160,6 @@ def units_needed(hm: HookedModel, x: torch.Tensor, ranking: dict,
                        for (layer, f, k), lg in zip(tags, logits)])
     df["meets"] = (df["logit_fraction"] >= threshold) & df["top1_kept"]
     if reference is not None:
-        ref = hm.check_input(reference.to(x.device))
-        zr = hm.ablate(ref, variants, method=method, reference=reference,
-                       keep=True)[..., y].mean(1)
-        clean = float(base[y] - hm(ref)[:, y].mean())
-        df["contrast_fraction"] = [float(lg[y] - z) / clean if clean else float("nan")
-                                   for lg, z in zip(logits, zr)]
+        df["contrast_fraction"] = _contrast(hm, base, y, reference, method,
+                                            [([lg[y] for lg in logits], variants, True)])
     return df
