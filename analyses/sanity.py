@@ -29,6 +29,7 @@ from _common import (arguments, bad_models, cl, fail, gather, parse_list, pyplot
                      save_figure, start, write_summary)
 from compare_methods import QUICK_STEPS, load, ours, settings  # noqa: E402
 from circuitlab import baselines  # noqa: E402
+from circuitlab.explain import explain  # noqa: E402
 from circuitlab.zoo import write_text  # noqa: E402
 
 PROG = "analyses/sanity.py"
@@ -71,7 +72,7 @@ def maps(hm, x, methods, quick):
     out = {}
     for m in methods:
         if m == "ours":
-            out[m] = ours(hm, x, steps=QUICK_STEPS if quick else None)
+            out[m] = ours(explain(hm, x, steps=QUICK_STEPS if quick else None), x)
         else:
             extra = dict(kw.get(m, {}), **({"area": 0.1} if m == "extremal" else {}))
             out[m] = baselines.saliency(hm, x, m, **extra)

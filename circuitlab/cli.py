@@ -186,7 +186,7 @@ def _explain_one(hm, image, out: Path, args) -> dict:
     import numpy as np
 
     from . import data
-    from .explain import explain
+    from .explain import explain, explain_at_area
     from .zoo import write_text
     t0 = time.perf_counter()
     x = data.load_image(image, hm)
@@ -194,10 +194,13 @@ def _explain_one(hm, image, out: Path, args) -> dict:
         ex = args.explainer_obj.explain(hm, x, refine=args.refine, seed=args.seed)
     else:
         ex = explain(hm, x, preset_name=args.preset, steps=args.steps, seed=args.seed)
+    if args.area is not None:  # pared down from the free mask to exactly this area
+        ex = explain_at_area(hm, x, args.area, base=ex, steps=args.steps, seed=args.seed)
     seconds = time.perf_counter() - t0
     result = {
         "image": str(image), "model": hm.name, "mode": args.mode,
         "preset": args.preset if args.mode == "per-image" else None, "steps": ex.steps,
+        "area_budget": args.area,
         **_mask_results(hm, x, ex.mask, ex.mask, ex.target, seed=args.seed),
         "seconds": seconds,
     }
@@ -224,6 +227,9 @@ def cmd_explain(args) -> int:
         args.explainer_obj = Explainer.load(args.explainer)
     elif args.explainer or args.refine:
         raise CircuitlabError("--explainer and --refine belong to --mode amortized")
+    if args.area is not None and not 0 < args.area < 1:
+        raise CircuitlabError(f"--area is the fraction of the image to keep, in (0, 1); got "
+                              f"{args.area}")
     hm = _load(args)
     from tqdm.auto import tqdm
     results = [_explain_one(hm, img, t, args) for img, t in
@@ -585,6 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["default", "paper"], default="default")
     p.add_argument("--steps", type=int, default=None, help="optimisation steps (preset's "
                                                              "by default)")
+    p.add_argument("--area", type=float, default=None,
+                   help="keep exactly this fraction of the image (e.g. 0.05): the minimal "
+                        "mask is pared down to it, for comparisons at equal area; "
+                        "metrics.json says whether the label survived")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace existing output files")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -36,8 +36,12 @@ def outputs(tmp_path_factory):
 
 def test_compare_methods_quick(outputs):
     df = pd.read_csv(outputs / "compare_methods" / "compare.csv")
-    assert set(df["method"]) == {"ours", "gradcam", "gradcam++", "ig", "rise", "extremal"}
+    assert set(df["method"]) == {"ours", "ours-area", "gradcam", "gradcam++", "ig", "rise",
+                                 "extremal"}
     assert set(df["area"]) == {0.05, 0.10}
+    # the budget masks are optimised for each area, and their time includes the free run
+    budget, free = df[df["method"] == "ours-area"], df[df["method"] == "ours"]
+    assert budget["seconds"].min() > free["seconds"].max()
     # every method scored on the same images at each area
     assert df.groupby(["area", "method"]).size().nunique() == 1
     assert df[["confidence", "deletion", "insertion", "pointing", "iou", "precision"]].notna().all().all()

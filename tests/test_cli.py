@@ -119,6 +119,20 @@ def test_explain_writes_outputs_and_never_overwrites(capsys, tmp_path, tiny_chec
     assert code == 0, err
 
 
+def test_explain_at_a_fixed_area(capsys, tmp_path, tiny_checkpoint):
+    base = ["explain", "--model", str(tiny_checkpoint), "--image", str(tmp_path / "shape0.png"),
+            "--steps", "4", "--json"]
+    code, stdout, err = run(capsys, *base, "--area", "0.1", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["area_budget"] == 0.1 and res["area_fraction"] == round(0.1 * 1024) / 1024
+    mask = np.asarray(Image.open(tmp_path / "a" / "mask.png"))
+    assert (mask > 0).sum() == round(0.1 * 1024)
+    code, _, err = run(capsys, *base, "--area", "1.5", "--out", str(tmp_path / "b"))
+    assert code == 2 and "--area is the fraction" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
 def test_explain_folder(capsys, tmp_path, tiny_checkpoint):
     out = tmp_path / "many"
     code, stdout, err = run(capsys, "explain", "--model", str(tiny_checkpoint), "--image",

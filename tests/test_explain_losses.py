@@ -95,6 +95,39 @@ def test_straight_through_estimator():
     assert p.grad.tolist() == [1.0, 2.0, 3.0]
 
 
+def test_keep_top_is_an_exact_budget_with_a_straight_through_gradient():
+    from circuitlab.explain.generator import keep_top_ste
+    p = torch.tensor([[[[0.9, 0.1], [0.4, 0.4]]], [[[0.2, 0.3], [0.8, 0.7]]]],
+                     requires_grad=True)
+    m = keep_top_ste(p, 0.5)
+    assert m.tolist() == [[[[1.0, 0.0], [1.0, 0.0]]], [[[0.0, 0.0], [1.0, 1.0]]]]
+    (m * torch.arange(8.0).view(2, 1, 2, 2)).sum().backward()
+    assert p.grad.flatten().tolist() == list(range(8))
+    assert keep_top_ste(p, 1e-6).flatten(1).sum(1).tolist() == [1.0, 1.0]   # at least one
+    assert keep_top_ste(p, 1.0).flatten(1).sum(1).tolist() == [4.0, 4.0]
+
+
+def test_area_budget_schedule_and_bad_values():
+    from circuitlab import HookedModel, synthetic
+    from circuitlab.explain import preset
+    from circuitlab.explain.objective import Objective
+    hm = HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG)
+    x = synthetic.make_dataset(1, seed=1).normalized()
+    obj = Objective(hm, x, preset("default", "cnn", area_budget=0.04, steps=11,
+                                  budget_warmup=0.5))
+    assert obj.budget_at(1) == 1.0 and obj.budget_at(6) == pytest.approx(0.04)
+    assert obj.budget_at(4) == pytest.approx(0.04 ** 0.6) and obj.budget_at(11) == 0.04
+    assert not obj.at_budget(5) and obj.at_budget(6)
+    p = torch.rand(1, 1, 32, 32)
+    loss, terms, out = obj(p, 11)
+    assert out.m_low.sum() == round(0.04 * 32 * 32) and "area" not in terms
+    for bad in (dict(area_budget=0.0), dict(area_budget=1.5), dict(budget_warmup=2.0)):
+        with pytest.raises(CircuitlabError, match="area_budget|budget_warmup"):
+            preset("default", **bad)
+    large = preset("default", "cnn", 224, area_budget=0.05)
+    assert large.area_budget == 0.05 and large.steps > preset("default", "cnn", 224).steps
+
+
 @pytest.mark.parametrize("depth, stride, size", [(4, 1, 64), (3, 4, 64), (2, 2, 50)])
 def test_generator_shapes_init_and_determinism(depth, stride, size):
     torch.manual_seed(0)

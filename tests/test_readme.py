@@ -20,5 +20,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert scope["circuit"].shape == (1, 1, 1000)
     assert scope["cache"]["blocks.3.attn.hook_pattern"].shape[1] == 6
     assert scope["ex"].mask.shape == (1, 1, 224, 224)
+    assert abs(scope["at5"].area.item() - 0.05) < 0.001 and scope["at5"].found.shape == (1,)
     assert (tmp_path / "out" / "edges.csv").is_file() and (tmp_path / "circuit.png").is_file()
     assert set(scope["c"].units) == set(scope["hm"].taps)

@@ -68,6 +68,26 @@ def test_default_preset_finds_the_planted_object():
         kept, pointing, precision, ratio)
 
 
+def test_explain_at_area_keeps_the_label_at_exactly_the_budget():
+    """A fixed-area mask grown out of the free explanation: exactly 5 % of the pixels, the
+    label kept on the benchmark's CNN, mostly on the object, and its complement still holding
+    most of the evidence it had (it is the budget, not the whole evidence)."""
+    from circuitlab import metrics
+    from circuitlab.explain import explain_at_area
+    hm = synthetic.synthetic_model("cnn", log=None)
+    data = synthetic.make_dataset(8, seed=123)
+    x = data.normalized()
+    base = explain(hm, x)
+    ex = explain_at_area(hm, x, 0.05, base=base)
+    assert torch.allclose(ex.area, torch.full((8,), round(0.05 * 1024) / 1024))
+    kept = hm(ex.explanation).argmax(-1) == ex.target
+    assert kept.float().mean() >= 0.9 and torch.equal(ex.found.cpu(), kept.cpu())
+    assert metrics.mask_precision(ex.mask, data.masks).mean() >= 0.5
+    assert ex.seconds > 0 and ex.config.area_budget == 0.05
+    with pytest.raises(Exception, match="area is the kept fraction"):
+        explain_at_area(hm, x[:1], 0.0, base=base)
+
+
 def test_synthetic_names_for_models_and_images():
     """`--model synthetic-cnn` and `--image synthetic:<i>` reach the benchmark's model and
     held-out images (the model comes from the cache the quality test fills)."""

@@ -2,7 +2,8 @@
 from .amortized import Explainer, train_explainer
 from .config import PRESETS, ExplainConfig, amortized_preset, preset
 from .generator import MaskGrid, MaskUNet, binarize_ste
-from .optimize import Explanation, explain
+from .optimize import Explanation, explain, explain_at_area
 
 __all__ = ["PRESETS", "ExplainConfig", "Explainer", "Explanation", "MaskGrid", "MaskUNet",
-           "binarize_ste", "amortized_preset", "explain", "preset", "train_explainer"]
+           "binarize_ste", "amortized_preset", "explain", "explain_at_area", "preset",
+           "train_explainer"]

@@ -25,6 +25,11 @@ class ExplainConfig:
     area_mode: str = "mean"               # mean: lambda * mean(p); schedule: sorted-mask gap
     area_start: float = 1.0               # schedule: the kept fraction goes from area_start to
     area_end: float = 0.02                # area_end geometrically over the steps
+    # a hard area budget instead of the area term: the mask keeps exactly this fraction of its
+    # cells (the top keep probabilities, straight-through), shrinking geometrically from the
+    # whole image over the first ``budget_warmup`` of the steps; None: the mask's own size
+    area_budget: Optional[float] = None
+    budget_warmup: float = 0.5
     taps: Optional[tuple] = None          # hook names; None = the family's taps
     alphas: Optional[tuple] = None        # per-tap weights; None = 1, 2, 2, 4, 8 style ramp
     distances: Optional[tuple] = None     # per-tap distance; None = cosine shallow, zmse deep
@@ -54,6 +59,14 @@ class ExplainConfig:
             raise CircuitlabError(f"unknown explain settings {sorted(unknown)}")
         return replace(self, **changes)
 
+    def __post_init__(self):
+        b = self.area_budget
+        if b is not None and not 0 < b <= 1:
+            raise CircuitlabError(f"area_budget is the kept fraction, in (0, 1]; got {b}")
+        if not 0 <= self.budget_warmup <= 1:
+            raise CircuitlabError(f"budget_warmup is a fraction of the steps, in [0, 1]; got "
+                                  f"{self.budget_warmup}")
+
 
 PRESETS = {
     # The authors' ResNet-18 code: lambda = 10/15/5/100/1/500/100, no necessity term, 8-neighbour
@@ -77,6 +90,16 @@ PRESETS = {
 _LARGE_INPUT = dict(area=100.0, tv=150.0, bin=1.0, mask_size=56, lr=0.05, steps=80)
 
 
+# ... and under an area budget (explain_at_area), tuned on photos that are not among the
+# reported ones (china, grace_hopper, the skimage motorcycle; p_target at 5 %): 120 steps
+# over 80 took 0.04 / 0.03 / 0.69 to 0.40 / 0.02 / 0.87 (200: 0.48 / 0.04 / 0.74); without
+# the necessity term 0.79 / 0.02 / 0.87 and a third faster (a 5 % mask's complement keeps
+# most photos' label whatever the mask holds, so the term only fights the class terms there;
+# on the synthetic benchmark it does help: precision at 5 % 0.67 -> 0.58 without it, so it
+# stays on for small inputs). lr 0.1 with TV 300, or no binarisation term: no better.
+_LARGE_INPUT_BUDGET = dict(steps=120, nec=0.0)
+
+
 def preset(name: str, family: str = "generic", image_size: Optional[int] = None,
            **overrides) -> ExplainConfig:
     """A named preset (``paper`` or ``default``) for a model family and input size."""
@@ -85,6 +108,8 @@ def preset(name: str, family: str = "generic", image_size: Optional[int] = None,
     cfg = PRESETS[name]
     if name == "default" and image_size is not None and image_size >= 128:
         cfg = cfg.replace(**_LARGE_INPUT)
+        if overrides.get("area_budget") is not None:
+            cfg = cfg.replace(**_LARGE_INPUT_BUDGET)
     return cfg.replace(**overrides) if overrides else cfg
 
 

@@ -14,6 +14,16 @@ def binarize_ste(p: torch.Tensor) -> torch.Tensor:
     return p + ((p > 0.5).to(p.dtype) - p).detach()
 
 
+def keep_top_ste(p: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The ``fraction`` of cells with the highest keep probability set to 1, the rest to 0
+    (ties by position), per image; gradient of p in the backward pass. A hard area budget:
+    the mask always keeps exactly round(fraction * cells) cells (at least one)."""
+    flat = p.flatten(1)
+    k = min(flat.shape[1], max(1, int(round(fraction * flat.shape[1]))))
+    hard = torch.zeros_like(flat).scatter_(1, flat.topk(k, dim=1).indices, 1.0)
+    return p + (hard.view_as(p) - p).detach()
+
+
 def _double_conv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU())

@@ -16,7 +16,7 @@ from ..hooked_model import HookedModel
 from . import losses
 from .backgrounds import make_backgrounds
 from .config import ExplainConfig, default_alphas, default_distances
-from .generator import binarize_ste
+from .generator import binarize_ste, keep_top_ste
 
 
 def resolve_taps(hm: HookedModel, cfg: ExplainConfig):
@@ -80,11 +80,23 @@ class Objective:
         c = self.cfg
         return c.area_start * (c.area_end / c.area_start) ** ((step - 1) / max(1, c.steps - 1))
 
+    def budget_at(self, step: int) -> float:
+        """The kept fraction under ``area_budget``: 1 at step 1, the budget from the end of the
+        warm-up on (geometric in between, so the mask is pared down from the whole image the
+        way a deletion curve is, and the ranking of cells has time to form)."""
+        c = self.cfg
+        warm = c.budget_warmup * (c.steps - 1)
+        return c.area_budget ** min(1.0, (step - 1) / warm) if warm > 0 else c.area_budget
+
+    def at_budget(self, step: int) -> bool:
+        return (step - 1) >= self.cfg.budget_warmup * (self.cfg.steps - 1)
+
     def __call__(self, p: torch.Tensor, step: int = 1):
         """(loss, {term: value}, StepOutput) for keep probabilities ``p`` (B, 1, h, w)."""
         cfg, x = self.cfg, self.x
         b = x.shape[0]
-        m_low = binarize_ste(p)
+        m_low = binarize_ste(p) if cfg.area_budget is None else \
+            keep_top_ste(p, self.budget_at(step))
         m = F.interpolate(m_low, size=x.shape[-2:], mode="nearest")
         parts = [m * x]
         if self.k:
@@ -120,6 +132,8 @@ class Objective:
             logits_c = logits[-b:]
             terms["nec"] = losses.necessity_hinge(self.logits_x, logits_c, self.target,
                                                   cfg.necessity_mode, cfg.necessity_margin)
+        if cfg.area_budget is not None:  # the budget fixes the area; nothing to trade it for
+            del terms["area"]
         loss = sum(getattr(cfg, name) * value for name, value in terms.items())
         return loss, terms, StepOutput(m_low, m, logits_e, logits_c)
 

@@ -32,6 +32,8 @@ class Explanation:
     steps: int
     seconds: float
     config: ExplainConfig
+    found: Optional[torch.Tensor] = None   # per image: a step's mask kept the label (else the
+    #                                        whole image, or under a budget the surest mask)
 
     @property
     def area(self) -> torch.Tensor:
@@ -48,6 +50,11 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     not shrunk for ``patience`` steps. Per image, the smallest label-keeping mask seen is
     returned, preferring masks whose complement loses the label; an image for which no step
     kept the label gets the whole image (mask of ones).
+
+    With ``config.area_budget`` every mask keeps exactly that fraction of its cells once the
+    warm-up is over; per image the returned mask is the one of those steps that kept the label
+    with the highest target probability, or failing that, the highest target probability
+    (``Explanation.found`` says which); no early stop.
     """
     cfg = config or preset(preset_name, hm.family.name, min(x.shape[-2:]))
     if steps is not None:
@@ -74,7 +81,10 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     objective = Objective(hm, x, cfg, gen_rng)
     target = objective.target
 
+    budget = cfg.area_budget is not None
     rows, best_area = [], torch.full((b,), float("inf"))
+    best_conf = torch.full((b,), -1.0)
+    best_kept = torch.zeros(b, dtype=torch.bool)
     best_nec = torch.zeros(b, dtype=torch.bool)
     best_mask = torch.ones(b, 1, *x.shape[-2:])
     best_soft = None
@@ -91,14 +101,22 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
             kept = out.kept(target)
             hard_area = out.m_low.flatten(1).mean(1).cpu()
             nec_ok = objective.necessity_met(out)
-            # the smallest label-keeping mask, preferring ones whose complement loses the label
-            better = kept.cpu() & ((nec_ok & ~best_nec) |
-                                   ((nec_ok == best_nec) & (hard_area < best_area)))
+            conf = out.logits_e.softmax(-1).gather(1, target[:, None]).squeeze(1).cpu()
+            if budget:
+                # at the budget: kept beats lost, then the more confident
+                better = torch.zeros_like(kept.cpu()) if not objective.at_budget(step) else \
+                    (kept.cpu() & ~best_kept) | ((kept.cpu() == best_kept) & (conf > best_conf))
+            else:
+                # the smallest label-keeping mask, preferring ones whose complement loses it
+                better = kept.cpu() & ((nec_ok & ~best_nec) |
+                                       ((nec_ok == best_nec) & (hard_area < best_area)))
             if best_soft is None:  # rows that never keep the label keep the whole image
                 best_soft = torch.ones_like(p, device="cpu")
             if better.any():
                 best_area = torch.where(better, hard_area, best_area)
                 best_nec = best_nec | (better & nec_ok)
+                best_conf = torch.where(better, conf, best_conf)
+                best_kept = best_kept | (better & kept.cpu())
                 best_mask[better] = out.mask[better].detach().cpu()
                 best_soft[better] = p[better].detach().cpu()
         row = {"step": step, "loss": float(loss.detach()),
@@ -107,13 +125,46 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
         rows.append(row)
         if progress:
             progress(step, row)
-        if step >= cfg.min_steps and _converged(rows, cfg):
+        # under a budget every step may still raise the confidence: no early stop
+        if not budget and step >= cfg.min_steps and _converged(rows, cfg):
             break
     mask = best_mask.to(x.device)
     history = pd.DataFrame(rows)
     return Explanation(mask=mask, soft=best_soft, explanation=mask * x, target=target,
                        history=history, steps=step, seconds=time.perf_counter() - t0,
-                       config=cfg)
+                       config=cfg, found=best_kept if budget else torch.isfinite(best_area))
+
+
+def explain_at_area(hm: HookedModel, x: torch.Tensor, area: float, *,
+                    base: Optional[Explanation] = None, config: Optional[ExplainConfig] = None,
+                    steps: Optional[int] = None, seed: int = 0,
+                    progress: Optional[Callable[[int, dict], None]] = None) -> Explanation:
+    """A mask keeping exactly ``area`` of the image (to the mask's cell), for comparisons at
+    equal area: the minimal explanation ``base`` (run here with the default preset when not
+    given) is pared down to the budget from its own keep probabilities, so the budget mask
+    grows out of the evidence the free mask found instead of from a random start (on the
+    synthetic benchmark's tuning images: precision 0.55 -> 0.67 CNN, 0.52 -> 0.62 ViT at 5 %,
+    label kept either way). ``config``: the budget run's settings (default preset for the
+    input size, with ``area_budget=area``); ``seconds`` includes the base run made here.
+    """
+    x = hm.check_input(x)
+    if not 0 < area <= 1:
+        raise CircuitlabError(f"area is the kept fraction, in (0, 1]; got {area}")
+    t0 = time.perf_counter()
+    if base is None:
+        base = explain(hm, x, steps=steps, seed=seed)
+    cfg = (config or preset("default", hm.family.name, min(x.shape[-2:]),
+                            area_budget=float(area))).replace(area_budget=float(area),
+                                                              generator="grid")
+    side = min(cfg.mask_size, x.shape[-2], x.shape[-1])
+    soft = F.interpolate(base.soft.float(), size=(side, side), mode="bilinear",
+                         align_corners=False) if base.soft.shape[-1] != side else base.soft
+    # keep probabilities of exactly 0 or 1 have no logit; 1e-3 leaves room to move
+    logits = torch.logit(soft.float().clamp(1e-3, 1 - 1e-3)).to(x.device)
+    ex = explain(hm, x, cfg, steps=steps, seed=seed, generator=MaskGrid.from_logits(logits),
+                 progress=progress)
+    ex.seconds = time.perf_counter() - t0
+    return ex
 
 
 def _converged(rows, cfg: ExplainConfig) -> bool:
