@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (arguments, fail, gather, pyplot, save_figure, start,  # noqa: E402
                      write_summary)
 from circuits import MODELS, models  # noqa: E402
-from circuitlab.circuits import read_circuit, units_needed  # noqa: E402
-from circuitlab.circuits.circuit import UNIT_KINDS  # noqa: E402
+from circuitlab.circuits import units_needed  # noqa: E402
+from circuitlab.circuits.readout import node_layers  # noqa: E402
 from circuitlab.circuits.readout import per_unit  # noqa: E402
 from circuitlab.zoo import write_text  # noqa: E402
 
@@ -58,10 +58,8 @@ def rankings(hm, x, refs, layers, target):
 def analyse(name, hm, images, refs) -> list[pd.DataFrame]:
     frames = []
     for image, x in images.items():
-        full = read_circuit(hm, x, k=1, edges="none")     # the default layers and units
-        layers = list(dict.fromkeys(full.nodes.loc[full.nodes["kind"].isin(UNIT_KINDS),
-                                                   "layer"]))
-        target = int(full.meta["target"])
+        layers = node_layers(hm)                   # read_circuit's default layers
+        target = int(hm(x).argmax(-1))
         for rank, order in rankings(hm, x, refs, layers, target).items():
             df = units_needed(hm, x, order, threshold=THRESHOLD, method="mean",
                               reference=refs, target=target)

@@ -162,6 +162,27 @@ def _effective_chain(hm: HookedModel, x: torch.Tensor, pairs) -> dict:
     return out
 
 
+def node_layers(hm: HookedModel, layers: Optional[Sequence[str]] = None,
+                units: str = "auto") -> list:
+    """The hook points whose units become nodes: ``layers`` as given, else the model's taps,
+    or on ViTs (``units`` auto / components) their heads and MLP neurons."""
+    if units not in ("auto", "components", "channels"):
+        raise CircuitlabError("units must be 'auto', 'components' or 'channels'")
+    if layers is None and units != "channels" and (units == "components" or
+                                                    hm.family.name == "vit"):
+        comps = T.component_layers(hm.hook_points, hm.taps)
+        if comps:
+            layers = comps
+        elif units == "components":
+            raise CircuitlabError(f"{hm.name}'s taps are not transformer blocks with heads and "
+                                  f"MLP neurons; use units='channels' (--units channels)")
+    layers = list(layers or hm.taps)
+    for name in layers:
+        if hm.point(name).unit_axis is None:
+            raise CircuitlabError(f"layer {name!r} has no unit axis to read nodes from")
+    return layers
+
+
 def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.Tensor] = None,
                  target: Optional[int] = None, *, layers: Optional[Sequence[str]] = None,
                  k: int = 16, mass: Optional[float] = None, select_by: str = "energy",
@@ -190,20 +211,7 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
     if edges not in ("auto", "weight", "effective", "none"):
         raise CircuitlabError("edges must be 'auto', 'weight', 'effective' or 'none' (nodes "
                               "only)")
-    if units not in ("auto", "components", "channels"):
-        raise CircuitlabError("units must be 'auto', 'components' or 'channels'")
-    if layers is None and units != "channels" and (units == "components" or
-                                                    hm.family.name == "vit"):
-        comps = T.component_layers(hm.hook_points, hm.taps)
-        if comps:
-            layers = comps
-        elif units == "components":
-            raise CircuitlabError(f"{hm.name}'s taps are not transformer blocks with heads and "
-                                  f"MLP neurons; use units='channels' (--units channels)")
-    layers = list(layers or hm.taps)
-    for name in layers:
-        if hm.point(name).unit_axis is None:
-            raise CircuitlabError(f"layer {name!r} has no unit axis to read nodes from")
+    layers = node_layers(hm, layers, units)
     if target is None and explanation is not None:
         target = int(hm(x).argmax(-1))  # the image's decision, read on its explanation
     # weight edges where the modules between two taps compose (a conv, or the path weight
