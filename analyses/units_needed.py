@@ -29,8 +29,7 @@ from _common import (arguments, fail, gather, pyplot, save_figure, start,  # noq
                      write_summary)
 from circuits import MODELS, models  # noqa: E402
 from circuitlab.circuits import units_needed  # noqa: E402
-from circuitlab.circuits.readout import node_layers  # noqa: E402
-from circuitlab.circuits.readout import per_unit  # noqa: E402
+from circuitlab.circuits.readout import node_layers, per_unit  # noqa: E402
 from circuitlab.zoo import write_text  # noqa: E402
 
 PROG = "analyses/units_needed.py"

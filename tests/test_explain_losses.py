@@ -153,6 +153,12 @@ def test_backgrounds():
     assert -1 <= r[2:6].min() and r[2:6].max() <= 1        # pixels in [0, 1]
     flat = torch.ones(1, 1, 9, 9)
     torch.testing.assert_close(gaussian_blur(flat, 2.0), flat)  # blur keeps constants
+    rim = gaussian_blur(flat, 1.0, border="zeros")         # nothing outside the image
+    corner, edge, inside = rim[0, 0, 0, 0], rim[0, 0, 0, 4], rim[0, 0, 4, 4]
+    assert inside == pytest.approx(1.0) and corner < edge < 0.75
+    assert corner == pytest.approx(edge ** 2)               # separable: both sides cut
+    with pytest.raises(CircuitlabError, match="border"):
+        gaussian_blur(flat, 1.0, border="wrap")
 
 
 def test_presets():

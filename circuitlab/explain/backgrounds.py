@@ -12,13 +12,18 @@ from ..errors import CircuitlabError
 KINDS = ("grey", "gaussian", "uniform", "blur")
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: float, border: str = "reflect") -> torch.Tensor:
+    """Separable Gaussian blur per channel, same size out. ``border``: ``reflect`` (an image:
+    no dark rim) or ``zeros`` (a mask density: outside the image nothing is kept)."""
+    if border not in ("reflect", "zeros"):
+        raise CircuitlabError(f"border must be 'reflect' or 'zeros', got {border!r}")
     radius = max(1, int(3 * sigma))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-t ** 2 / (2 * sigma ** 2))
     k = k / k.sum()
     c = x.shape[1]
-    x = F.pad(x, (radius,) * 4, mode="reflect")
+    x = F.pad(x, (radius,) * 4, mode="reflect") if border == "reflect" else \
+        F.pad(x, (radius,) * 4)
     x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 

@@ -98,25 +98,25 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
         opt.step()
 
         with torch.no_grad():
-            kept = out.kept(target)
+            kept = out.kept(target).cpu()
             hard_area = out.m_low.flatten(1).mean(1).cpu()
             nec_ok = objective.necessity_met(out)
             conf = out.logits_e.softmax(-1).gather(1, target[:, None]).squeeze(1).cpu()
             if budget:
                 # at the budget: kept beats lost, then the more confident
-                better = torch.zeros_like(kept.cpu()) if not objective.at_budget(step) else \
-                    (kept.cpu() & ~best_kept) | ((kept.cpu() == best_kept) & (conf > best_conf))
+                better = torch.zeros_like(kept) if not objective.at_budget(step) else \
+                    (kept & ~best_kept) | ((kept == best_kept) & (conf > best_conf))
             else:
                 # the smallest label-keeping mask, preferring ones whose complement loses it
-                better = kept.cpu() & ((nec_ok & ~best_nec) |
-                                       ((nec_ok == best_nec) & (hard_area < best_area)))
+                better = kept & ((nec_ok & ~best_nec) |
+                                 ((nec_ok == best_nec) & (hard_area < best_area)))
             if best_soft is None:  # rows that never keep the label keep the whole image
                 best_soft = torch.ones_like(p, device="cpu")
             if better.any():
                 best_area = torch.where(better, hard_area, best_area)
                 best_nec = best_nec | (better & nec_ok)
                 best_conf = torch.where(better, conf, best_conf)
-                best_kept = best_kept | (better & kept.cpu())
+                best_kept = best_kept | (better & kept)
                 best_mask[better] = out.mask[better].detach().cpu()
                 best_soft[better] = p[better].detach().cpu()
         row = {"step": step, "loss": float(loss.detach()),
@@ -157,10 +157,11 @@ def explain_at_area(hm: HookedModel, x: torch.Tensor, area: float, *,
                             area_budget=float(area))).replace(area_budget=float(area),
                                                               generator="grid")
     side = min(cfg.mask_size, x.shape[-2], x.shape[-1])
-    soft = F.interpolate(base.soft.float(), size=(side, side), mode="bilinear",
-                         align_corners=False) if base.soft.shape[-1] != side else base.soft
+    soft = base.soft.float()
+    if soft.shape[-2:] != (side, side):   # a U-Net's or an amortized explainer's resolution
+        soft = F.interpolate(soft, size=(side, side), mode="bilinear", align_corners=False)
     # keep probabilities of exactly 0 or 1 have no logit; 1e-3 leaves room to move
-    logits = torch.logit(soft.float().clamp(1e-3, 1 - 1e-3)).to(x.device)
+    logits = torch.logit(soft.clamp(1e-3, 1 - 1e-3)).to(x.device)
     ex = explain(hm, x, cfg, steps=steps, seed=seed, generator=MaskGrid.from_logits(logits),
                  progress=progress)
     ex.seconds = time.perf_counter() - t0
