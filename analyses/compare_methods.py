@@ -30,7 +30,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (PHOTOS, arguments, bad_models, cl, fail, faded, gather,  # noqa: E402
@@ -38,7 +37,6 @@ from _common import (PHOTOS, arguments, bad_models, cl, fail, faded, gather,  # 
                      write_summary)
 from circuitlab import baselines, metrics  # noqa: E402
 from circuitlab.explain import explain, explain_at_area  # noqa: E402
-from circuitlab.explain.backgrounds import gaussian_blur  # noqa: E402
 from circuitlab.zoo import write_text  # noqa: E402
 
 PROG = "analyses/compare_methods.py"
@@ -67,33 +65,12 @@ def load(name: str, n_images: int):
     return hm, torch.cat([cl.data.load_image(p, hm) for p in photos]), None, list(photos)
 
 
-def ours(ex, x):
-    """A minimal explanation ``ex`` of ``x`` as a ranking, to compare at any area: the binary
-    mask's pixels first, ordered by their keep probability plus a Gaussian density of the mask
-    (sigma 10 % of the side), so a smaller area keeps the mask's surest, densest core and a larger one
-    grows it where it is; outside the mask the blur orders the rest. Chosen on other images
-    of the benchmark (seed 7, not the reported seed 123): mask + blur over (soft + mask) / 2,
-    mask + blur(soft) and a 5 % sigma took precision at 10 % area 0.44 -> 0.56 (CNN), 0.41
-    -> 0.52 (ViT); weighting the mask by the keep probability then took the pointing game
-    0.94 -> 1.00 (CNN) and 0.91 -> 0.97 (ViT) at equal precision, over mask + blur(mask x
-    soft), mask + soft / 2 and 5 % / 20 % sigmas."""
-    soft = F.interpolate(ex.soft.float(), size=x.shape[-2:], mode="bilinear",
-                         align_corners=False)
-    m = ex.mask.float().cpu()
-    sigma = max(1.0, 0.1 * min(x.shape[-2:]))
-    soft = soft.cpu()
-    # the density of kept pixels, nothing kept outside the image: a mirrored border would
-    # count a cluster in a corner four times
-    density = gaussian_blur(m, sigma, border="zeros")
-    return m * (1 + soft) + 0.5 * density + 1e-3 * soft
-
-
 def ours_at_area(hm, x, area: float, base=None, steps=None):
     """``explain_at_area``: the minimal explanation pared down to exactly ``area`` (optimised
-    for that area, as extremal perturbations are), ranked like ``ours`` so that binarising
-    at ``area`` gives the budget mask itself. ``steps``: fewer than the preset's (the --quick
-    runs)."""
-    return ours(explain_at_area(hm, x, area, base=base, steps=steps), x)
+    for that area, as extremal perturbations are), ranked like ``ours``
+    (``Explanation.ranking``) so that binarising at ``area`` gives the budget mask itself.
+    ``steps``: fewer than the preset's (the --quick runs)."""
+    return explain_at_area(hm, x, area, base=base, steps=steps).ranking().cpu()
 
 
 def saliencies(hm, x, quick: bool, areas, log, only=None):
@@ -112,7 +89,7 @@ def saliencies(hm, x, quick: bool, areas, log, only=None):
                     base = explain(hm, x, steps=steps)
                     base_sec = time.perf_counter() - t
                 if method == "ours":
-                    s = ours(base, x)
+                    s = base.ranking().cpu()
                 else:
                     t = time.perf_counter() - base_sec   # the free run is part of its cost
                     s = ours_at_area(hm, x, area, base=base, steps=steps)

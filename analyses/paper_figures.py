@@ -1,8 +1,8 @@
 """The paper's figures, reproduced: explanations with the ``paper`` preset on the bundled
 photos beside Grad-CAM and our ``default`` preset, with the numbers the paper gives in prose.
 
-    python analyses/paper_figures.py --out analyses/out/paper_figures            # 880 steps
-    python analyses/paper_figures.py --out /tmp/pf --quick                       # ~1 min
+    python analyses/paper_figures.py --out analyses/out/paper_figures  # 880 steps, ~75 min
+    python analyses/paper_figures.py --out /tmp/pf --quick                  # ~1 min
 
 The paper (Suhail, Anand and Sethi 2025) shows single examples and states in prose: about
 5 % of the pixels kept (ResNet-18, EntleBucher: confidence 0.26 -> 0.53), about 2 % (otter),
@@ -54,7 +54,7 @@ def run(hm, x, name, preset_name, steps):
 
 
 def main(argv=None) -> int:
-    p = arguments(__doc__, "one photo, 3 paper / 5 default steps (a smoke run)", images=3,
+    p = arguments(__doc__, "one photo, 3 paper / 5 default steps (a smoke run)", images=5,
                   images_help=f"photos (at most {len(PHOTOS)})")
     p.add_argument("--steps", type=int, default=None,
                    help="override the paper preset's 880 steps (say so when you report)")

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (arguments, bad_models, cl, fail, gather, parse_list, pyplot,  # noqa: E402
                      save_figure, start, write_summary)
-from compare_methods import QUICK_STEPS, load, ours, settings  # noqa: E402
+from compare_methods import QUICK_STEPS, load, settings  # noqa: E402
 from circuitlab import baselines  # noqa: E402
 from circuitlab.explain import explain  # noqa: E402
 from circuitlab.zoo import write_text  # noqa: E402
@@ -72,7 +72,7 @@ def maps(hm, x, methods, quick):
     out = {}
     for m in methods:
         if m == "ours":
-            out[m] = ours(explain(hm, x, steps=QUICK_STEPS if quick else None), x)
+            out[m] = explain(hm, x, steps=QUICK_STEPS if quick else None).ranking().cpu()
         else:
             extra = dict(kw.get(m, {}), **({"area": 0.1} if m == "extremal" else {}))
             out[m] = baselines.saliency(hm, x, m, **extra)

@@ -168,9 +168,36 @@ def test_presets():
     assert preset("default", "resnet", 224, steps=7).steps == 7
     paper = preset("paper", "resnet", 224)
     assert paper == PRESETS["paper"] and paper.generator == "unet" and paper.steps == 880
+    # under an area budget large inputs get one mask cell per pixel, small ones keep theirs
+    assert preset("default", "resnet", 224, area_budget=0.05).mask_size == 224
+    assert preset("default", "resnet", 32, area_budget=0.05).mask_size == 32
     assert (paper.act, paper.ce, paper.kl, paper.area, paper.bin, paper.tv, paper.rob) == (
         10, 15, 5, 100, 1, 500, 100)
     with pytest.raises(CircuitlabError, match="unknown preset"):
         preset("fast")
     with pytest.raises(CircuitlabError, match="unknown explain settings"):
         preset("default", stpes=3)
+
+
+def test_explanation_ranking():
+    from circuitlab.explain.config import ExplainConfig
+    from circuitlab.explain.optimize import Explanation
+    from circuitlab.metrics import binarize_at_area
+    mask = torch.zeros(1, 1, 40, 40)
+    mask[..., :6, :6] = 1          # a cluster in the corner ...
+    mask[..., 17:23, 17:23] = 1    # ... and one of the same size in the middle
+    soft = torch.full((1, 1, 10, 10), 0.9)   # keep probabilities on a coarser grid
+    ex = Explanation(mask=mask, soft=soft, explanation=mask, target=torch.zeros(1),
+                     history=None, steps=1, seconds=0.0, config=ExplainConfig())
+    r = ex.ranking()
+    assert r.shape == mask.shape
+    # at the mask's own area the ranking gives back the mask exactly
+    torch.testing.assert_close(binarize_at_area(r, float(ex.area)), mask)
+    # a smaller area keeps each cluster's dense core first, and a cluster in the corner
+    # weighs what the same cluster in the middle does (a mirrored border would count the
+    # corner one up to four times)
+    half = binarize_at_area(r, float(ex.area) / 2)
+    assert half[..., 18:22, 18:22].sum() == 16 and half[..., 1:5, 1:5].sum() == 16
+    assert r[..., :6, :6].max() == pytest.approx(float(r[..., 17:23, 17:23].max()), abs=1e-4)
+    # outside the mask the density orders the rest: next to a cluster before far away
+    assert r[0, 0, 20, 24] > r[0, 0, 35, 35] and r[0, 0, 20, 24] < 1

@@ -101,3 +101,19 @@ def test_synthetic_names_for_models_and_images():
     torch.testing.assert_close(data.denormalize(x[0], hm), ref.images[3], atol=0.5 / 255 + 1e-6,
                                rtol=0)
     assert hm(x).argmax(-1).item() == ref.labels[3].item()
+
+
+def test_explain_at_area_on_large_inputs_has_one_cell_per_pixel():
+    """From 128 px on, the budget mask's cells are pixels (the paper's resolution), so the
+    kept area is exact to the pixel, not to a 4-px cell, and TV is scaled to the finer grid."""
+    import torch.nn.functional as F
+    from circuitlab.explain import explain_at_area
+    from circuitlab.explain.config import preset
+    hm = synthetic.synthetic_model("cnn", log=None)
+    x = F.interpolate(synthetic.make_dataset(1, seed=123).normalized(), size=(144, 144),
+                      mode="bilinear", align_corners=False)
+    cfg = preset("default", hm.family.name, 144, area_budget=0.05)
+    assert cfg.mask_size == 144 and cfg.tv == pytest.approx(150 * 144 / 56)
+    ex = explain_at_area(hm, x, 0.05, steps=6)
+    assert ex.mask.sum().item() == round(0.05 * 144 * 144) and ex.soft.shape[-1] == 144
+    assert ex.config.mask_size == 144 and ex.config.steps == 6

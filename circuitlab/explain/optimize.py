@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
+from .backgrounds import gaussian_blur
 from .config import ExplainConfig, preset
 from .generator import MaskGrid, MaskUNet
 from .objective import Objective
@@ -38,6 +39,26 @@ class Explanation:
     @property
     def area(self) -> torch.Tensor:
         return self.mask.flatten(1).mean(1)
+
+    def ranking(self) -> torch.Tensor:
+        """The explanation as a saliency map (B, 1, H, W), to compare with other methods at
+        any area (``metrics.binarize_at_area``): the mask's pixels first, ordered by their
+        keep probability plus a Gaussian density of the mask (sigma 10 % of the side), so a
+        smaller area keeps the mask's surest, densest core and a larger one grows it where it
+        is; outside the mask the density orders the rest. Chosen on the synthetic
+        benchmark's tuning images (seed 7, not the reported seed 123): mask + density over
+        (soft + mask) / 2, mask + blur(soft) and a 5 % sigma took precision at 10 % area 0.44
+        -> 0.56 (CNN), 0.41 -> 0.52 (ViT); weighting the mask by the keep probability then
+        took the pointing game 0.94 -> 1.00 (CNN) and 0.91 -> 0.97 (ViT) at equal precision.
+        """
+        m = self.mask.float()
+        soft = F.interpolate(self.soft.float().to(m.device), size=m.shape[-2:],
+                             mode="bilinear", align_corners=False)
+        sigma = max(1.0, 0.1 * min(m.shape[-2:]))
+        # the density of kept pixels, nothing kept outside the image: a mirrored border would
+        # count a cluster in a corner four times
+        density = gaussian_blur(m, sigma, border="zeros")
+        return m * (1 + soft) + 0.5 * density + 1e-3 * soft
 
 
 def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = None, *,
