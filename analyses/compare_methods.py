@@ -6,9 +6,10 @@
 Methods: ``ours`` (the per-image minimal explanation, default preset, ranked by its keep
 probabilities), ``ours-area`` (that explanation pared down to exactly each area by
 ``explain_at_area``; its seconds include the free run), Grad-CAM, Grad-CAM++, Integrated
-Gradients (32 steps, mean baseline), RISE (2000 masks, 7x7 cells), extremal perturbations (preserve, 800 steps, optimised for each
-area) and, on ViTs, attention rollout and CLS attention. Each saliency map is binarised at
-the same area (5 % and 10 % of the pixels) and scored on the same images:
+Gradients (32 steps, mean baseline), RISE (2000 masks, 7x7 cells), extremal perturbations
+(preserve, 800 steps, optimised for each area) and, on ViTs, attention rollout and CLS
+attention. Each saliency map is binarised at the same area (5 % and 10 % of the pixels) and
+scored on the same images:
 
 - ``top1``: the masked image m x keeps the model's top-1; ``confidence``: p_target(m x);
 - ``sufficiency``: top-1 kept over filled-in backgrounds; ``necessity``: relative drop of

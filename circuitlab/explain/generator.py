@@ -15,9 +15,11 @@ def binarize_ste(p: torch.Tensor) -> torch.Tensor:
 
 
 def keep_top_ste(p: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The ``fraction`` of cells with the highest keep probability set to 1, the rest to 0
-    (ties by position), per image; gradient of p in the backward pass. A hard area budget:
-    the mask always keeps exactly round(fraction * cells) cells (at least one)."""
+    """The ``fraction`` of cells with the highest keep probability set to 1, the rest to 0,
+    per image; gradient of p in the backward pass. A hard area budget: the mask always keeps
+    exactly round(fraction * cells) cells (at least one). Ties go as ``torch.topk`` breaks
+    them, not by position as in ``metrics.binarize_at_area`` (after Adam's first, sign-like
+    step many logits tie, so the two pick different cells there)."""
     flat = p.flatten(1)
     k = min(flat.shape[1], max(1, int(round(fraction * flat.shape[1]))))
     hard = torch.zeros_like(flat).scatter_(1, flat.topk(k, dim=1).indices, 1.0)
