@@ -10,8 +10,8 @@ from typing import Optional, Sequence
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import circuitlab as cl  # noqa: E402
+import circuitlab as cl
+from circuitlab.files import refuse_overwrite, write_atomic, write_text
 
 # distinct photos (scikit-image's "cat" is chelsea again)
 PHOTOS = ("coffee", "chelsea", "rocket", "astronaut", "flower", "grace_hopper")
@@ -24,10 +24,10 @@ def fail(prog: str, message: str) -> int:
 
 def refuse_clash(prog: str, out: Path, outputs: Sequence[str], force: bool) -> Optional[int]:
     """Exit status 2 with one line when an output exists and --force was not given."""
-    clash = [f for f in outputs if (out / f).exists()]
-    if clash and not force:
-        return fail(prog, f"{out / clash[0]} exists (not replaced); choose another --out or "
-                          f"pass --force")
+    try:
+        refuse_overwrite([out / f for f in outputs], force)
+    except cl.CircuitlabError as e:
+        return fail(prog, str(e))
     return None
 
 
@@ -80,7 +80,6 @@ def gather(prog: str, out: Path, csv_name: str, write_outputs) -> int:
 def write_summary(out: Path, stem: str, title: str, caption: str, table: pd.DataFrame,
                   width: int = 200) -> int:
     """``stem.md`` (title, caption, the table) written atomically; the table printed."""
-    from circuitlab.zoo import write_text
     write_text(out / f"{stem}.md", "\n".join([f"# {title}", "", caption, "", markdown(table)])
                + "\n")
     with pd.option_context("display.width", width, "display.float_format", "{:.2f}".format):
@@ -110,10 +109,8 @@ def pyplot():
 def save_figure(fig, path: Path, dpi: int = 110) -> None:
     """Write atomically: a reader never sees half a PNG."""
     plt = pyplot()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
+    write_atomic(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def show_image(x: torch.Tensor, hm) -> "object":

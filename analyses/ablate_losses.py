@@ -28,7 +28,7 @@ from _common import (arguments, bad_models, cl, fail, faded, parse_list,  # noqa
 from circuitlab import metrics  # noqa: E402
 from circuitlab.explain import explain  # noqa: E402
 from circuitlab.explain.config import preset  # noqa: E402
-from circuitlab.zoo import write_text  # noqa: E402
+from circuitlab.files import write_text  # noqa: E402
 
 PROG = "analyses/ablate_losses.py"
 MODELS = ("synthetic-cnn", "synthetic-vit")

@@ -32,7 +32,7 @@ from _common import (arguments, cl, fail, gather, pyplot, save_figure, start,  #
 from circuitlab.circuits import Circuit, faithfulness, read_circuit  # noqa: E402
 from circuitlab.circuits.circuit import UNIT_KINDS  # noqa: E402
 from circuitlab.explain import explain  # noqa: E402
-from circuitlab.zoo import write_text  # noqa: E402
+from circuitlab.files import write_text  # noqa: E402
 
 BUDGETS = (0.05, 0.10, 0.20)
 OUTPUTS = ("circuits.csv", "circuits.md", "faithfulness.png")

@@ -38,7 +38,7 @@ from _common import (PHOTOS, arguments, bad_models, cl, fail, faded, gather,  # 
                      write_summary)
 from circuitlab import baselines, metrics  # noqa: E402
 from circuitlab.explain import explain, explain_at_area  # noqa: E402
-from circuitlab.zoo import write_text  # noqa: E402
+from circuitlab.files import write_text  # noqa: E402
 
 PROG = "analyses/compare_methods.py"
 MODELS = ("synthetic-cnn", "synthetic-vit", "efficientnet_lite0")

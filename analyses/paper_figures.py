@@ -27,7 +27,7 @@ from _common import (PHOTOS, arguments, cl, fail, faded, pyplot, save_figure,  #
 from circuitlab import baselines, metrics  # noqa: E402
 from circuitlab.explain import explain  # noqa: E402
 from circuitlab.explain.config import preset  # noqa: E402
-from circuitlab.zoo import write_text  # noqa: E402
+from circuitlab.files import write_text  # noqa: E402
 
 PROG = "analyses/paper_figures.py"
 OUTPUTS = ("paper_figures.csv", "paper_figures.md", "paper_figures.png")

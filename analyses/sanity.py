@@ -30,7 +30,7 @@ from _common import (arguments, bad_models, cl, fail, gather, parse_list, pyplot
 from compare_methods import QUICK_STEPS, load, settings  # noqa: E402
 from circuitlab import baselines  # noqa: E402
 from circuitlab.explain import explain  # noqa: E402
-from circuitlab.zoo import write_text  # noqa: E402
+from circuitlab.files import write_text  # noqa: E402
 
 PROG = "analyses/sanity.py"
 MODELS = ("synthetic-cnn", "synthetic-vit", "efficientnet_lite0")
@@ -61,8 +61,9 @@ def randomise(model: torch.nn.Module, path: str, g: torch.Generator) -> None:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra = a.flatten().argsort().argsort().float()
-    rb = b.flatten().argsort().argsort().float()
+    # float64: in float32 the sums of squared ranks round, and identical maps scored 1.000002
+    ra = a.flatten().argsort().argsort().double()
+    rb = b.flatten().argsort().argsort().double()
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
 

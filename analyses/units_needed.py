@@ -30,7 +30,7 @@ from _common import (arguments, fail, gather, pyplot, save_figure, start,  # noq
 from circuits import MODELS, models  # noqa: E402
 from circuitlab.circuits import units_needed  # noqa: E402
 from circuitlab.circuits.readout import node_layers, per_unit  # noqa: E402
-from circuitlab.zoo import write_text  # noqa: E402
+from circuitlab.files import write_text  # noqa: E402
 
 PROG = "analyses/units_needed.py"
 OUTPUTS = ("units_needed.csv", "units_needed.md", "units_needed.png")

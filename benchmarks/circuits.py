@@ -21,10 +21,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import circuitlab as cl  # noqa: E402
 from circuitlab.circuits import read_circuit  # noqa: E402
-from circuitlab.zoo import write_text  # noqa: E402
+from circuitlab.files import write_text  # noqa: E402
 
 
 def _sync():

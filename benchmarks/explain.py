@@ -22,12 +22,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import circuitlab as cl  # noqa: E402
 from circuitlab import metrics, synthetic  # noqa: E402
 from circuitlab.explain import Explainer, amortized_preset, explain  # noqa: E402
 from circuitlab.explain import train_explainer  # noqa: E402
-from circuitlab.zoo import write_text  # noqa: E402
+from circuitlab.files import write_text  # noqa: E402
 
 
 def fwd_bwd_seconds(hm, x, reps=5):

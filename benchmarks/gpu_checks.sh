@@ -9,7 +9,11 @@ BUDGET=${1:-240}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
 fi
-export PYTHONPATH=/tmp/site:$PWD CIRCUITLAB_OFFLINE=1
+# circuitlab itself, editable and offline: the kernels/ folder imports as circuitlab.kernels only
+# through the install (pyproject's package-dir), not from a bare PYTHONPATH
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 ||
+  echo "circuitlab did not install (needs setuptools >= 64 in this python)"
+export PYTHONPATH=/tmp/site CIRCUITLAB_OFFLINE=1
 { nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 t0=$SECONDS

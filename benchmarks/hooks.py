@@ -21,9 +21,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from circuitlab import HookedModel  # noqa: E402
-from circuitlab.zoo import write_text  # noqa: E402
+from circuitlab.files import write_text  # noqa: E402
 
 CONFIGS = {
     "full": [("resnet50", {}, 224), ("vit_small_patch16_224", {}, 224)],

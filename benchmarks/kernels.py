@@ -29,11 +29,10 @@ import torch
 if not torch.cuda.is_available():          # Triton on a CPU only runs under its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import reference as R  # noqa: E402
+import circuitlab.kernels as kernels  # noqa: E402
+from circuitlab.kernels import reference as R  # noqa: E402
 
 RESNET50 = [(64, 112), (256, 56), (512, 28), (1024, 14), (2048, 7)]      # (C, side)
 RESNET50_KINDS = ("cosine", "cosine", "zmse", "zmse", "zmse")
@@ -242,7 +241,7 @@ def main(argv=None) -> int:
     with pd.option_context("display.width", 200, "display.max_rows", 500,
                            "display.float_format", "{:.4g}".format):
         print(df[show].to_string(index=False))
-    from circuitlab.zoo import write_text
+    from circuitlab.files import write_text
     write_text(args.out, df.to_csv(index=False))
     print(f"wrote {args.out}")
     return 0

@@ -14,13 +14,13 @@ __version__ = "0.1.0"
 
 # Attributes load on first use, so `circuitlab --help` answers without importing torch.
 _EXPORTS = {
-    "ActivationCache": "cache", "CircuitlabError": "errors", "Family": "families",
-    "HookPoint": "hook_points", "HookedModel": "hooked_model", "OFFLINE_MODELS": "zoo",
-    "load_model": "zoo", "save_checkpoint": "zoo",
+    "ActivationCache": "cache", "CircuitlabError": "errors", "DataConfig": "preprocessing",
+    "Family": "families", "HookPoint": "hook_points", "HookedModel": "hooked_model",
+    "OFFLINE_MODELS": "zoo", "load_model": "zoo", "save_checkpoint": "zoo",
 }
-_SUBMODULES = ("baselines", "cache", "circuits", "cli", "data", "errors", "explain",
-               "families", "hook_points", "hooked_model", "metrics", "report", "synthetic",
-               "zoo")
+_SUBMODULES = ("backgrounds", "baselines", "cache", "checkpoints", "circuits", "cli", "data",
+               "errors", "explain", "families", "files", "hook_points", "hooked_model",
+               "kernels", "metrics", "preprocessing", "report", "synthetic", "zoo")
 __all__ = sorted(_EXPORTS) + ["data", "__version__"]
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .families import Family
     from .hook_points import HookPoint
     from .hooked_model import HookedModel
+    from .preprocessing import DataConfig
     from .zoo import OFFLINE_MODELS, load_model, save_checkpoint
 
 

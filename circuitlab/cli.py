@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import CircuitlabError
+from .files import refuse_overwrite, write_atomic, write_text
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -134,18 +135,9 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _refuse_overwrite(paths, force: bool) -> None:
-    """Outputs are never replaced silently: one error naming the first clash."""
-    clash = [str(p) for p in paths if Path(p).exists()]
-    if clash and not force:
-        raise CircuitlabError(f"{clash[0]} exists ({len(clash)} output file(s) would be "
-                              f"replaced); choose another --out or pass --force")
-
-
 def _save_png(path: Path, array) -> None:
     from PIL import Image
 
-    from .zoo import write_atomic
     write_atomic(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
@@ -187,7 +179,6 @@ def _explain_one(hm, image, out: Path, args) -> dict:
 
     from . import data
     from .explain import explain, explain_at_area
-    from .zoo import write_text
     t0 = time.perf_counter()
     x = data.load_image(image, hm)
     if args.mode == "amortized":
@@ -218,7 +209,7 @@ def cmd_explain(args) -> int:
     out = Path(args.out)
     targets = [out / Path(str(i)).stem for i in images] if src.is_dir() else [out]
     names = ("mask.png", "explanation.png", "overlay.png", "metrics.json")
-    _refuse_overwrite([t / n for t in targets for n in names], args.force)
+    refuse_overwrite([t / n for t in targets for n in names], args.force)
     if args.mode == "amortized":
         if not args.explainer:
             raise CircuitlabError("--mode amortized needs --explainer FILE (train one with "
@@ -252,9 +243,8 @@ def cmd_saliency(args) -> int:
     import numpy as np
 
     from . import baselines, data
-    from .zoo import write_text
     out = Path(args.out)
-    _refuse_overwrite([out / n for n in ("saliency.png", "mask.png", "overlay.png",
+    refuse_overwrite([out / n for n in ("saliency.png", "mask.png", "overlay.png",
                                          "metrics.json")], args.force)
     if not 0 < args.area < 1:
         raise CircuitlabError(f"--area must lie in (0, 1), got {args.area}")
@@ -329,7 +319,7 @@ def cmd_circuit(args) -> int:
     out = Path(args.out)
     names = ("nodes.csv", "edges.csv", "nodes.parquet", "edges.parquet", "circuit.graphml",
              "circuit.json", "circuit.png", "validation.json")
-    _refuse_overwrite([out / n for n in names], args.force)
+    refuse_overwrite([out / n for n in names], args.force)
     if args.explain and args.explanation:
         raise CircuitlabError("pass --explain or --explanation DIR, not both")
     hm = _load(args)
@@ -376,7 +366,6 @@ def cmd_circuit(args) -> int:
     result["seconds"] = time.perf_counter() - t0
     circuit.save(out)
     circuit.plot(out / "circuit.png")
-    from .zoo import write_text
     write_text(out / "validation.json", json.dumps(result, indent=2) + "\n")
     f, rf = result["faithfulness"], result["random_faithfulness"]
     _emit(args, result, f"{args.image}: {result['label']} circuit of {result['units']} units "
@@ -395,7 +384,7 @@ def cmd_circuit(args) -> int:
 def _unit_experiment(args):
     """(hm, x) for ablate / patch, after refusing to replace --out and checking --layer."""
     from . import data
-    _refuse_overwrite([args.out], args.force)
+    refuse_overwrite([args.out], args.force)
     hm = _load(args)
     x = data.load_image(args.image, hm)
     hm.point(args.layer)
@@ -403,7 +392,6 @@ def _unit_experiment(args):
 
 
 def _write_csv(args, df) -> Path:
-    from .zoo import write_text
     write_text(args.out, df.to_csv(index=False))
     return Path(args.out)
 
@@ -514,9 +502,7 @@ def cmd_report(args) -> int:
     from .report import analyses_dir, build_report, run_analyses
     out = Path(args.out)
     page = out / "report.html"
-    if page.exists() and not args.force:
-        raise CircuitlabError(f"{page} exists (not replaced); choose another --out or pass "
-                              f"--force")
+    refuse_overwrite([page], args.force)
     if out.exists() and not out.is_dir():
         raise CircuitlabError(f"--out {out} is a file; pass a folder")
     if args.run:

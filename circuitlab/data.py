@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from . import synthetic
 from .errors import CircuitlabError, did_you_mean
+# re-exported: loading images and (de)normalising them is one topic for users
+from .preprocessing import DataConfig, denormalize, make_transform, normalize
+
+__all__ = ["SAMPLES", "IMAGE_SUFFIXES", "available_samples", "to_rgb", "open_image",
+           "image_files", "load_image", "make_transform", "normalize", "denormalize"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -110,10 +116,9 @@ def open_image(path_or_sample: Union[str, os.PathLike]) -> Image.Image:
 
 def _synthetic_image(i: int) -> Image.Image:
     """Image ``i`` of the synthetic benchmark's held-out set (seed 123, as the benchmarks)."""
-    from .synthetic import make_dataset
     if i > 9999:
         raise CircuitlabError("synthetic:<i> takes i from 0 to 9999")
-    arr = make_dataset(i + 1, seed=123).images[i].permute(1, 2, 0).numpy()
+    arr = synthetic.make_dataset(i + 1, seed=123).images[i].permute(1, 2, 0).numpy()
     return Image.fromarray((arr * 255).round().astype(np.uint8))
 
 
@@ -129,51 +134,13 @@ def image_files(folder: Union[str, os.PathLike]) -> list[Path]:
     return files
 
 
-def make_transform(config: dict):
-    """The eval transform of a timm-style data config (resize, center crop, normalise)."""
-    from timm.data import create_transform
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    return create_transform(**{k: config[k] for k in keys if k in config}, is_training=False)
-
-
-def _config_of(model_or_config) -> dict:
-    from .hooked_model import IMAGENET_CONFIG
-    if model_or_config is None:
-        return dict(IMAGENET_CONFIG)
-    if isinstance(model_or_config, dict):
-        return {**IMAGENET_CONFIG, **model_or_config}
-    cfg = getattr(model_or_config, "data_config", None)
-    if cfg is None:
-        raise CircuitlabError("pass a HookedModel or a data config dict to load_image")
-    return cfg
-
-
 def load_image(path_or_sample: Union[str, os.PathLike, Image.Image],
                model_or_config=None) -> torch.Tensor:
     """A (1, 3, H, W) float tensor preprocessed with the model's own data config.
 
-    ``model_or_config`` is a HookedModel, a timm-style data config dict, or None (ImageNet
-    defaults at 224 px).
+    ``model_or_config`` is a HookedModel, a data config (a timm-style dict, partial or whole,
+    or a ``DataConfig``), or None (ImageNet defaults at 224 px).
     """
     img = path_or_sample if isinstance(path_or_sample, Image.Image) else open_image(
         path_or_sample)
-    return make_transform(_config_of(model_or_config))(to_rgb(img)).unsqueeze(0)
-
-
-def _mean_std(x: torch.Tensor, model_or_config):
-    cfg = _config_of(model_or_config)
-    shape = (-1, 1, 1)  # broadcasts over (C, H, W) and (B, C, H, W)
-    return (torch.tensor(cfg["mean"], dtype=x.dtype, device=x.device).view(shape),
-            torch.tensor(cfg["std"], dtype=x.dtype, device=x.device).view(shape))
-
-
-def normalize(pix: torch.Tensor, model_or_config=None) -> torch.Tensor:
-    """[0, 1] RGB -> the model's normalised input space (0 = the dataset mean)."""
-    mean, std = _mean_std(pix, model_or_config)
-    return (pix - mean) / std
-
-
-def denormalize(x: torch.Tensor, model_or_config=None) -> torch.Tensor:
-    """Undo the normalisation: model input space -> [0, 1] RGB (for display)."""
-    mean, std = _mean_std(x, model_or_config)
-    return (x * std + mean).clamp(0, 1)
+    return make_transform(DataConfig.of(model_or_config))(to_rgb(img)).unsqueeze(0)

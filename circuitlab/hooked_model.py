@@ -25,16 +25,12 @@ from .cache import ActivationCache
 from .errors import CircuitlabError, did_you_mean
 from .families import Family, detect_family
 from .hook_points import HookPoint, classifier_aliases, probe, transformer_aliases
+from .preprocessing import DataConfig
 
 Names = Union[None, str, Sequence[str], Callable[[str], bool]]
 Units = Union[int, slice, Sequence[int], torch.Tensor]
 Variant = dict  # hook name -> units
 HookFn = Callable[[torch.Tensor, str], Optional[torch.Tensor]]
-
-IMAGENET_CONFIG = {"input_size": (3, 224, 224), "interpolation": "bilinear",
-                   "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-                   "crop_pct": 0.875, "crop_mode": "center"}
-
 
 def _in_chans(model: nn.Module) -> Optional[int]:
     for m in model.modules():
@@ -67,7 +63,8 @@ class HookedModel:
         self.name = name or type(model).__name__
         self.source = source
         self.arch_kwargs: dict = {}  # set by load_model; lets save_checkpoint rebuild the model
-        self.data_config = dict(data_config or IMAGENET_CONFIG)
+        # a partial dict takes the rest from ImageNet's defaults (preprocessing.DataConfig)
+        self.data_config = DataConfig.of(data_config)
         self.labels = list(labels) if labels is not None else None
         self._envoy = NNsight(model)
         self._envoys: dict[str, object] = {}

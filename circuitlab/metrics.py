@@ -11,8 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .backgrounds import KINDS, gaussian_blur, make_backgrounds
 from .errors import CircuitlabError
-from .explain.backgrounds import KINDS, gaussian_blur, make_backgrounds
 from .hooked_model import HookedModel
 
 

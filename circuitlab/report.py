@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from .errors import CircuitlabError
+from .files import write_text
 
 # (folder, title, what it answers) in the order the page shows them
 SECTIONS = (
@@ -172,7 +173,6 @@ def run_analyses(dest: Union[str, os.PathLike], quick: bool = True,
 def build_report(src: Union[str, os.PathLike], out_file: Union[str, os.PathLike]
                  ) -> list[str]:
     """Write the page to ``out_file`` atomically; returns the sections found."""
-    from .zoo import write_text
     page, found = render(src)
     write_text(out_file, page)
     return found

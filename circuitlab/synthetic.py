@@ -21,14 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checkpoints
 from .errors import CircuitlabError
+from .hooked_model import HookedModel
+from .preprocessing import DataConfig, normalize
 
 CLASSES = ("square", "disk", "triangle", "cross")
 SIZE = 32
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
-DATA_CONFIG = {"input_size": (3, SIZE, SIZE), "mean": MEAN, "std": STD, "crop_pct": 1.0,
-               "interpolation": "bilinear", "crop_mode": "center"}
+DATA_CONFIG = DataConfig(input_size=(3, SIZE, SIZE), mean=MEAN, std=STD, crop_pct=1.0,
+                         interpolation="bilinear", crop_mode="center")
 _RED = (0.9, 0.1, 0.1)
 _OTHER = ((0.1, 0.3, 0.9), (0.1, 0.8, 0.2), (0.9, 0.8, 0.1), (0.8, 0.8, 0.8))
 
@@ -40,7 +43,6 @@ class SyntheticData:
     masks: torch.Tensor    # (N, 1, 32, 32) the red object's pixels
 
     def normalized(self) -> torch.Tensor:
-        from .data import normalize
         return normalize(self.images, DATA_CONFIG)
 
 
@@ -127,21 +129,26 @@ class SmallCNN(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
+# kind -> (architecture name, its arguments, where the architecture comes from)
 ARCHS = {
-    "cnn": ("synthetic_cnn", {}),
+    "cnn": ("synthetic_cnn", {}, "circuitlab"),
     "vit": ("vit_tiny_patch16_224", {"img_size": SIZE, "patch_size": 4, "depth": 4,
                                      "embed_dim": 96, "num_heads": 3,
-                                     "num_classes": len(CLASSES)}),
+                                     "num_classes": len(CLASSES)}, "timm"),
 }
 
 
-def build(kind: str) -> nn.Module:
+def _check_kind(kind: str) -> None:
     if kind not in ARCHS:
         raise CircuitlabError(f"unknown synthetic model {kind!r}; use one of {sorted(ARCHS)}")
+
+
+def build(kind: str) -> nn.Module:
+    _check_kind(kind)
     if kind == "cnn":
         return SmallCNN()
     import timm
-    arch, kwargs = ARCHS[kind]
+    arch, kwargs, _ = ARCHS[kind]
     return timm.create_model(arch, pretrained=False, **kwargs)
 
 
@@ -191,24 +198,41 @@ def cache_dir() -> Path:
 
 
 def synthetic_model(kind: str = "cnn", seed: int = 0, n_train: int = 10000,
-                    epochs: Optional[int] = None, log=print):
+                    epochs: Optional[int] = None, log=print) -> HookedModel:
     """A HookedModel trained on the benchmark: loaded from the cache, else trained and cached.
 
-    Training takes about 30 s (CNN) or 2 min (ViT) on 2 cores.
+    Training takes about 30 s (CNN) or 2 min (ViT) on 2 cores. The cache file is a model
+    checkpoint (``circuitlab.checkpoints``), so ``load_model(path)`` reads it too.
     """
-    from .zoo import load_model, save_checkpoint
+    _check_kind(kind)
     epochs = epochs or (3 if kind == "cnn" else 8)
     path = cache_dir() / f"{kind}-seed{seed}-n{n_train}-e{epochs}.pt"
     if path.is_file():
-        return load_model(path)
+        model, state = build(kind), checkpoints.load(path, "model")["state_dict"]
+        try:
+            model.load_state_dict(state)
+        except RuntimeError:
+            raise CircuitlabError(f"the cached {kind} model {path} does not fit its "
+                                  f"architecture; delete it to train it again") from None
+        return _hooked(model, kind)
     t = time.perf_counter()
     model = train(kind, make_dataset(n_train, seed), epochs, seed, log=log)
     acc = accuracy(model, make_dataset(1000, seed + 10_000))
     if log:
         log(f"{kind}: held-out accuracy {acc:.3f} after {time.perf_counter() - t:.0f} s; "
             f"cached at {path}")
-    arch, kwargs = ARCHS[kind]
-    hm = load_model(model, data_config=DATA_CONFIG, labels=list(CLASSES))
-    hm.name, hm.arch_kwargs = arch, dict(kwargs)
-    save_checkpoint(hm, path, overwrite=True)
-    return load_model(path)
+    hm = _hooked(model, kind)
+    checkpoints.save(path, "model", {
+        "arch": hm.name, "arch_kwargs": dict(hm.arch_kwargs), "state_dict": model.state_dict(),
+        "data_config": dict(DATA_CONFIG), "labels": list(CLASSES)}, overwrite=True)
+    return hm
+
+
+def _hooked(model: nn.Module, kind: str) -> HookedModel:
+    # named by its architecture, as load_model names a checkpoint (the zoo renames it to the
+    # registry's synthetic-cnn / synthetic-vit)
+    arch, kwargs, source = ARCHS[kind]
+    hm = HookedModel(model, name=arch, data_config=DATA_CONFIG, labels=list(CLASSES),
+                     source=source)
+    hm.arch_kwargs = dict(kwargs)
+    return hm

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
-import tempfile
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +20,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import checkpoints, synthetic
 from .errors import CircuitlabError, did_you_mean
-from .hooked_model import IMAGENET_CONFIG, HookedModel
-
-CHECKPOINT_FORMAT = "circuitlab.checkpoint/1"
+from .hooked_model import HookedModel
+from .preprocessing import KEYS, DataConfig
 
 
 @dataclass(frozen=True)
@@ -111,11 +111,10 @@ def _load_offline(name: str) -> tuple[nn.Module, dict]:
 
 
 # ---------------------------------------------------------------------------- timm / torchvision
-def _timm_data_config(model: nn.Module) -> dict:
+def _timm_data_config(model: nn.Module) -> DataConfig:
     from timm.data import resolve_data_config
     cfg = resolve_data_config({}, model=model)
-    return {k: cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct",
-                                "crop_mode") if k in cfg}
+    return DataConfig.of({k: cfg[k] for k in KEYS if k in cfg})
 
 
 def _hub_reachable(host: str, timeout: float = 3.0) -> bool:
@@ -136,8 +135,7 @@ def _torchvision_names() -> list[str]:
 
 def _local_archs() -> dict:
     """Architectures defined in circuitlab itself (no hub weights exist for them)."""
-    from .synthetic import SmallCNN
-    return {"synthetic_cnn": SmallCNN}
+    return {"synthetic_cnn": synthetic.SmallCNN}
 
 
 def _create(source: str, arch: str, pretrained: Optional[bool], kwargs: dict) -> nn.Module:
@@ -208,19 +206,7 @@ def resolve_name(name: str) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------- checkpoints
 def _read_checkpoint(path: Union[str, os.PathLike]) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CircuitlabError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CircuitlabError(f"cannot read checkpoint {str(path)!r} as plain tensors "
-                              f"(weights_only=True): {str(e).splitlines()[0][:200]}. Save a "
-                              f"state_dict, not a pickled module") from None
-    if not isinstance(obj, dict):
-        raise CircuitlabError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, "
-                              f"not a state_dict")
-    return obj
+    return checkpoints.read(path, "checkpoint")
 
 
 def _state_dict_of(obj: dict) -> dict:
@@ -267,21 +253,16 @@ def save_checkpoint(hm: Union[HookedModel, nn.Module], path: Union[str, os.PathL
 
     ``load_model(path)`` rebuilds the model from it with ``weights_only=True``.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise CircuitlabError(f"{str(path)!r} exists; pass overwrite=True to replace it")
-    model = hm.model if isinstance(hm, HookedModel) else hm
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "arch": arch or (hm.name if isinstance(hm, HookedModel) else None),
+    hooked = isinstance(hm, HookedModel)
+    model = hm.model if hooked else hm
+    return checkpoints.save(path, "model", {
+        "arch": arch or (hm.name if hooked else None),
         "arch_kwargs": dict(arch_kwargs if arch_kwargs is not None
                             else getattr(hm, "arch_kwargs", {})),
         "state_dict": model.state_dict(),
-        "data_config": dict(hm.data_config) if isinstance(hm, HookedModel) else None,
-        "labels": hm.labels if isinstance(hm, HookedModel) else None,
-    }
-    write_atomic(path, lambda f: torch.save(payload, f))
-    return path
+        "data_config": dict(hm.data_config) if hooked else None,
+        "labels": hm.labels if hooked else None,
+    }, overwrite=overwrite)
 
 
 # the ground-truth benchmark's models: trained here on first use (about a minute for the CNN,
@@ -290,36 +271,10 @@ SYNTHETIC_MODELS = {"synthetic-cnn": "cnn", "synthetic-vit": "vit"}
 
 
 def _synthetic(name: str, device=None) -> HookedModel:
-    import sys
-
-    from .synthetic import synthetic_model
-    hm = synthetic_model(SYNTHETIC_MODELS[name],
-                         log=lambda s: print(f"circuitlab: {s}", file=sys.stderr))
+    hm = synthetic.synthetic_model(SYNTHETIC_MODELS[name],
+                                   log=lambda s: print(f"circuitlab: {s}", file=sys.stderr))
     hm.name = name
     return _to_device(hm, device)
-
-
-def write_text(path: Union[str, os.PathLike], text: str) -> None:
-    """``text`` (UTF-8) to ``path`` atomically: CSV tables, JSON reports."""
-    write_atomic(path, lambda f: f.write(text.encode()))
-
-
-def write_atomic(path: Union[str, os.PathLike], write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        # mkstemp makes the file private (0600); give it the mode a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -340,14 +295,14 @@ def load_model(name_or_module: Union[str, os.PathLike, nn.Module], checkpoint=No
     kwargs: dict = {}
     if isinstance(name_or_module, nn.Module):
         model, source, name = name_or_module, "module", type(name_or_module).__name__
-        cfg = dict(IMAGENET_CONFIG)
+        cfg = DataConfig()
     else:
         name = os.fspath(name_or_module)
         if name in SYNTHETIC_MODELS:
             return _synthetic(name, device)
         if name.endswith((".pt", ".pth")) or Path(name).is_file():
             meta = _read_checkpoint(name)
-            if meta.get("format") != CHECKPOINT_FORMAT or not meta.get("arch"):
+            if checkpoints.kind_of(meta) != "model" or not meta.get("arch"):
                 raise CircuitlabError(f"{name!r} is not a circuitlab checkpoint (no arch "
                                       f"recorded); use load_model(ARCH, checkpoint={name!r})")
             checkpoint, name = name, meta["arch"]
@@ -378,19 +333,19 @@ def load_model(name_or_module: Union[str, os.PathLike, nn.Module], checkpoint=No
                     model = _create(source, arch, False, kwargs)
             except TypeError as e:
                 raise CircuitlabError(f"{name} does not accept these arguments: {e}") from None
-            cfg = _timm_data_config(model) if source == "timm" else dict(IMAGENET_CONFIG)
+            cfg = _timm_data_config(model) if source == "timm" else DataConfig()
             if "img_size" in kwargs or "in_chans" in kwargs:  # the pretrained cfg lags behind
-                size = kwargs.get("img_size", cfg["input_size"][1:])
+                size = kwargs.get("img_size", cfg.input_size[1:])
                 size = (size, size) if isinstance(size, int) else tuple(size)
-                cfg["input_size"] = (kwargs.get("in_chans", cfg["input_size"][0]), *size)
+                cfg = cfg.replace(input_size=(kwargs.get("in_chans", cfg.input_size[0]), *size))
             if state is not None:
                 _load_state(model, state, repr(os.fspath(checkpoint)))
         if meta.get("data_config"):
-            cfg = dict(meta["data_config"])
+            cfg = DataConfig.of(meta["data_config"])
         if labels is None and meta.get("labels"):
             labels = meta["labels"]
     if data_config:
-        cfg = {**cfg, **data_config}
+        cfg = DataConfig.of({**cfg, **data_config})
     classes = _num_classes(model)
     hm = HookedModel(model, name=name, data_config=cfg, source=source,
                      labels=_labels_for(classes, labels) if classes else labels)

@@ -1,9 +1,13 @@
 """Fused ops of circuitlab, each a Triton kernel with a pure-torch reference of the same
-semantics (``kernels.reference``).
+semantics (``circuitlab.kernels.reference``).
 
->>> import kernels
->>> loss = kernels.activation_matching(acts_x, acts_e, alphas, kinds, channel_dims)
->>> l1, scores = kernels.edge_scores(conv.weight, energy, src_units, dst_units, conv.groups)
+The folder is the repository's top-level ``kernels/``, installed as ``circuitlab.kernels``
+(pyproject's ``package-dir``): a top-level ``kernels`` would collide with the PyPI package of
+that name. A leaf: it imports nothing of circuitlab but ``circuitlab.errors``.
+
+>>> from circuitlab.kernels import activation_matching, edge_scores
+>>> loss = activation_matching(acts_x, acts_e, alphas, kinds, channel_dims)
+>>> l1, scores = edge_scores(conv.weight, energy, src_units, dst_units, conv.groups)
 
 ``backend`` picks the implementation: ``"auto"`` (default) uses Triton for CUDA tensors and the
 torch reference elsewhere; ``"triton"`` or ``"torch"`` force one. The environment variable
@@ -46,7 +50,7 @@ def backend_for(device: torch.device, backend: Optional[str] = None) -> str:
         return "triton" if on_gpu else "torch"
     if not on_gpu and not INTERPRET:
         raise KernelInputError("Triton kernels on CPU tensors run only under the interpreter: "
-                               "set TRITON_INTERPRET=1 before importing kernels, or use "
+                               "set TRITON_INTERPRET=1 before importing circuitlab.kernels, or use "
                                "backend='torch'")
     return "triton"
 

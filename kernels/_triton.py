@@ -1,7 +1,8 @@
 """Triton, when it is installed: ``triton`` and ``tl`` are None elsewhere (macOS, Windows, ARM).
 
 On a machine with no GPU the kernels still run under Triton's interpreter, which reads
-``TRITON_INTERPRET=1`` when a kernel is defined: set it before the first ``import kernels``.
+``TRITON_INTERPRET=1`` when a kernel is defined: set it before ``circuitlab.kernels`` is first
+imported.
 """
 try:  # pragma: no cover - depends on the platform
     import triton

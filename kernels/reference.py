@@ -11,12 +11,15 @@ from typing import Optional, Sequence
 
 import torch
 
+from circuitlab.errors import CircuitlabError
+
 DISTANCES = ("mse", "zmse", "cosine", "kl")
 EPS = 1e-6
 
 
-class KernelInputError(ValueError):
-    """Inputs a fused op cannot take (shapes, names); the message says what to pass."""
+class KernelInputError(CircuitlabError, ValueError):
+    """Inputs a fused op cannot take (shapes, names); the message says what to pass. A
+    CircuitlabError, so callers need no translation: the CLI prints it as one line."""
 
 
 def channels_last(t: torch.Tensor, channel_dim: int) -> torch.Tensor:

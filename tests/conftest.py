@@ -58,6 +58,30 @@ def small_vit():
     return get_model("vit")
 
 
+# In CI every test runs but the CUDA ones: a skip for anything else (no Chromium, no console
+# script, a missing dev extra) fails the run instead of passing quietly.
+CUDA_SKIP = "needs a CUDA device"
+_unexpected_skips: list = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and os.environ.get("CI"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else \
+            str(report.longrepr)
+        if CUDA_SKIP not in reason:
+            _unexpected_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _unexpected_skips:
+        terminalreporter.write_line(f"CI allows only CUDA skips; skipped {line}", red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unexpected_skips and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def batch_for(hm, b=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn((b, *hm.input_size), generator=g)

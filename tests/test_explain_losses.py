@@ -6,7 +6,7 @@ import torch
 
 from circuitlab import CircuitlabError
 from circuitlab.explain import MaskUNet, binarize_ste, losses
-from circuitlab.explain.backgrounds import gaussian_blur, make_backgrounds
+from circuitlab.backgrounds import gaussian_blur, make_backgrounds
 
 
 def test_mse_and_zmse_by_hand():

@@ -1,15 +1,16 @@
 """Triton kernels against their torch reference: values and gradients, odd shapes, strides,
-dtypes. On a CPU they run under TRITON_INTERPRET=1 (set in conftest.py before kernels is
-imported), so shapes stay small; on a GPU the same tests run the compiled kernels.
+dtypes. On a CPU they run under TRITON_INTERPRET=1 (set in conftest.py before
+circuitlab.kernels is imported), so shapes stay small; on a GPU the same tests run the compiled
+kernels.
 Select them with ``pytest -k kernel``."""
 import os
 
 import pytest
 import torch
 
-import kernels
-from kernels import reference as R
-from kernels._triton import triton
+import circuitlab.kernels as kernels
+from circuitlab.kernels import reference as R
+from circuitlab.kernels._triton import triton
 
 pytestmark = pytest.mark.skipif(triton is None, reason="triton is not installed")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CircuitlabError
-from ..explain.backgrounds import gaussian_blur
+from ..backgrounds import gaussian_blur
 from ..hooked_model import HookedModel
 from ._common import check_area, target_classes
 

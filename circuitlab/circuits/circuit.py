@@ -11,6 +11,8 @@ from typing import Union
 import networkx as nx
 import pandas as pd
 
+from ..files import write_atomic, write_text
+
 # node kinds that are units of a hooked layer (what ablation and patching take); the rest are
 # pooled features and classes
 UNIT_KINDS = ("unit", "head", "neuron")
@@ -89,7 +91,6 @@ class Circuit:
     def save(self, folder: Union[str, os.PathLike]) -> Path:
         """nodes.csv, edges.csv, nodes.parquet, edges.parquet, circuit.graphml and
         circuit.json in ``folder``, each written atomically."""
-        from ..zoo import write_atomic, write_text
         folder = Path(folder)
         for name, df in (("nodes.parquet", self.nodes), ("edges.parquet", self.edges)):
             write_atomic(folder / name, lambda f, d=df: d.to_parquet(f, index=False))
@@ -155,7 +156,6 @@ class Circuit:
         ax.set_title(title or f"{self.meta.get('model', '')}: {self.meta.get('label', '')} "
                               f"({self.meta.get('read_on', '')})", fontsize=9)
         if own and path is not None:
-            from ..zoo import write_atomic
             fig.tight_layout()
             fmt = Path(path).suffix.lstrip(".") or "png"
             buf = io.BytesIO()

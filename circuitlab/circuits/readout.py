@@ -25,8 +25,6 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-import kernels
-
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from . import edges as E
@@ -320,8 +318,7 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
             if how == "weight":
                 wl, sc = E.scores(w, energies[src], chosen[src], chosen[dst], scale)
             else:
-                wl, sc = kernels.edge_scores(w, energies[src].to(w.device), chosen[src],
-                                             chosen[dst], 1, scale)
+                wl, sc = E.weight_scores(w, energies[src], chosen[src], chosen[dst], 1, scale)
         elif how == "virtual":
             wl = T.virtual_l1(hm.model, src, dst, chosen[src], chosen[dst]).to(
                 energies[src].device)

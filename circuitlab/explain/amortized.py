@@ -27,14 +27,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .. import checkpoints
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from .config import ExplainConfig, amortized_preset, preset
 from .generator import MaskGrid, MaskUNet
 from .optimize import Explanation, explain
-
-FORMAT = "circuitlab-explainer-1"
-
 
 class Explainer:
     """A trained amortized mask generator for one classifier (name and input size recorded)."""
@@ -90,34 +88,20 @@ class Explainer:
     def save(self, path: Union[str, os.PathLike], overwrite: bool = False,
              training: Optional[dict] = None) -> Path:
         """Write the explainer atomically; ``training`` holds the state to resume from."""
-        from ..zoo import write_atomic
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise CircuitlabError(f"{str(path)!r} exists; pass overwrite=True (--force) to "
-                                  f"replace it or resume=True (--resume) to continue it")
-        payload = {"format": FORMAT, "model": self.model_name,
-                   "input_size": list(self.input_size), "config": asdict(self.config),
-                   "step": self.step, "history": self.history,
+        payload = {"model": self.model_name, "input_size": list(self.input_size),
+                   "config": asdict(self.config), "step": self.step, "history": self.history,
                    "state_dict": self.net.state_dict(), "training": training}
-        write_atomic(path, lambda f: torch.save(payload, f))
-        return path
+        return checkpoints.save(path, "explainer", payload, overwrite=overwrite,
+                                hint="pass overwrite=True (--force) to replace it or "
+                                     "resume=True (--resume) to continue it")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], with_training: bool = False):
         """Read a checkpoint with ``weights_only=True``; (explainer, training state) if
         ``with_training``."""
-        path = Path(path)
-        if not path.is_file():
-            raise CircuitlabError(f"explainer checkpoint {str(path)!r} does not exist; train "
-                                  f"one with `circuitlab train-explainer`")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CircuitlabError(f"cannot read {str(path)!r} as an explainer checkpoint: "
-                                  f"{str(e).splitlines()[0][:200]}") from None
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-            raise CircuitlabError(f"{str(path)!r} is not a circuitlab explainer checkpoint "
-                                  f"(written by `circuitlab train-explainer`)")
+        obj = checkpoints.load(path, "explainer",
+                               missing="; train one with `circuitlab train-explainer`",
+                               written_by=" (written by `circuitlab train-explainer`)")
         known = {f.name for f in fields(ExplainConfig)}
         cfg = ExplainConfig(**{k: tuple(v) if isinstance(v, list) else v
                                for k, v in obj["config"].items() if k in known})

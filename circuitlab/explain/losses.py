@@ -1,42 +1,24 @@
 """The terms of the activation-matching objective, each a plain function of tensors.
 
 Every term returns a scalar averaged over the batch, so weights mean the same at any batch size.
-The activation distances live in ``kernels`` (fused Triton op + its torch reference).
+The activation distances live in ``circuitlab.kernels`` (fused Triton op + its torch reference);
+their input errors are CircuitlabErrors already.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-import kernels
-
 from ..errors import CircuitlabError
+# d(a, b) per layer (mse, zmse, cosine, kl) and its sum over layers: the fused Triton kernel on
+# a GPU, the torch reference elsewhere (CIRCUITLAB_KERNELS=torch forces the reference)
+from ..kernels import DISTANCES, activation_matching
+from ..kernels.reference import activation_distance
 
-DISTANCES = kernels.DISTANCES
-
-
-def activation_distance(a: torch.Tensor, b: torch.Tensor, kind: str = "mse",
-                        channel_dim: int = 1, eps: float = kernels.reference.EPS) -> torch.Tensor:
-    """d(a, b) between the image's activations (a, the target) and the explanation's (b); the
-    definitions are ``kernels.reference.activation_distance`` (mse, zmse, cosine, kl)."""
-    try:
-        return kernels.reference.activation_distance(a, b, kind, channel_dim, eps)
-    except kernels.KernelInputError as e:
-        raise CircuitlabError(str(e)) from None
-
-
-def activation_matching(acts_x: Sequence[torch.Tensor], acts_e: Sequence[torch.Tensor],
-                        alphas: Sequence[float], kinds: Sequence[str],
-                        channel_dims: Sequence[int]) -> torch.Tensor:
-    """sum_l alpha_l * d_l(phi_l(x), phi_l(e)): the fused Triton kernel on a GPU, the torch
-    reference elsewhere (``CIRCUITLAB_KERNELS=torch`` forces the reference)."""
-    try:
-        return kernels.activation_matching(acts_x, acts_e, alphas, kinds, channel_dims)
-    except kernels.KernelInputError as e:
-        raise CircuitlabError(str(e)) from None
+__all__ = ["DISTANCES", "activation_distance", "activation_matching", "class_ce", "logit_kl",
+           "area", "area_rank", "binarization", "total_variation", "necessity_hinge"]
 
 
 def class_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

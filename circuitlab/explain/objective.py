@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..backgrounds import make_backgrounds
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from . import losses
-from .backgrounds import make_backgrounds
 from .config import ExplainConfig, default_alphas, default_distances
 from .generator import binarize_ste, keep_top_ste
 

@@ -13,9 +13,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..backgrounds import gaussian_blur
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
-from .backgrounds import gaussian_blur
 from .config import ExplainConfig, preset
 from .generator import MaskGrid, MaskUNet
 from .objective import Objective

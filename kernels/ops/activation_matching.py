@@ -17,7 +17,7 @@ first two-pass version were flat from batch 8 to 64 on an H100).
 - cosine, kl: one program per block of positions; a first loop over channels gathers the
   row statistics (dot and norms; online max and sum-exp for both softmaxes and the KL), a
   second one writes the gradient.
-Semantics: ``kernels.reference.activation_distance``.
+Semantics: ``circuitlab.kernels.reference.activation_distance``.
 """
 from __future__ import annotations
 

@@ -64,7 +64,8 @@ if triton is not None:
 def edge_scores_triton(weight: torch.Tensor, src_energy: torch.Tensor,
                        src_units: Sequence[int], dst_units: Sequence[int], groups: int = 1,
                        dst_scale: Optional[torch.Tensor] = None, topk: Optional[int] = None):
-    # inputs (weight shape, groups, energies, unit ranges) are checked by kernels.edge_scores
+    # inputs (weight shape, groups, energies, unit ranges) are checked by
+    # circuitlab.kernels.edge_scores
     dev = weight.device
     w = weight.detach()
     w3 = w.reshape(w.shape[0], w.shape[1], -1)                      # (out, in / groups, K)

@@ -1,4 +1,8 @@
-"""Backgrounds r that fill the complement of a mask in the sufficiency term and metric."""
+"""Backgrounds r that fill the complement of a mask (the objective's robustness term, the
+sufficiency metric, the baselines' blur), and the Gaussian blur they are made with.
+
+Below explanations, metrics and baselines, which all use it; imports only ``errors`` and
+``preprocessing``."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -6,8 +10,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..data import normalize
-from ..errors import CircuitlabError
+from .errors import CircuitlabError
+from .preprocessing import normalize
 
 KINDS = ("grey", "gaussian", "uniform", "blur")
 

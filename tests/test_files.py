@@ -1,0 +1,44 @@
+"""Outputs are written atomically and never replace what the user has unless asked."""
+import os
+
+import pytest
+
+from circuitlab.errors import CircuitlabError
+from circuitlab.files import refuse_overwrite, write_atomic, write_text
+
+
+def test_refuse_overwrite_names_the_first_clash(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.png"
+    refuse_overwrite([a, b], force=False)                 # nothing there: fine
+    b.write_text("mine")
+    with pytest.raises(CircuitlabError, match=r"b\.png exists \(1 output file\(s\) would be "
+                                              r"replaced\); choose another --out or pass --force"):
+        refuse_overwrite([a, b], force=False)
+    with pytest.raises(CircuitlabError, match=r"exists \(not replaced\); pass overwrite=True"):
+        refuse_overwrite([b], force=False, hint="pass overwrite=True")
+    refuse_overwrite([a, b], force=True)
+    assert b.read_text() == "mine"
+
+
+def test_write_atomic_leaves_the_old_file_when_the_writer_fails(tmp_path):
+    path = tmp_path / "sub" / "table.csv"
+    write_text(path, "old\n")
+    assert path.read_text() == "old\n"
+
+    def broken(f):
+        f.write(b"half a ta")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, broken)
+    assert path.read_text() == "old\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["table.csv"]  # no temp file left
+
+
+def test_written_files_get_the_mode_of_a_plain_open(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "x.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o644
