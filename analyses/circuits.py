@@ -98,7 +98,7 @@ def analyse(name, hm, images, refs, budgets, steps, seed=0, log=print,
         ex = explain(hm, x, seed=seed)
         target = int(hm(x).argmax(-1))
         for read_on, inp in (("image", None), ("explanation", ex.explanation)):
-            full = read_circuit(hm, x, inp, k=10 ** 6, edges="none")
+            full = read_circuit(hm, x, inp, select_by="energy", k=10 ** 6, edges="none")
             layers_total = sum(hm.n_units(layer) for layer in full.units)
             circuits = []
             for b in budgets:

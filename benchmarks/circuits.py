@@ -6,6 +6,9 @@
 - readout: ``read_circuit`` (k units per tapped layer, weight edges where a conv reads the
   previous tap, effective edges elsewhere, feature-to-class links) relative to one
   forward+backward of the model at batch 1. Target <= 3x.
+- default readout: the smallest faithful circuit (ranking rounds + size search against 8
+  reference images, ``circuits.search``), without edges and with them, relative to the same
+  forward+backward. Target <= 30x. The passes column counts its model runs in images.
 - patching: ``hm.patch`` of every unit of one layer in batched forwards, relative to one
   ``hm.patch`` call per unit. Target >= 10x.
 Prints a table and writes CSV (default benchmarks/results/circuits.csv).
@@ -48,11 +51,19 @@ def fwd_bwd(hm, x):
     hm.model(xi).max().backward()
 
 
-def bench(name, hm, x, source, layer, k, reps, edges="auto"):
+def bench(name, hm, x, source, refs, layer, k, reps, edges="auto"):
     rows = []
     base = best_of(lambda: fwd_bwd(hm, x), reps)
+    for e in ("none", edges):
+        t = best_of(lambda: read_circuit(hm, x, reference=refs, edges=e), reps)
+        c = read_circuit(hm, x, reference=refs, edges="none")
+        rows.append({"model": name, "what": f"default readout (faithful), edges={e}",
+                     "seconds": t, "baseline": "forward+backward b1", "baseline_seconds": base,
+                     "ratio": t / base, "passes": f"{c.meta['search_passes_forward_backward']} "
+                     f"fwd+bwd, {c.meta['search_passes_forward']} fwd",
+                     "units": f"{c.meta['search_fraction']:.3f}"})
     for e in (edges, "effective") if edges != "effective" else (edges,):
-        t = best_of(lambda: read_circuit(hm, x, k=k, edges=e), reps)
+        t = best_of(lambda: read_circuit(hm, x, select_by="energy", k=k, edges=e), reps)
         rows.append({"model": name, "what": f"readout k={k}, edges={e}", "seconds": t,
                      "baseline": "forward+backward b1", "baseline_seconds": base,
                      "ratio": t / base})
@@ -84,12 +95,15 @@ def main(argv=None) -> int:
         cl.HookedModel(cl.synthetic.build("cnn"), data_config=cl.synthetic.DATA_CONFIG)
     hm.to(dev)
     data = cl.synthetic.make_dataset(2, seed=123).normalized().to(dev)
-    rows += bench("synthetic cnn", hm, data[:1], data[1:], "layer3", 16, reps)
+    refs = cl.synthetic.make_dataset(8, seed=7).normalized().to(dev)
+    rows += bench("synthetic cnn", hm, data[:1], data[1:], refs, "layer3", 16, reps)
     if not args.quick:
         hm = cl.load_model("efficientnet_lite0", device=dev)
         x = cl.data.load_image("coffee", hm).to(dev)
         src = cl.data.load_image("chelsea", hm).to(dev)
-        rows += bench("efficientnet_lite0", hm, x, src, "blocks.4", 16, reps)
+        refs = torch.cat([cl.data.load_image(s, hm) for s in cl.data.available_samples()
+                          if s != "coffee"][:8]).to(dev)
+        rows += bench("efficientnet_lite0", hm, x, src, refs, "blocks.4", 16, reps)
     df = pd.DataFrame(rows)
     df.insert(0, "device", torch.cuda.get_device_name() if dev.type == "cuda" else "cpu")
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):

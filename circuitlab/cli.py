@@ -8,6 +8,11 @@
     circuitlab explain --model synthetic-cnn --image synthetic:0 --out runs/s0 \
         --mode amortized --explainer explainer.pt
     circuitlab saliency --model efficientnet_lite0 --image coffee --method gradcam --out runs/gc
+    circuitlab circuit --model efficientnet_lite0 --image coffee --out runs/circuit \
+        [--faithfulness 0.8 | --select energy --k 16] [--explain]
+    circuitlab ablate --model efficientnet_lite0 --image coffee --layer blocks.4 --out a.csv
+    circuitlab patch --model efficientnet_lite0 --image coffee --explanation runs/coffee \
+        --layer blocks.6 --out p.csv
     circuitlab report --out runs/report [--from analyses/out | --run [--quick]]
 
 Bad input gives one line on stderr and exit status 2; ``--debug`` shows the traceback.
@@ -315,13 +320,17 @@ def cmd_circuit(args) -> int:
     import time
 
     from . import data
-    from .circuits import faithfulness, read_circuit
+    from .circuits import ReadoutConfig, faithfulness, read_circuit
     out = Path(args.out)
     names = ("nodes.csv", "edges.csv", "nodes.parquet", "edges.parquet", "circuit.graphml",
              "circuit.json", "circuit.png", "validation.json")
     refuse_overwrite([out / n for n in names], args.force)
     if args.explain and args.explanation:
         raise CircuitlabError("pass --explain or --explanation DIR, not both")
+    config = ReadoutConfig(  # checks the settings before anything loads
+        k=args.k, mass=args.mass, select_by=args.select, faithfulness=args.faithfulness,
+        edges=args.edges, gradient=args.gradient, units=args.units, budget=args.budget,
+        method=args.method, steps=args.steps)
     hm = _load(args)
     t0 = time.perf_counter()
     x = data.load_image(args.image, hm)
@@ -334,9 +343,7 @@ def cmd_circuit(args) -> int:
         m = _mask_from(args.explanation, hm).to(x.device)
         explanation, area = m * x, float(m.mean())
     refs = _reference_images(args, hm, str(args.image)).to(x.device)
-    opts = dict(k=args.k, mass=args.mass, select_by=args.select, edges=args.edges,
-                gradient=args.gradient, units=args.units, budget=args.budget,
-                reference=refs, method=args.method, steps=args.steps)
+    opts = dict(config=config, reference=refs)
     circuit = read_circuit(hm, x, explanation, **opts)
     val = faithfulness(hm, x, circuit, method=args.method, reference=refs, seed=args.seed)
     rows = val.set_index("test")
@@ -347,7 +354,9 @@ def cmd_circuit(args) -> int:
         "read_on": circuit.meta["read_on"], "explanation_area": area,
         "units": int(rows.loc["keep", "units"]), "tapped_units": n_tapped,
         "unit_fraction": int(rows.loc["keep", "units"]) / n_tapped,
-        "edges": len(circuit.edges), "method": args.method,
+        "edges": len(circuit.edges), "method": args.method, "select": args.select,
+        "size_search": {k[len("search_"):]: v for k, v in circuit.meta.items()
+                        if k.startswith("search_")} or None,
         "faithfulness": _effects(rows.loc["keep"]),
         "necessity": _effects(rows.loc["remove"]),
         "random_faithfulness": {**{k: float(rand[k].astype(float).mean()) for k in
@@ -368,9 +377,11 @@ def cmd_circuit(args) -> int:
     circuit.plot(out / "circuit.png")
     write_text(out / "validation.json", json.dumps(result, indent=2) + "\n")
     f, rf = result["faithfulness"], result["random_faithfulness"]
+    how = f"the smallest keeping {args.faithfulness:.2f} of the contrast found by the size " \
+          f"search, " if args.select == "faithful" else ""
     _emit(args, result, f"{args.image}: {result['label']} circuit of {result['units']} units "
                         f"({100 * result['unit_fraction']:.1f} % of {n_tapped}), "
-                        f"{result['edges']} edges, read on the {result['read_on']}\n"
+                        f"{how}{result['edges']} edges, read on the {result['read_on']}\n"
                         f"keep only the circuit ({args.method} ablation): logit x "
                         f"{f['logit_fraction']:.2f}, contrast kept "
                         f"{f.get('contrast_fraction', float('nan')):.2f}, top-1 kept "
@@ -623,13 +634,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="explain the image first and read the circuit on the explanation")
     p.add_argument("--explanation", help="folder written by `circuitlab explain` (its "
                                          "mask.png) to read the circuit on")
-    p.add_argument("--k", type=int, default=16, help="units per tapped layer (default 16)")
+    p.add_argument("--select", choices=["faithful", "energy", "attribution", "learned"],
+                   default="faithful", help="faithful (default): the smallest circuit that "
+                   "keeps --faithfulness of the image-vs-reference contrast with top-1 kept; "
+                   "energy (the paper's readout: descriptive, not faithful), attribution, or "
+                   "learned: --budget of all tapped units chosen together by optimised gates "
+                   "under --method ablation of the rest")
+    p.add_argument("--faithfulness", type=float, default=0.8,
+                   help="--select faithful: contrast the circuit must keep (default 0.8)")
+    p.add_argument("--k", type=int, default=None,
+                   help="--select energy / attribution: units per tapped layer (default 16)")
     p.add_argument("--mass", type=float, default=None,
                    help="instead of --k: fewest units holding this fraction of the score")
-    p.add_argument("--select", choices=["energy", "attribution", "learned"],
-                   default="energy", help="energy (the paper), attribution, or learned: "
-                   "--budget of all tapped units chosen together by optimised gates under "
-                   "--method ablation of the rest")
     p.add_argument("--budget", type=float, default=0.1,
                    help="--select learned: fraction of the tapped units (default 0.1)")
     p.add_argument("--steps", type=int, default=300,

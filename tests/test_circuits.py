@@ -82,7 +82,7 @@ def chain():
 
 def test_read_circuit_weight_edges_and_class_links_by_hand(chain):
     hm, x = chain
-    c = read_circuit(hm, x, layers=["a", "b.0"], k=2, edges="weight")
+    c = read_circuit(hm, x, layers=["a", "b.0"], select_by="energy", k=2, edges="weight")
     a = hm.model.a(x)[0]
     energy = a.flatten(1).norm(dim=1)
     top = energy.argsort(descending=True)[:2].tolist()
@@ -93,7 +93,7 @@ def test_read_circuit_weight_edges_and_class_links_by_hand(chain):
                                     rel=1e-5)
     # b is conv, relu, conv: its units are the second conv's, so the edge is the path
     # |W2| |W1| (1x1 kernels), not the first conv's rows
-    c = read_circuit(hm, x, layers=["a", "b"], k=2, edges="weight")
+    c = read_circuit(hm, x, layers=["a", "b"], select_by="energy", k=2, edges="weight")
     path = hm.model.b[2].weight.detach().abs()[:, :, 0, 0] @ l1
     e = c.edges[c.edges["kind"] == "path"].iloc[0]
     assert e.score == pytest.approx(path[e.dst_unit, e.src_unit].item() *
@@ -109,7 +109,7 @@ def test_read_circuit_weight_edges_and_class_links_by_hand(chain):
 
 def test_effective_edges_equal_gradient_times_activation(chain):
     hm, x = chain
-    c = read_circuit(hm, x, layers=["a", "b"], k=4, edges="effective")
+    c = read_circuit(hm, x, layers=["a", "b"], select_by="energy", k=4, edges="effective")
     a = hm.model.a(x).detach().requires_grad_(True)
     b = hm.model.b(a)                     # hook "b" is the block's output, before the add
     for d in (0, 3):
@@ -123,7 +123,7 @@ def test_effective_edges_equal_gradient_times_activation(chain):
 
 def test_faithfulness_equals_hand_written_ablation(chain):
     hm, x = chain
-    c = read_circuit(hm, x, layers=["a", "b"], k=2)
+    c = read_circuit(hm, x, layers=["a", "b"], select_by="energy", k=2)
     refs = torch.randn(6, 3, 8, 8)
     df = faithfulness(hm, x, c, method="mean", reference=refs, n_random=2)
     y = c.meta["target"]
@@ -154,7 +154,7 @@ def test_faithfulness_equals_hand_written_ablation(chain):
 
 def test_exports_round_trip(chain, tmp_path):
     hm, x = chain
-    c = read_circuit(hm, x, layers=["a", "b"], k=3)
+    c = read_circuit(hm, x, layers=["a", "b"], select_by="energy", k=3)
     c.save(tmp_path)
     for name in ("nodes.csv", "edges.csv", "circuit.graphml", "circuit.json"):
         assert (tmp_path / name).is_file()
@@ -201,8 +201,8 @@ def test_cli_circuit_writes_tables_graph_and_validation(tmp_path, capsys):
                  "--out", str(exp), "--steps", "3"]) == 0
     out = tmp_path / "circ"
     argv = ["circuit", "--model", str(model), "--image", str(tmp_path / "s.png"), "--out",
-            str(out), "--explanation", str(exp), "--k", "4", "--reference", "synthetic",
-            "--json"]
+            str(out), "--explanation", str(exp), "--select", "energy", "--k", "4",
+            "--reference", "synthetic", "--json"]
     capsys.readouterr()
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out)
@@ -301,7 +301,7 @@ def test_vit_circuit_heads_and_neurons_with_virtual_weights_by_hand():
     hm = get_model("vit")                                   # 4 blocks, 3 heads, 768 neurons
     torch.manual_seed(0)
     x = torch.randn(1, 3, 32, 32)
-    c = read_circuit(hm, x, k=4)
+    c = read_circuit(hm, x, select_by="energy", k=4)
     kinds = c.nodes.groupby("layer")["kind"].first()
     heads = [n for n in kinds.index if n.endswith("attn.hook_z")]
     neurons = [n for n in kinds.index if n.endswith("mlp.hook_post")]
@@ -333,7 +333,7 @@ def test_vit_circuit_heads_and_neurons_with_virtual_weights_by_hand():
     refs = torch.randn(4, 3, 32, 32)
     val = faithfulness(hm, x, c, reference=refs, n_random=2)
     assert set(val["test"]) == {"keep", "remove", "random_keep"}
-    ch = read_circuit(hm, x, k=4, units="channels")          # residual channels instead
+    ch = read_circuit(hm, x, select_by="energy", k=4, units="channels")   # residual channels
     assert set(ch.nodes.loc[ch.nodes["kind"] == "unit", "layer"]) == set(hm.taps)
     with pytest.raises(CircuitlabError, match="units must be"):
         read_circuit(hm, x, units="bogus")
@@ -357,15 +357,16 @@ class Skip(nn.Module):
 
 
 def test_effective_edges_in_one_pass_equal_one_pair_at_a_time(monkeypatch):
-    from circuitlab.circuits import readout
-    from circuitlab.circuits.readout import _effective, _effective_chain
+    from circuitlab.circuits import effective
+    from circuitlab.circuits.effective import effective_edges as _effective_chain
+    from circuitlab.circuits.effective import effective_pair as _effective
     torch.manual_seed(0)
     hm = HookedModel(Skip(), data_config={"input_size": (3, 6, 6)})
     x = torch.randn(1, 3, 6, 6)
     # the pooled features read c and, through the skip, a: that pair falls back
     pairs = [("a", "b.1", [0, 3, 4]), ("b.1", "c", [1, 2]), ("c", "hook_pooled", [0, 2])]
     fallback = []
-    monkeypatch.setattr(readout, "_effective",
+    monkeypatch.setattr(effective, "effective_pair",
                         lambda *a: fallback.append(a[2:4]) or _effective(*a))
     got = _effective_chain(hm, x, pairs)
     assert fallback == [("c", "hook_pooled")]
@@ -404,7 +405,8 @@ def test_learned_selection_finds_the_units_the_logit_needs():
     c = read_circuit(hm, x, select_by="learned", budget=0.25, method="zero", **kw)
     assert c.units == {"a": [2]}
     assert c.meta["budget"] == 0.25
-    assert read_circuit(hm, x, k=1, layers=["a"]).units == {"a": [0]}   # energy: the loud one
+    # energy: the loud one
+    assert read_circuit(hm, x, select_by="energy", k=1, layers=["a"]).units == {"a": [0]}
     with pytest.raises(CircuitlabError, match="budget"):
         read_circuit(hm, x, select_by="learned", budget=0, **kw)
     with pytest.raises(CircuitlabError, match="reference"):

@@ -92,7 +92,7 @@ def test_module_chain_climbs_and_descends():
 
 def test_readout_edge_kinds_and_path_scores(net):
     hm, x = net
-    c = read_circuit(hm, x, layers=["stem", "blocks.1", "c.0", "c"], k=3)
+    c = read_circuit(hm, x, layers=["stem", "blocks.1", "c.0", "c"], select_by="energy", k=3)
     kinds = c.edges.groupby(["src_layer", "dst_layer"])["kind"].first().to_dict()
     assert kinds[("stem", "blocks.1")] == "path"
     assert kinds[("blocks.1", "c.0")] == "weight"          # one conv: the paper's raw ||W||

@@ -6,7 +6,7 @@
   weight or of a composed path weight (``weight_scores``). The only caller of the edge-score op.
 
 Blocks between taps are composed in ``paths``; where they do not compose, the readout's
-effective edges (``readout._effective_chain``) take the linearised contribution
+effective edges (``effective``) take the linearised contribution
 |sum_pos dD_d/dA_s * A_s| of each source unit to each destination unit.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
-from .readout import per_unit
+from .effective import per_unit
 
 
 def patch_units(hm: HookedModel, clean: torch.Tensor, corrupt: torch.Tensor, layer: str,
