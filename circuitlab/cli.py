@@ -329,6 +329,7 @@ def cmd_circuit(args) -> int:
         raise CircuitlabError("pass --explain or --explanation DIR, not both")
     config = ReadoutConfig(  # checks the settings before anything loads
         k=args.k, mass=args.mass, select_by=args.select, faithfulness=args.faithfulness,
+        refine_steps=args.refine,
         edges=args.edges, gradient=args.gradient, units=args.units, budget=args.budget,
         method=args.method, steps=args.steps)
     hm = _load(args)
@@ -378,7 +379,8 @@ def cmd_circuit(args) -> int:
     write_text(out / "validation.json", json.dumps(result, indent=2) + "\n")
     f, rf = result["faithfulness"], result["random_faithfulness"]
     how = f"the smallest keeping {args.faithfulness:.2f} of the contrast found by the size " \
-          f"search, " if args.select == "faithful" else ""
+          f"search{' and learned gates' if args.refine else ''}, " \
+        if args.select == "faithful" else ""
     _emit(args, result, f"{args.image}: {result['label']} circuit of {result['units']} units "
                         f"({100 * result['unit_fraction']:.1f} % of {n_tapped}), "
                         f"{how}{result['edges']} edges, read on the {result['read_on']}\n"
@@ -642,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "under --method ablation of the rest")
     p.add_argument("--faithfulness", type=float, default=0.8,
                    help="--select faithful: contrast the circuit must keep (default 0.8)")
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="--select faithful: shrink the circuit further with learned gates "
+                   "started from it, STEPS per smaller budget (e.g. 100; minutes on a CPU)")
     p.add_argument("--k", type=int, default=None,
                    help="--select energy / attribution: units per tapped layer (default 16)")
     p.add_argument("--mass", type=float, default=None,

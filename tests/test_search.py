@@ -94,13 +94,35 @@ def test_read_circuit_defaults_to_it_and_says_so(evidence):
         read_circuit(hm, x, reference=refs, layers=["a"], method="resample")
 
 
+def test_refinement_never_goes_below_the_true_minimum(evidence):
+    hm, x, refs = evidence
+    found = smallest_faithful(hm, x, ["a"], refs, refine_steps=20)
+    assert found.units == {"a": [0, 1]} and found.contrast == pytest.approx(0.81, abs=1e-5)
+    n, contrast, _ = found.probes[-1]                  # it tried one unit, and that failed
+    assert n == 1 and contrast < 0.8
+
+
+def test_refined_circuits_are_smaller_and_still_pass_the_validation(trained_cnn):
+    hm, data, refs = trained_cnn
+    x = data[1:2]       # on image 0 the searched circuit is already as small as gates get it
+    plain = read_circuit(hm, x, reference=refs, edges="none")
+    refined = read_circuit(hm, x, reference=refs, edges="none", refine_steps=30)
+    assert refined.meta["search_units"] < plain.meta["search_units"]
+    keep = faithfulness(hm, x, refined, reference=refs, n_random=0).set_index("test") \
+        .loc["keep"]
+    assert keep["contrast_fraction"] >= 0.8 and keep["top1_kept"]
+    assert keep["contrast_fraction"] == pytest.approx(refined.meta["search_contrast"],
+                                                      abs=1e-4)
+
+
 def test_readout_config_checks_its_settings():
     assert ReadoutConfig().select_by == "faithful"
     assert ReadoutConfig(select_by="energy", k=4).replace(edges="none").k == 4
     for bad, message in [({"select_by": "magic"}, "select_by must be"),
                          ({"faithfulness": 0}, "faithfulness"),
                          ({"select_by": "energy", "k": 0}, "k must be"),
-                         ({"prune": 1.0}, "prune")]:
+                         ({"prune": 1.0}, "prune"),
+                         ({"refine_steps": 5}, "refine_steps")]:
         with pytest.raises(CircuitlabError, match=message):
             ReadoutConfig(**bad)
     with pytest.raises(CircuitlabError, match="unknown readout settings"):

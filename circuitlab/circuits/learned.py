@@ -26,15 +26,20 @@ from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 
 
+CONTRAST_IMAGES = 8   # references run beside the image every step (the contrast's estimate)
+
+
 def learn_units(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], budget: float = 0.1,
                 *, target: Optional[int] = None, method: str = "mean",
                 reference: Optional[torch.Tensor] = None, steps: int = 300, lr: float = 0.1,
-                soft_fraction: float = 0.2, contrast_images: int = 8,
-                seed: int = 0) -> dict:
+                soft_fraction: float = 0.2, contrast_images: int = CONTRAST_IMAGES,
+                seed: int = 0, init: Optional[dict] = None) -> dict:
     """{layer: [units]} holding ``budget`` of all units of ``layers`` (at least one).
 
     ``reference`` images define the mean ablation and the contrast (the first
-    ``contrast_images`` of them run beside x every step)."""
+    ``contrast_images`` of them run beside x every step). ``init`` ({layer: [units]}, a
+    circuit found otherwise) starts the gates open on its units and closed elsewhere, and the
+    budget then shrinks from its size instead of from all units."""
     if not 0 < budget <= 1:
         raise CircuitlabError("budget must lie in (0, 1]: the fraction of the tapped units")
     if method not in ("mean", "zero"):
@@ -62,8 +67,14 @@ def learn_units(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], budget:
         if float(contrast0) <= 0:
             raise CircuitlabError("the reference images score the target class as high as "
                                   "the image itself; pass references of other classes")
-    theta = {n: torch.full((sizes[n],), 3.0, device=x.device, requires_grad=True)
-             for n in layers}
+    theta = {n: torch.full((sizes[n],), 3.0, device=x.device) for n in layers}
+    start = 1.0
+    if init is not None:
+        for n in layers:
+            theta[n].fill_(-3.0)[torch.as_tensor(list(init.get(n, [])), dtype=torch.long)] = 3.0
+        start = max(budget, sum(len(init.get(n, [])) for n in layers) / total)
+    for t in theta.values():
+        t.requires_grad_(True)
     opt = torch.optim.Adam(theta.values(), lr=lr)
     hard: dict = {}
 
@@ -84,7 +95,7 @@ def learn_units(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], budget:
         hard.clear()
         if step >= soft_steps:
             hard.update(_top(theta, layers, keep_n))
-        area = 1 - min(1.0, (step + 1) / max(1, soft_steps)) * (1 - budget)
+        area = start - min(1.0, (step + 1) / max(1, soft_steps)) * (start - budget)
         z = hm.run_with_hooks(batch, hooks)[:, y]
         kept = (z[0] - z[1:].mean()) / contrast0
         mean_gate = torch.cat([torch.sigmoid(theta[n]) for n in layers]).mean()

@@ -171,7 +171,8 @@ def _choose_units(r: _Reading, reference: Optional[torch.Tensor]) -> None:
     if cfg.select_by == "faithful":
         r.search = smallest_faithful(
             hm, r.inp, r.layers, reference, target=r.target, faithfulness=cfg.faithfulness,
-            method=cfg.method, prune=cfg.prune, tolerance=cfg.tolerance)
+            method=cfg.method, prune=cfg.prune, tolerance=cfg.tolerance,
+            refine_steps=cfg.refine_steps)
         picked_by = r.search.units
     elif cfg.select_by == "learned":
         picked_by = learn_units(hm, r.inp, r.layers, cfg.budget, target=r.target,

@@ -20,6 +20,10 @@ over reference images (per position; ``zero`` replaces it by 0):
    ``tolerance`` of all units. The search assumes the contrast grows with n along the
    ranking: the size returned passed, and the largest probed size below it (at most
    ``tolerance`` of the units fewer) failed.
+3. Refine (optional, ``refine_steps`` > 0): learned gates (``circuits.learned``) started
+   from that circuit, at budgets shrinking by ``shrink`` from its size while the learned
+   circuit still passes the same test; each budget costs ``refine_steps`` forward+backward
+   passes of the image and 8 references.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import torch
 
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
+from .learned import CONTRAST_IMAGES, learn_units
 
 
 class _Ablated:
@@ -62,12 +67,19 @@ class _Ablated:
             return fn
         return [(n, make(n)) for n in self.layers]
 
-    def keep_of(self, order: Sequence[tuple], n: int) -> dict:
-        """Keep masks of the top ``n`` of a global ``order`` of (layer, unit)."""
+    def keep_masks(self, units: dict) -> dict:
+        """Keep masks of a circuit {layer: [units]}."""
         keep = {name: torch.zeros(size, dtype=torch.bool) for name, size in self.sizes.items()}
-        for layer, unit in order[:n]:
-            keep[layer][unit] = True
+        for layer, us in units.items():
+            keep[layer][torch.as_tensor(list(us), dtype=torch.long)] = True
         return keep
+
+    def top(self, order: Sequence[tuple], n: int) -> dict:
+        """The circuit {layer: [units]} of the top ``n`` of a global ``order``."""
+        units = {name: [] for name in self.layers}
+        for layer, unit in order[:n]:
+            units[layer].append(unit)
+        return units
 
 
 def rank_units(ablated: _Ablated, x: torch.Tensor, target: int,
@@ -153,7 +165,8 @@ def _next_probe(lo: int, hi: int, c_lo: float, c_hi: float, target: float, step:
 def smallest_faithful(hm: HookedModel, x: torch.Tensor, layers: Sequence[str],
                       reference: torch.Tensor, *, target: Optional[int] = None,
                       faithfulness: float = 0.8, method: str = "mean", prune: float = 0.1,
-                      tolerance: float = 0.01) -> SizeSearch:
+                      tolerance: float = 0.01, refine_steps: int = 0,
+                      shrink: float = 0.9) -> SizeSearch:
     """The fewest top-ranked units of ``layers`` whose circuit keeps ``faithfulness`` of the
     contrast with top-1 kept, every other unit of ``layers`` ablated (module docstring).
 
@@ -182,28 +195,52 @@ def smallest_faithful(hm: HookedModel, x: torch.Tensor, layers: Sequence[str],
 
     def passes(n):
         if n not in probes:
-            probes[n] = _probe(ablated, batch, ablated.keep_of(order, n), y, clean_x, contrast0)
+            probes[n] = _probe(ablated, batch, ablated.keep_masks(ablated.top(order, n)), y,
+                               clean_x, contrast0)
         c, _, _, top1 = probes[n]
         return c >= faithfulness and top1
 
     # keeping every unit is the clean network: contrast 1, no need to run it
     probes[total] = (1.0, 1.0, 1.0, bool(clean_x.argmax() == y))
     lo, hi = 0, total
-    found = passes(total)       # False only when the target is not the top-1 class
+    ok = passes(total)          # False only when the target is not the top-1 class
     step = max(1, int(tolerance * total))
     c_lo, last = 0.0, None      # no unit kept: no contrast
-    while found and hi - lo > step:
+    while ok and hi - lo > step:
         mid = _next_probe(lo, hi, c_lo, probes[hi][0], faithfulness, step, last)
         if passes(mid):
             hi, last = mid, "hi"
         else:
             lo, c_lo, last = mid, probes[mid][0], ("lo" if last != "lo" else "lo twice")
-    contrast, logit_fraction, prob_fraction, top1 = probes[hi]
-    units = {n: [] for n in ablated.layers}
-    for layer, unit in order[:hi]:
-        units[layer].append(unit)
     rounds = math.ceil(total / max(1, math.ceil(prune * total)))
-    return SizeSearch(units, hi, total, faithfulness, contrast, logit_fraction, prob_fraction,
-                      top1, found, [(n, c, t) for n, (c, _, _, t) in sorted(probes.items())],
-                      {"forward_backward": rounds, "forward": len(reference) + 1 +
-                       (len(probes) - 1) * len(batch)})     # the whole network's probe is free
+    result = SizeSearch(ablated.top(order, hi), hi, total, faithfulness, *probes[hi], ok,
+                        [(n, c, t) for n, (c, _, _, t) in sorted(probes.items())],
+                        {"forward_backward": rounds, "forward": len(reference) + 1 +
+                         (len(probes) - 1) * len(batch)})    # the whole network's probe is free
+    if refine_steps and ok:
+        result = _refine(ablated, batch, y, clean_x, contrast0, result, refine_steps, shrink,
+                         method)
+    return result
+
+
+def _refine(ablated: _Ablated, batch, y, clean_x, contrast0, found: SizeSearch, steps: int,
+            shrink: float, method: str) -> SizeSearch:
+    """Step 3 of the module docstring: the smallest learned circuit that passed. ``batch`` is
+    the image and the references, as the probes run them."""
+    x, reference = batch[:1], batch[1:]
+    best, n = found, found.n_units
+    while True:
+        n = min(n - 1, int(n * shrink))
+        if n < 1:
+            break
+        units = learn_units(ablated.hm, x, ablated.layers, n / found.total, target=y,
+                            method=method, reference=reference, steps=steps, init=best.units)
+        probe = _probe(ablated, batch, ablated.keep_masks(units), y, clean_x, contrast0)
+        best.probes.append((n, probe[0], probe[3]))
+        best.passes["forward_backward"] += steps * (1 + min(CONTRAST_IMAGES, len(reference)))
+        best.passes["forward"] += len(batch)
+        if not (probe[0] >= best.threshold and probe[3]):
+            break
+        best = SizeSearch(units, n, found.total, found.threshold, *probe, True, best.probes,
+                          best.passes)
+    return best
