@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import nnsight
 import pandas as pd
@@ -49,7 +49,7 @@ class HookedModel:
     """
 
     def __init__(self, model: nn.Module, *, name: Optional[str] = None,
-                 data_config: Optional[dict] = None, labels: Optional[Sequence[str]] = None,
+                 data_config: Optional[Mapping] = None, labels: Optional[Sequence[str]] = None,
                  source: str = "module"):
         if not isinstance(model, nn.Module):
             raise CircuitlabError(f"expected a torch nn.Module, got {type(model).__name__}")

@@ -15,7 +15,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -95,7 +95,7 @@ def _lite_state_dict(raw: dict, model: nn.Module) -> dict:
     return out
 
 
-def _load_offline(name: str) -> tuple[nn.Module, dict]:
+def _load_offline(name: str) -> tuple[nn.Module, DataConfig]:
     import timm
     spec = OFFLINE_MODELS[name]
     try:
@@ -281,7 +281,7 @@ def _synthetic(name: str, device=None) -> HookedModel:
 def load_model(name_or_module: Union[str, os.PathLike, nn.Module], checkpoint=None,
                device=None, *, pretrained: Optional[bool] = None,
                num_classes: Optional[int] = None, labels: Optional[Sequence[str]] = None,
-               data_config: Optional[dict] = None, **arch_kwargs) -> HookedModel:
+               data_config: Optional[Mapping] = None, **arch_kwargs) -> HookedModel:
     """A HookedModel for a name, a circuitlab checkpoint file, or an ``nn.Module``.
 
     Names: ``efficientnet_lite0/1/2`` (real ImageNet weights from their PyPI packages, exact),
