@@ -329,9 +329,8 @@ def cmd_circuit(args) -> int:
         raise CircuitlabError("pass --explain or --explanation DIR, not both")
     config = ReadoutConfig(  # checks the settings before anything loads
         k=args.k, mass=args.mass, select_by=args.select, faithfulness=args.faithfulness,
-        refine_steps=args.refine,
-        edges=args.edges, gradient=args.gradient, units=args.units, budget=args.budget,
-        method=args.method, steps=args.steps)
+        refine_steps=args.refine, edges=args.edges, gradient=args.gradient, units=args.units,
+        budget=args.budget, method=args.method, steps=args.steps)
     hm = _load(args)
     t0 = time.perf_counter()
     x = data.load_image(args.image, hm)
@@ -378,9 +377,10 @@ def cmd_circuit(args) -> int:
     circuit.plot(out / "circuit.png")
     write_text(out / "validation.json", json.dumps(result, indent=2) + "\n")
     f, rf = result["faithfulness"], result["random_faithfulness"]
-    how = f"the smallest keeping {args.faithfulness:.2f} of the contrast found by the size " \
-          f"search{' and learned gates' if args.refine else ''}, " \
-        if args.select == "faithful" else ""
+    how = ""
+    if args.select == "faithful":
+        how = (f"the smallest keeping {args.faithfulness:.2f} of the contrast found by the "
+               f"size search{' and learned gates' if args.refine else ''}, ")
     _emit(args, result, f"{args.image}: {result['label']} circuit of {result['units']} units "
                         f"({100 * result['unit_fraction']:.1f} % of {n_tapped}), "
                         f"{how}{result['edges']} edges, read on the {result['read_on']}\n"
