@@ -205,10 +205,6 @@ def resolve_name(name: str) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _read_checkpoint(path: Union[str, os.PathLike]) -> dict:
-    return checkpoints.read(path, "checkpoint")
-
-
 def _state_dict_of(obj: dict) -> dict:
     for key in ("state_dict", "model_state_dict", "model", "module"):
         if isinstance(obj.get(key), dict):
@@ -301,7 +297,7 @@ def load_model(name_or_module: Union[str, os.PathLike, nn.Module], checkpoint=No
         if name in SYNTHETIC_MODELS:
             return _synthetic(name, device)
         if name.endswith((".pt", ".pth")) or Path(name).is_file():
-            meta = _read_checkpoint(name)
+            meta = checkpoints.read(name)
             if checkpoints.kind_of(meta) != "model" or not meta.get("arch"):
                 raise CircuitlabError(f"{name!r} is not a circuitlab checkpoint (no arch "
                                       f"recorded); use load_model(ARCH, checkpoint={name!r})")
@@ -310,7 +306,7 @@ def load_model(name_or_module: Union[str, os.PathLike, nn.Module], checkpoint=No
         source, arch = resolve_name(name)
         state = None
         if checkpoint is not None and not meta:
-            meta = _read_checkpoint(checkpoint)
+            meta = checkpoints.read(checkpoint)
         if meta:
             state = _state_dict_of(meta)
         if source == "offline" and state is None:

@@ -110,16 +110,15 @@ class _Reading:
 
     hm: HookedModel
     cfg: ReadoutConfig
-    x: torch.Tensor                 # the image
-    inp: torch.Tensor               # what the circuit is read on (x, or its explanation)
+    inp: torch.Tensor               # what the circuit is read on (the image, or its explanation)
     on_explanation: bool
     layers: list
     pairs: list                     # consecutive (src, dst) layers joined by edges
     chains: dict                    # (src, dst) -> module chain where weights may compose
-    logits: torch.Tensor = None
-    cache: object = None
-    target: Optional[int] = None
-    fc: Optional[nn.Module] = None
+    logits: torch.Tensor            # of the run on inp
+    cache: object                   # its activations and gradients at the layers
+    target: int
+    fc: Optional[nn.Module]         # the linear head, when there is one
     chosen: dict = field(default_factory=dict)      # layer -> units, strongest first
     energies: dict = field(default_factory=dict)
     dscale: dict = field(default_factory=dict)      # layer -> mean |d logit / d unit|
@@ -160,7 +159,7 @@ def _start(hm, x, explanation, target, cfg: ReadoutConfig) -> _Reading:
         layers + ["hook_pooled"] + extra)), grads=True, target=target)
     if target is None:  # read on x itself: its top-1, from this same run
         target = int(cache.target[0])
-    return _Reading(hm, cfg, x, inp, explanation is not None, layers, pairs, chains, logits,
+    return _Reading(hm, cfg, inp, explanation is not None, layers, pairs, chains, logits,
                     cache, int(target), fc if isinstance(fc, nn.Linear) else None)
 
 
@@ -187,8 +186,8 @@ def _choose_units(r: _Reading, reference: Optional[torch.Tensor]) -> None:
         if picked_by is not None:   # strongest first, like the other selections
             picked = sorted(picked_by[name], key=lambda u: -attr_list[u])
         else:
-            picked = select(energy if cfg.select_by == "energy" else attribution,
-                            cfg.k or 16, cfg.mass)
+            picked = select(energy if cfg.select_by == "energy" else attribution, cfg.k,
+                            cfg.mass)
         r.chosen[name] = picked
         comp = T.component_of(name)
         r.node_rows += [{"layer": name, "unit": u, "energy": en_list[u],
