@@ -21,8 +21,14 @@ PathLike = Union[str, os.PathLike]
 
 def refuse_overwrite(paths: Iterable[PathLike], force: bool,
                      hint: str = "choose another --out or pass --force") -> None:
-    """Raise one CircuitlabError naming the first of ``paths`` that exists, unless ``force``."""
+    """Raise one CircuitlabError naming the first of ``paths`` that exists, unless ``force``,
+    or one whose folder is a file (never writable, ``force`` or not)."""
     paths = [Path(p) for p in paths]
+    for path in paths:
+        blocked = next((d for d in path.parents if d.exists() and not d.is_dir()), None)
+        if blocked is not None:
+            raise CircuitlabError(f"{blocked} is a file, so {path} cannot be written; pass "
+                                  f"--out a folder (or a path under one)")
     clash = [p for p in paths if p.exists()]
     if clash and not force:
         many = f"{len(clash)} output file(s) would be replaced" if len(paths) > 1 else \

@@ -20,6 +20,15 @@ def test_refuse_overwrite_names_the_first_clash(tmp_path):
     assert b.read_text() == "mine"
 
 
+def test_an_output_under_a_file_is_refused_even_with_force(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(CircuitlabError, match=r"notes\.txt is a file, so .*metrics\.json "
+                                                  r"cannot be written; pass --out a folder"):
+            refuse_overwrite([tmp_path / "notes.txt" / "run" / "metrics.json"], force=force)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_write_atomic_leaves_the_old_file_when_the_writer_fails(tmp_path):
     path = tmp_path / "sub" / "table.csv"
     write_text(path, "old\n")
