@@ -132,3 +132,26 @@ def faded(img, mask):
     """Kept pixels as they are, the rest faded to grey: how a mask reads at a glance."""
     m = mask[..., None]
     return img * m + (0.5 + 0.2 * (img - 0.5)) * (1 - m)
+
+
+def images_and_references(name: str, hm, n: int) -> dict:
+    """{image name: (x, references)} for the circuit analyses: ``n`` held-out benchmark
+    images against 32 others for the synthetic models, else ``n`` of the offline photos,
+    each against all the other photos (never itself)."""
+    if name.startswith("synthetic"):
+        test = cl.synthetic.make_dataset(n, seed=123).normalized()
+        refs = cl.synthetic.make_dataset(32, seed=7).normalized()
+        return {f"synthetic:{i}": (test[i:i + 1], refs) for i in range(n)}
+    photos = cl.data.available_samples()
+    xs = {p: cl.data.load_image(p, hm) for p in photos}
+    return {p: (xs[p], torch.cat([xs[o] for o in photos if o != p])) for p in photos[:n]}
+
+
+def write_as_they_come(path: Path, batches) -> list:
+    """Every row of ``batches`` (lists of row dicts), the CSV at ``path`` rewritten after
+    each batch so that a run that stops keeps what it measured."""
+    rows = []
+    for got in batches:
+        rows += got
+        write_text(path, pd.DataFrame(rows).to_csv(index=False))
+    return rows

@@ -1,21 +1,22 @@
-"""How faithful are circuits? Keep-only, removal and random-circuit tests over circuit size.
+"""The circuit frontier: how much of the decision circuits of each size keep, for every way of
+choosing them, across model families.
 
     python analyses/circuits.py --out analyses/out/circuits            # ~1 h on 2 CPU cores
     python analyses/circuits.py --out /tmp/c --quick                   # synthetic CNN, 1 image
 
-For each model and image, circuits are read on the image and on its minimal explanation (the
-paper's premise) with three selections at the same sizes (a fraction of all tapped units):
-``energy`` (||phi_c||_2, the paper) and ``attribution`` (|phi_c x d logit / d phi_c|), both top
-fraction of every layer, and ``learned`` (gates optimised under mean ablation, the budget
-shared across layers). Each circuit is then tested on the image under mean ablation over
-reference images: keep only the circuit, remove only the circuit, and random circuits of the
-same size per layer. Reported: the target logit kept (fraction of the clean logit, and
-normalised between "everything ablated" (0) and "clean" (1)), the image-vs-reference contrast
-kept (the honest one: mean ablation lets a circuit keep one image's logit without reading
-the image), top-1 kept, whether removing the circuit flips top-1.
+For each model and image, circuits of 5-80 % of all tapped units are chosen by every
+selection of ``circuitlab.circuits.frontier`` (energy, the paper's score; attribution
+patching; iterative attribution patching, the default readout's order; EAP-IG; random; and
+learned gates, on the first ``--learned-images`` images of each model) and kept under mean and resample ablation of every other tapped unit, over reference
+images that are never the image itself. Reported: the share of the image-vs-reference
+contrast kept (references under the same ablation) and whether top-1 stays.
 
-Writes ``circuits.csv`` (every row), ``circuits.md`` (means over images) and
-``faithfulness.png`` (contrast kept vs circuit size, random circuits dashed).
+Headline per model: the smallest circuit keeping 50 % and 80 % of the contrast with top-1
+kept, per image, as the median over images with its range and n.
+
+Writes ``frontier.csv`` (every row, after every image), ``circuits.md`` (headline and mean
+contrast per size), ``frontier.png``, and the default readout of the last model's first image
+drawn as ``example_circuit.png`` and ``example_circuit.html`` (interactive).
 """
 from __future__ import annotations
 
@@ -24,178 +25,164 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (arguments, cl, fail, gather, pyplot, save_figure, start,  # noqa: E402
-                     write_summary)
-from circuitlab.circuits import Circuit, faithfulness, read_circuit  # noqa: E402
-from circuitlab.circuits.circuit import UNIT_KINDS  # noqa: E402
-from circuitlab.explain import explain  # noqa: E402
+from _common import (arguments, cl, fail, gather, images_and_references,  # noqa: E402
+                     markdown, parse_list, pyplot, save_figure, start, write_as_they_come)
+from circuitlab.circuits import frontier, read_circuit, smallest  # noqa: E402
+from circuitlab.circuits.drawing import unit_crops  # noqa: E402
+from circuitlab.circuits.readout import node_layers  # noqa: E402
 from circuitlab.files import write_text  # noqa: E402
 
-BUDGETS = (0.05, 0.10, 0.20)
-OUTPUTS = ("circuits.csv", "circuits.md", "faithfulness.png")
+FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+RANKINGS = ("energy", "attribution", "iterative", "eap-ig", "random", "learned")
+OUTPUTS = ("frontier.csv", "circuits.md", "frontier.png", "example_circuit.png",
+           "example_circuit.html")
+SYNTHETIC = ("synthetic-cnn", "synthetic-vit", "synthetic-resnet18")
+REAL = ("efficientnet_lite0", "efficientnet_lite1")
+MODELS = SYNTHETIC + REAL
 
 
-MODELS = ("synthetic-cnn", "synthetic-vit", "efficientnet_lite0")
-
-
-def models(quick: bool, names=MODELS, n_images: int = 3):
-    """(name, HookedModel, {image name: x}, reference batch) per model."""
-    if quick:
-        hm = cl.synthetic.synthetic_model("cnn", log=None)      # trained once, then cached
-        d = cl.synthetic.make_dataset(9, seed=123).normalized()
-        yield "synthetic-cnn", hm, {"synthetic:0": d[:1]}, d[1:]
-        return
-    test = cl.synthetic.make_dataset(n_images, seed=123).normalized()
-    refs = cl.synthetic.make_dataset(32, seed=7).normalized()
-    for kind in ("cnn", "vit"):
-        if f"synthetic-{kind}" not in names:
-            continue
-        hm = cl.synthetic.synthetic_model(kind, log=None)
-        yield f"synthetic-{kind}", hm, {f"synthetic:{i}": test[i:i + 1]
-                                        for i in range(n_images)}, refs
-    if "efficientnet_lite0" not in names:
-        return
-    hm = cl.load_model("efficientnet_lite0")
-    photos = ("coffee", "chelsea", "rocket")[:n_images]
-    others = [s for s in cl.data.available_samples() if s not in ("coffee", "chelsea", "rocket")]
-    refs = torch.cat([cl.data.load_image(s, hm) for s in others])
-    yield "efficientnet_lite0", hm, {p: cl.data.load_image(p, hm) for p in photos}, refs
-
-
-def _subset(full: Circuit, score: str, budget: float, hm) -> Circuit:
-    """The top ``budget`` of every layer of a full nodes-only readout, by ``score``."""
-    nodes = full.nodes[full.nodes["kind"].isin(UNIT_KINDS)]
-    keep = []
-    for layer, g in nodes.groupby("layer", sort=False):
-        n = max(1, round(budget * hm.n_units(layer)))
-        keep.append(g.sort_values(score, ascending=False).head(n))
-    return Circuit(pd.concat(keep), full.edges.iloc[:0], dict(full.meta))
-
-
-def _row(val: pd.DataFrame) -> dict:
-    keep = val[val["test"] == "keep"].iloc[0]
-    rem = val[val["test"] == "remove"].iloc[0]
-    rnd = val[val["test"] == "random_keep"]
-    return {"units": int(keep["units"]), "keep_logit": keep["logit_fraction"],
-            "keep_normalized": keep["logit_normalized"],
-            "keep_contrast": keep["contrast_fraction"], "keep_top1": bool(keep["top1_kept"]),
-            "remove_flips_top1": not bool(rem["top1_kept"]),
-            "remove_normalized": rem["logit_normalized"],
-            "random_normalized": rnd["logit_normalized"].mean(),
-            "random_contrast": rnd["contrast_fraction"].mean(),
-            "random_top1": rnd["top1_kept"].astype(float).mean()}
-
-
-def analyse(name, hm, images, refs, budgets, steps, seed=0, log=print,
-            learned_on=("image", "explanation")):
-    rows = []
-    layers_total = None
-    for image, x in images.items():
+def analyse(name: str, hm, n: int, rankings, fractions, steps: int, learned_images: int,
+            log=print):
+    """The frontier rows of each image in turn; the learned selection (the slow one) on the
+    first ``learned_images`` only."""
+    layers = node_layers(hm)
+    for k, (image, (x, refs)) in enumerate(images_and_references(name, hm, n).items()):
         t0 = time.perf_counter()
-        ex = explain(hm, x, seed=seed)
-        target = int(hm(x).argmax(-1))
-        for read_on, inp in (("image", None), ("explanation", ex.explanation)):
-            full = read_circuit(hm, x, inp, select_by="energy", k=10 ** 6, edges="none")
-            layers_total = sum(hm.n_units(layer) for layer in full.units)
-            circuits = []
-            for b in budgets:
-                for score in ("energy", "attribution"):
-                    circuits.append((score, b, _subset(full, score, b, hm)))
-                if read_on not in learned_on:
-                    continue
-                try:
-                    circuits.append(("learned", b, read_circuit(
-                        hm, x, inp, select_by="learned", budget=b, reference=refs,
-                        edges="none", steps=steps, target=target)))
-                except cl.CircuitlabError as e:   # e.g. no contrast to the references
-                    log(f"{name} {image} learned {b}: skipped ({e})")
-            for select, b, c in circuits:
-                val = faithfulness(hm, x, c, method="mean", reference=refs, n_random=4,
-                                   seed=seed)
-                rows.append({"model": name, "image": image, "label": hm.label(target),
-                             "read_on": read_on, "select": select, "budget": b,
-                             "tapped_units": layers_total, **_row(val)})
-        log(f"{name} {image}: {time.perf_counter() - t0:.0f} s")
-    return rows
+        chosen = [r for r in rankings if r != "learned" or k < learned_images]
+        try:
+            df = frontier(hm, x, layers, refs, fractions=fractions, rankings=chosen,
+                          ablations=("mean", "resample"), learned_steps=steps)
+        except cl.CircuitlabError as e:     # e.g. the references outscore the image
+            log(f"{name} {image}: skipped ({e})")
+            continue
+        df.insert(0, "image", image)
+        df.insert(0, "model", name)
+        df["label"] = hm.label(int(df["target"].iloc[0]))
+        df["seconds"] = time.perf_counter() - t0
+        log(f"{name} {image}: {df['seconds'].iloc[0]:.0f} s")
+        yield df.to_dict("records")
 
 
-def summary(df: pd.DataFrame) -> pd.DataFrame:
-    agg = df.groupby(["model", "read_on", "select", "budget"], sort=False).agg(
-        images=("image", "count"), units=("units", "mean"),
-        keep_logit=("keep_logit", "mean"), keep_normalized=("keep_normalized", "mean"),
-        keep_contrast=("keep_contrast", "mean"), keep_top1=("keep_top1", "mean"),
-        remove_flips=("remove_flips_top1", "mean"),
-        random_normalized=("random_normalized", "mean"),
-        random_contrast=("random_contrast", "mean"), random_top1=("random_top1", "mean"))
-    return agg.reset_index()
+def example(hm, x, refs, out: Path) -> None:
+    """The default readout of one image, drawn (PNG and interactive HTML)."""
+    c = read_circuit(hm, x, reference=refs)
+    c.plot(out / "example_circuit.png")
+    c.to_html(out / "example_circuit.html", crops=unit_crops(hm, x, c))
+
+
+def headline(df: pd.DataFrame) -> pd.DataFrame:
+    """Per model, selection and ablation: the size needed for 50 % and 80 % of the contrast
+    (median over images [min-max], images that reached it / images)."""
+    out = []
+    for level in (0.5, 0.8):
+        need = smallest(df, level)
+        col = need.columns[-1]
+        for key, g in need.groupby(["model", "ranking", "ablation"], sort=False):
+            got = g[col].dropna()
+            cell = (f"{100 * got.median():.0f} % [{100 * got.min():.0f}-"
+                    f"{100 * got.max():.0f}]" if len(got) else "> 80 %")
+            out.append({"model": key[0], "selection": key[1], "ablation": key[2],
+                        "level": level, "size": cell, "reached": f"{len(got)}/{len(g)}"})
+    t = pd.DataFrame(out)
+    wide = t.pivot_table(index=["model", "selection", "ablation"], columns="level",
+                         values=["size", "reached"], aggfunc="first", sort=False)
+    wide.columns = [f"{a} {int(100 * b)} %" for a, b in wide.columns]
+    return wide.reset_index()
+
+
+def curves(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean contrast kept per model, selection, ablation and size."""
+    t = df.groupby(["model", "ranking", "ablation", "fraction"], sort=False)["contrast"] \
+        .mean().unstack("fraction")
+    t.columns = [f"{100 * c:g} %" for c in t.columns]
+    return t.reset_index().rename(columns={"ranking": "selection"})
 
 
 def plot(df: pd.DataFrame, path: Path):
     plt = pyplot()
-    s = summary(df)
-    ms = list(dict.fromkeys(s["model"]))
-    fig, axes = plt.subplots(1, len(ms), figsize=(4.2 * len(ms), 3.4), squeeze=False)
-    for ax, m in zip(axes[0], ms):
-        sm = s[s["model"] == m]
-        for (read_on, select), g in sm.groupby(["read_on", "select"], sort=False):
-            ax.plot(g["budget"] * 100, g["keep_contrast"], marker="o",
-                    ls="-" if read_on == "image" else ":", label=f"{select} ({read_on})")
-        rnd = sm.groupby("budget")["random_contrast"].mean()
-        ax.plot(rnd.index * 100, rnd.values, "k--", label="random")
+    ms = list(dict.fromkeys(df["model"]))
+    cols = min(4, len(ms))
+    rows = -(-len(ms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
+    for ax, m in zip(axes.flat, ms):
+        g = df[(df["model"] == m) & (df["ablation"] == "mean")]
+        for r, gr in g.groupby("ranking", sort=False):
+            mean = gr.groupby("fraction")["contrast"].mean()
+            ax.plot(mean.index * 100, mean.values, marker="o", ms=3, label=r,
+                    ls="--" if r == "random" else "-", color="k" if r == "random" else None)
         ax.axhline(0.8, color="grey", lw=0.5)
-        ax.set_title(m, fontsize=9)
+        ax.set_ylim(-0.1, 1.1)
+        ax.set_title(f"{m} (n={g['image'].nunique()})", fontsize=9)
         ax.set_xlabel("% of tapped units kept")
-        ax.set_ylabel("image-vs-reference contrast kept")
-    axes[0][-1].legend(fontsize=6)
+        ax.set_ylabel("contrast kept (mean ablation)")
+    for ax in list(axes.flat)[len(ms):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
     save_figure(fig, path)
 
 
+def write_outputs(df: pd.DataFrame, out: Path) -> int:
+    plot(df, out / "frontier.png")
+    head, curve = headline(df), curves(df)
+    n = df.groupby("model")["image"].nunique()
+    write_text(out / "circuits.md", "\n".join([
+        "# The circuit frontier: contrast kept against circuit size", "",
+        "Every tapped unit outside the circuit is ablated (mean: the reference mean per "
+        "position; resample: one reference image's value, 4 draws averaged); contrast = "
+        "(z(image) - mean z(references)) under that ablation over the clean network's, "
+        "references never the image. size = the smallest circuit (share of all tapped units) "
+        "keeping 50 % / 80 % of the contrast with top-1 kept: median over images "
+        "[min-max]; reached = images where some size up to 80 % did. Images per model: "
+        + ", ".join(f"{m} {k}" for m, k in n.items()) + ".", "",
+        "## Size needed", "", markdown(head), "",
+        "## Mean contrast kept per circuit size", "", markdown(curve), ""]))
+    with pd.option_context("display.width", 200, "display.max_rows", 500):
+        print(head.to_string(index=False))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
-    p = arguments(__doc__, "synthetic CNN, one image, 10 %% only", MODELS, images=3,
-                  images_help="images per model (at most 3)",
-                  gather="circuits.md and faithfulness.png from --out/circuits.csv")
-    p.add_argument("--steps", type=int, default=300, help="learned selection steps")
-    p.add_argument("--learned-on", choices=["image", "explanation", "both"], default="both",
-                   help="where the learned selection runs (it is the slow part)")
+    p = arguments(__doc__, "synthetic CNN, one image, three sizes", MODELS, images=8,
+                  images_help="images per model (photos: at most the offline samples)",
+                  gather="circuits.md and frontier.png from --out/frontier.csv")
+    p.add_argument("--rankings", default=",".join(RANKINGS),
+                   help="comma-separated, of " + ", ".join(RANKINGS))
+    p.add_argument("--learned-steps", type=int, default=100,
+                   help="optimisation steps of the learned selection at each size")
+    p.add_argument("--learned-images", type=int, default=3,
+                   help="images per model that the learned selection runs on (the slow part)")
     args = p.parse_args(argv)
     out = Path(args.out)
     prog = "analyses/circuits.py"
     if args.gather:
-        return gather(prog, out, "circuits.csv", write_outputs)
-    rows = []
-    budgets = BUDGETS[1:2] if args.quick else BUDGETS
-    steps = 20 if args.quick else args.steps
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown or not 1 <= args.images <= 3:
-        return fail(prog, f"models are {', '.join(MODELS)} and --images is 1 to 3")
-    learned_on = ("image", "explanation") if args.learned_on == "both" else (args.learned_on,)
+        return gather(prog, out, "frontier.csv", write_outputs)
+    names = parse_list(args.models)
+    rankings = parse_list(args.rankings)
+    if not names or set(names) - set(MODELS) or set(rankings) - set(RANKINGS) or \
+            not rankings or args.images < 1 or args.learned_steps < 10:
+        return fail(prog, f"models are {', '.join(MODELS)}; rankings {', '.join(RANKINGS)}; "
+                          f"--images at least 1; --learned-steps at least 10")
+    fractions = FRACTIONS
+    if args.quick:
+        names, fractions, args.images, args.learned_steps = ["synthetic-cnn"], \
+            (0.2, 0.6, 0.8), 1, 10
     stop = start(prog, out, OUTPUTS, args.force)
     if stop is not None:
         return stop
-    for name, hm, images, refs in models(args.quick, names, args.images):
-        rows += analyse(name, hm, images, refs, budgets, steps, learned_on=learned_on)
-        # after every model, so a long run that stops keeps what it measured
-        write_text(out / "circuits.csv", pd.DataFrame(rows).to_csv(index=False))
+    rows = []
+    for name in names:
+        hm = cl.load_model(name)
+        rows += write_as_they_come(out / "frontier.csv", analyse(
+            name, hm, args.images, rankings, fractions, args.learned_steps,
+            args.learned_images))
+    if not rows:
+        return fail(prog, "no image could be read (see the lines above)")
+    example(hm, *next(iter(images_and_references(names[-1], hm, 1).values())), out)
     return write_outputs(pd.DataFrame(rows), out)
-
-
-def write_outputs(df: pd.DataFrame, out: Path) -> int:
-    plot(df, out / "faithfulness.png")
-    return write_summary(
-        out, "circuits", "Circuit faithfulness (mean ablation, target = the image's top-1)",
-        "keep_* : only the circuit's units stay (every other unit of the tapped layers "
-        "mean-ablated). keep_logit = z / z_clean; keep_normalized = (z - z_all_ablated) / "
-        "(z_clean - z_all_ablated); keep_contrast = (z(image) - mean z(references)) under "
-        "the same ablation over the clean network's: the image-specific evidence kept (0 "
-        "for a circuit that ignores its input, which can still keep z on one image). "
-        "remove_flips: removing only the circuit changes top-1. random_*: random circuits "
-        "of the same size per layer (4 draws). units: mean circuit size; budget: fraction "
-        "of all tapped units.", summary(df))
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (arguments, fail, gather, pyplot, save_figure, start,  # noqa: E402
-                     write_summary)
-from circuits import MODELS, models  # noqa: E402
+from _common import (arguments, cl, fail, gather, pyplot, save_figure,  # noqa: E402
+                     start, write_summary)
 from circuitlab.circuits import units_needed  # noqa: E402
 from circuitlab.circuits.readout import node_layers, per_unit  # noqa: E402
 from circuitlab.files import write_text  # noqa: E402
@@ -131,6 +131,33 @@ def write_outputs(df: pd.DataFrame, out: Path) -> int:
         f"'all (size-weighted)': the layers' needs weighted by their unit counts, the budget "
         f"a circuit would need even if ablations in different layers did not compound.",
         summary(df))
+
+
+MODELS = ("synthetic-cnn", "synthetic-vit", "efficientnet_lite0")
+
+
+def models(quick: bool, names=MODELS, n_images: int = 3):
+    """(name, HookedModel, {image name: x}, reference batch) per model."""
+    if quick:
+        hm = cl.synthetic.synthetic_model("cnn", log=None)      # trained once, then cached
+        d = cl.synthetic.make_dataset(9, seed=123).normalized()
+        yield "synthetic-cnn", hm, {"synthetic:0": d[:1]}, d[1:]
+        return
+    test = cl.synthetic.make_dataset(n_images, seed=123).normalized()
+    refs = cl.synthetic.make_dataset(32, seed=7).normalized()
+    for kind in ("cnn", "vit"):
+        if f"synthetic-{kind}" not in names:
+            continue
+        hm = cl.synthetic.synthetic_model(kind, log=None)
+        yield f"synthetic-{kind}", hm, {f"synthetic:{i}": test[i:i + 1]
+                                        for i in range(n_images)}, refs
+    if "efficientnet_lite0" not in names:
+        return
+    hm = cl.load_model("efficientnet_lite0")
+    photos = ("coffee", "chelsea", "rocket")[:n_images]
+    others = [s for s in cl.data.available_samples() if s not in ("coffee", "chelsea", "rocket")]
+    refs = torch.cat([cl.data.load_image(s, hm) for s in others])
+    yield "efficientnet_lite0", hm, {p: cl.data.load_image(p, hm) for p in photos}, refs
 
 
 def main(argv=None) -> int:

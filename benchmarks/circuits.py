@@ -9,6 +9,9 @@
 - default readout: the smallest faithful circuit (ranking rounds + size search against 8
   reference images, ``circuits.search``), without edges and with them, relative to the same
   forward+backward. Target <= 30x. The passes column counts its model runs in images.
+  The same with EAP-IG as the ranking; and on the synthetic CNN the edge circuit
+  (``edges="attribution"``: edge scores, then a size search over edges, each probe one run
+  of the network per unit of the widest tap), timed once.
 - patching: ``hm.patch`` of every unit of one layer in batched forwards, relative to one
   ``hm.patch`` call per unit. Target >= 10x.
 Prints a table and writes CSV (default benchmarks/results/circuits.csv).
@@ -51,17 +54,29 @@ def fwd_bwd(hm, x):
     hm.model(xi).max().backward()
 
 
-def bench(name, hm, x, source, refs, layer, k, reps, edges="auto"):
+def bench(name, hm, x, source, refs, layer, k, reps, edges="auto", edge_circuit=False):
     rows = []
     base = best_of(lambda: fwd_bwd(hm, x), reps)
-    for e in ("none", edges):
-        t = best_of(lambda: read_circuit(hm, x, reference=refs, edges=e), reps)
-        c = read_circuit(hm, x, reference=refs, edges="none")
-        rows.append({"model": name, "what": f"default readout (faithful), edges={e}",
+    runs = [("iterative", "none"), ("iterative", edges), ("eap-ig", "none")]
+    for rank_by, e in runs:
+        t = best_of(lambda: read_circuit(hm, x, reference=refs, edges=e, rank_by=rank_by),
+                    reps)
+        c = read_circuit(hm, x, reference=refs, edges="none", rank_by=rank_by)
+        what = "default readout (faithful)" if rank_by == "iterative" else \
+            f"faithful readout, rank_by={rank_by}"
+        rows.append({"model": name, "what": f"{what}, edges={e}",
                      "seconds": t, "baseline": "forward+backward b1", "baseline_seconds": base,
                      "ratio": t / base, "passes": f"{c.meta['search_passes_forward_backward']} "
                      f"fwd+bwd, {c.meta['search_passes_forward']} fwd",
                      "units": f"{c.meta['search_fraction']:.3f}"})
+    if edge_circuit:    # minutes on Lite0 (one run of the network per unit of a tap)
+        t0 = time.perf_counter()
+        c = read_circuit(hm, x, reference=refs, edges="attribution")
+        t = time.perf_counter() - t0
+        rows.append({"model": name, "what": "edge circuit (edges=attribution)", "seconds": t,
+                     "baseline": "forward+backward b1", "baseline_seconds": base,
+                     "ratio": t / base, "passes": f"{c.meta['edge_search_probes']} probes",
+                     "units": f"{c.meta['edge_search_fraction']:.3f} of edges"})
     for e in (edges, "effective") if edges != "effective" else (edges,):
         t = best_of(lambda: read_circuit(hm, x, select_by="energy", k=k, edges=e), reps)
         rows.append({"model": name, "what": f"readout k={k}, edges={e}", "seconds": t,
@@ -96,7 +111,8 @@ def main(argv=None) -> int:
     hm.to(dev)
     data = cl.synthetic.make_dataset(2, seed=123).normalized().to(dev)
     refs = cl.synthetic.make_dataset(8, seed=7).normalized().to(dev)
-    rows += bench("synthetic cnn", hm, data[:1], data[1:], refs, "layer3", 16, reps)
+    rows += bench("synthetic cnn", hm, data[:1], data[1:], refs, "layer3", 16, reps,
+                  edge_circuit=True)
     if not args.quick:
         hm = cl.load_model("efficientnet_lite0", device=dev)
         x = cl.data.load_image("coffee", hm).to(dev)

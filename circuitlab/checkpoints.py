@@ -1,4 +1,5 @@
-"""One checkpoint format for everything circuitlab writes: models and explainers.
+"""One checkpoint format for everything circuitlab writes: models, explainers and feature
+dictionaries.
 
 A checkpoint is a dict of plain values and tensors, ``{"format": FORMAT, "kind": KIND, ...}``,
 written atomically with ``torch.save`` and read back with ``weights_only=True`` (no pickled
@@ -22,7 +23,7 @@ from .errors import CircuitlabError
 from .files import refuse_overwrite, write_atomic
 
 FORMAT = "circuitlab.checkpoint/1"
-KINDS = ("model", "explainer")
+KINDS = ("model", "explainer", "features")
 # format tags of earlier files -> the kind they hold
 _EARLIER = {"circuitlab-explainer-1": "explainer"}
 

@@ -321,16 +321,17 @@ def cmd_circuit(args) -> int:
 
     from . import data
     from .circuits import ReadoutConfig, faithfulness, read_circuit
+    from .circuits.drawing import unit_crops
     out = Path(args.out)
     names = ("nodes.csv", "edges.csv", "nodes.parquet", "edges.parquet", "circuit.graphml",
-             "circuit.json", "circuit.png", "validation.json")
+             "circuit.json", "circuit.png", "circuit.html", "validation.json")
     refuse_overwrite([out / n for n in names], args.force)
     if args.explain and args.explanation:
         raise CircuitlabError("pass --explain or --explanation DIR, not both")
     config = ReadoutConfig(  # checks the settings before anything loads
         k=args.k, mass=args.mass, select_by=args.select, faithfulness=args.faithfulness,
         refine_steps=args.refine, edges=args.edges, gradient=args.gradient, units=args.units,
-        budget=args.budget, method=args.method, steps=args.steps)
+        budget=args.budget, method=args.method, steps=args.steps, rank_by=args.rank_by)
     hm = _load(args)
     t0 = time.perf_counter()
     x = data.load_image(args.image, hm)
@@ -357,6 +358,8 @@ def cmd_circuit(args) -> int:
         "edges": len(circuit.edges), "method": args.method, "select": args.select,
         "size_search": {k[len("search_"):]: v for k, v in circuit.meta.items()
                         if k.startswith("search_")} or None,
+        "edge_search": {k[len("edge_search_"):]: v for k, v in circuit.meta.items()
+                        if k.startswith("edge_search_")} or None,
         "faithfulness": _effects(rows.loc["keep"]),
         "necessity": _effects(rows.loc["remove"]),
         "random_faithfulness": {**{k: float(rand[k].astype(float).mean()) for k in
@@ -375,10 +378,14 @@ def cmd_circuit(args) -> int:
     result["seconds"] = time.perf_counter() - t0
     circuit.save(out)
     circuit.plot(out / "circuit.png")
+    circuit.to_html(out / "circuit.html", crops=unit_crops(hm, x, circuit))
     write_text(out / "validation.json", json.dumps(result, indent=2) + "\n")
     f, rf = result["faithfulness"], result["random_faithfulness"]
     how = ""
-    if args.select == "faithful":
+    if args.edges == "attribution":
+        how = (f"the ends of the smallest edge circuit keeping {args.faithfulness:.2f} of the "
+               f"contrast, ")
+    elif args.select == "faithful":
         how = (f"the smallest keeping {args.faithfulness:.2f} of the contrast found by the "
                f"size search{' and learned gates' if args.refine else ''}, ")
     _emit(args, result, f"{args.image}: {result['label']} circuit of {result['units']} units "
@@ -390,8 +397,19 @@ def cmd_circuit(args) -> int:
                         f"{f['top1_kept']}; random circuits: contrast kept "
                         f"{rf.get('contrast_fraction', float('nan')):.2f}"
                         f"; remove it: "
-                        f"top-1 kept {result['necessity']['top1_kept']}\nwrote {out}")
+                        f"top-1 kept {result['necessity']['top1_kept']}\n{_edge_line(result)}"
+                        f"wrote {out}")
     return 0
+
+
+def _edge_line(result: dict) -> str:
+    e = result["edge_search"]
+    if not e:
+        return ""
+    return (f"edge circuit: {e['edges']} of {e['total']} edges between its taps "
+            f"({100 * e['fraction']:.1f} %) keep contrast {e['contrast']:.2f}, top-1 kept "
+            f"{e['top1_kept']}; random edges of that size: contrast "
+            f"{e['random_contrast']:.2f}\n")
 
 
 def _unit_experiment(args):
@@ -627,8 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(on its minimal explanation with --explain or "
                                    "--explanation DIR), test it by ablation against random "
                                    "circuits, and write nodes.csv, edges.csv (and .parquet), "
-                                   "circuit.graphml, circuit.json, circuit.png and "
-                                   "validation.json.")
+                                   "circuit.graphml, circuit.json, circuit.png, circuit.html "
+                                   "(interactive) and validation.json.")
     _add_model_args(p)
     _add_image_arg(p)
     p.add_argument("--out", "-o", required=True, help="output folder")
@@ -644,6 +662,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "under --method ablation of the rest")
     p.add_argument("--faithfulness", type=float, default=0.8,
                    help="--select faithful: contrast the circuit must keep (default 0.8)")
+    p.add_argument("--rank-by", choices=["iterative", "attribution", "eap-ig", "energy",
+                                         "random"], default="iterative",
+                   help="--select faithful: the order the size search cuts: iterative "
+                   "attribution patching (default), plain attribution patching, eap-ig "
+                   "(integrated gradients from the reference mean), energy or random")
     p.add_argument("--refine", type=int, default=0, metavar="STEPS",
                    help="--select faithful: shrink the circuit further with learned gates "
                    "started from it, STEPS per smaller budget (e.g. 100; minutes on a CPU)")
@@ -655,10 +678,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--select learned: fraction of the tapped units (default 0.1)")
     p.add_argument("--steps", type=int, default=300,
                    help="--select learned: optimisation steps (default 300)")
-    p.add_argument("--edges", choices=["auto", "weight", "effective", "none"], default="auto",
+    p.add_argument("--edges", choices=["auto", "weight", "effective", "attribution", "none"],
+                   default="auto",
                    help="weight: |W| of the conv between taps, or composed through the blocks "
                    "between them (kind path); effective: gradient x activation on this "
-                   "image; auto: weight where the modules compose, else effective")
+                   "image; auto: weight where the modules compose, else effective; "
+                   "attribution: only the fewest edges, by edge attribution patching, whose "
+                   "edge circuit keeps --faithfulness of the contrast (validated exactly)")
     p.add_argument("--gradient", action="store_true", help="weight edges by |d logit / d dst|")
     p.add_argument("--units", choices=["auto", "components", "channels"], default="auto",
                    help="ViTs: attention heads and MLP neurons (components, the default for "

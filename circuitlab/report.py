@@ -31,11 +31,13 @@ SECTIONS = (
     ("ablate_losses", "What each loss term buys", "Leave-one-out over the objective."),
     ("sanity", "Sanity check: model-parameter randomisation",
      "Explanations must change when the weights they explain do (Adebayo et al. 2018)."),
-    ("circuits", "Circuit faithfulness",
-     "Circuits read on the explanation and on the image against random circuits, by "
-     "ablation."),
+    ("circuits", "The circuit frontier",
+     "Contrast kept against circuit size for every way of choosing circuits, across model "
+     "families, and one circuit drawn."),
     ("units_needed", "Can a sparse circuit exist?",
      "How much of each tapped layer, on its own, carries the decision."),
+    ("features", "Circuits of dictionary features",
+     "The same frontier with sparse-dictionary features and error nodes as the nodes."),
 )
 
 _STYLE = """
@@ -110,6 +112,14 @@ def _figure(path: Path) -> str:
             f'<figcaption class="note">{html.escape(path.name)}</figcaption></figure>')
 
 
+def _view(path: Path) -> str:
+    """An interactive page of an analysis (a circuit view) inlined as an iframe's srcdoc."""
+    return (f'<figure><iframe title="{html.escape(path.name)}" srcdoc="'
+            f'{html.escape(path.read_text(), quote=True)}" style="width:100%;height:760px;'
+            f'border:1px solid #eee"></iframe><figcaption class="note">'
+            f'{html.escape(path.name)} (interactive: hover a node)</figcaption></figure>')
+
+
 def render(src: Union[str, os.PathLike]) -> tuple[str, list[str]]:
     """(HTML text, the sections found) from a folder holding one subfolder per analysis."""
     src = Path(src)
@@ -129,6 +139,7 @@ def render(src: Union[str, os.PathLike]) -> tuple[str, list[str]]:
         found.append(folder)
         parts += [markdown_to_html(p.read_text()) for p in mds]
         parts += [_figure(p) for p in pngs if not p.name.endswith(".tmp.png")]
+        parts += [_view(p) for p in sorted(d.glob("*.html")) if ".tmp" not in p.name]
     if not found:
         raise CircuitlabError(f"no analysis outputs under {src} (expected subfolders "
                               f"{', '.join(f for f, _, _ in SECTIONS)}); run them first or "

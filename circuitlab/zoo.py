@@ -262,8 +262,9 @@ def save_checkpoint(hm: Union[HookedModel, nn.Module], path: Union[str, os.PathL
 
 
 # the ground-truth benchmark's models: trained here on first use (about a minute for the CNN,
-# a few for the ViT), then loaded from the user cache
-SYNTHETIC_MODELS = {"synthetic-cnn": "cnn", "synthetic-vit": "vit"}
+# a few for the ViT and the ResNet-18), then loaded from the user cache
+SYNTHETIC_MODELS = {"synthetic-cnn": "cnn", "synthetic-vit": "vit",
+                    "synthetic-resnet18": "resnet18"}
 
 
 def _synthetic(name: str, device=None) -> HookedModel:

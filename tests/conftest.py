@@ -48,6 +48,15 @@ def family_model(request):
     return request.param, get_model(request.param)
 
 
+@pytest.fixture(scope="session")
+def cnn():
+    """The trained synthetic CNN, one held-out image and 16 reference images."""
+    hm = circuitlab.load_model("synthetic-cnn")
+    x = circuitlab.synthetic.make_dataset(1, seed=123).normalized()
+    refs = circuitlab.synthetic.make_dataset(16, seed=7).normalized()
+    return hm, x, refs
+
+
 @pytest.fixture
 def small_resnet():
     return get_model("timm_resnet18")

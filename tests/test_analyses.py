@@ -14,7 +14,8 @@ from circuitlab import cli
 from circuitlab.report import SECTIONS, markdown_to_html
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ("compare_methods", "sanity", "ablate_losses", "paper_figures", "units_needed")
+QUICK = ("compare_methods", "sanity", "ablate_losses", "paper_figures", "units_needed",
+         "circuits", "features")
 
 
 def _main(script):
@@ -91,10 +92,39 @@ def test_analyses_refuse_to_overwrite(outputs, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_circuits_quick(outputs):
+    df = pd.read_csv(outputs / "circuits" / "frontier.csv")
+    assert set(df["ranking"]) == {"energy", "attribution", "iterative", "eap-ig", "random",
+                                  "learned"}
+    assert set(df["ablation"]) == {"mean", "resample"} and set(df["fraction"]) == {0.2, 0.6, 0.8}
+    md = (outputs / "circuits" / "circuits.md").read_text()
+    assert "## Size needed" in md and "synthetic-cnn 1" in md
+    # the headline reads the frontier: iterative attribution under mean ablation reaches 80 %
+    # at the smallest size in the table where its contrast is >= 0.8 with top-1 kept
+    g = df[(df["ranking"] == "iterative") & (df["ablation"] == "mean")]
+    ok = g[(g["contrast"] >= 0.8) & (g["top1_kept"] >= 1)]["fraction"]
+    row = [r for r in md.splitlines() if r.startswith("| synthetic-cnn | iterative | mean |")]
+    want = f"{100 * ok.min():.0f} % [" if len(ok) else "> 80 %"
+    assert len(row) == 2 and row[0].split("|")[5].strip().startswith(want)   # size, curve
+    assert (outputs / "circuits" / "example_circuit.html").stat().st_size > 10_000
+
+
+def test_features_quick(outputs):
+    df = pd.read_csv(outputs / "features" / "features.csv")
+    assert set(df["basis"]) == {"channels", "features"}
+    full = df[df["fraction"] == 1.0]
+    assert (full["contrast"] - 1).abs().max() < 1e-4      # everything kept: the clean network
+    nodes = df.groupby("basis")["total"].first()
+    assert nodes["channels"] == 160 and nodes["features"] == 4 * 160 + 3
+    assert (outputs / "features" / "dictionaries_synthetic-cnn.pt").is_file()
+    md = (outputs / "features" / "features.md").read_text()
+    assert "features (643)" in md and "channels (160)" in md
+
+
 class _Page(html.parser.HTMLParser):
     def __init__(self):
         super().__init__()
-        self.imgs, self.tables, self.external = [], 0, []
+        self.imgs, self.tables, self.external, self.frames = [], 0, [], 0
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -102,6 +132,8 @@ class _Page(html.parser.HTMLParser):
             self.imgs.append(a.get("src", ""))
         if tag == "table":
             self.tables += 1
+        if tag == "iframe":
+            self.frames += 1
         for k in ("src", "href"):
             v = a.get(k) or ""
             if v and not v.startswith(("data:", "#")):
@@ -117,8 +149,15 @@ def test_report_is_self_contained(outputs, tmp_path, capsys):
     pngs = sorted(outputs.glob("*/*.png"))
     assert len(p.imgs) == len(pngs) >= 4
     assert all(s.startswith("data:image/png;base64,") for s in p.imgs)
-    assert p.tables == len(QUICK) and not p.external        # one table per analysis run, nothing linked
-    assert "Not run" in page                        # circuits was not run here: said so
+    tables = sum(line.startswith("| ---") for md in outputs.glob("*/*.md")
+                 for line in md.read_text().splitlines())
+    assert p.tables == tables >= len(QUICK) and not p.external    # every table, nothing linked
+    assert p.frames == len(list(outputs.glob("*/*.html"))) == 1   # the circuit view, inlined
+    assert "Not run" not in page
+    solo = tmp_path / "solo"
+    shutil.copytree(outputs / "sanity", solo / "sanity")
+    assert cli.main(["report", "--from", str(solo), "--out", str(tmp_path / "r1")]) == 0
+    assert "Not run" in (tmp_path / "r1" / "report.html").read_text()   # the rest: said so
     # no silent overwrite, and one clear line for bad input
     assert cli.main(["report", "--from", str(outputs), "--out", str(out)]) == 2
     assert cli.main(["report", "--from", str(tmp_path / "none"), "--out",
@@ -147,4 +186,4 @@ def test_markdown_tables_to_html():
     h = markdown_to_html("# T\n\nsome `code` & text\n\n| a | b |\n| --- | --- |\n| 1 | x<y |\n")
     assert "<h3>T</h3>" in h and "<code>code</code> &amp; text" in h
     assert "<th>a</th>" in h and "<td>x&lt;y</td>" in h and "---" not in h
-    assert [s[0] for s in SECTIONS][-2:] == ["circuits", "units_needed"]
+    assert [s[0] for s in SECTIONS][-3:] == ["circuits", "units_needed", "features"]

@@ -20,7 +20,7 @@ LAYERS = [
     ("hooked_model",),                           # hooks
     ("synthetic",),                              # the benchmark: its data, models and cache
     ("data", "zoo"),                             # images in; models by name
-    ("metrics",),
+    ("metrics", "features"),                     # feature dictionaries on taps
     ("explain", "baselines"),                    # masks
     ("circuits",),                               # circuits
     ("report",),                                 # reports

@@ -23,3 +23,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert abs(scope["at5"].area.item() - 0.05) < 0.001 and scope["at5"].found.shape == (1,)
     assert (tmp_path / "out" / "edges.csv").is_file() and (tmp_path / "circuit.png").is_file()
     assert set(scope["c"].units) == set(scope["hm"].taps)
+    assert (tmp_path / "circuit.html").is_file() and (tmp_path / "dicts.pt").is_file()
+    assert set(scope["need"]["ranking"]) == {"energy", "attribution", "iterative", "eap-ig",
+                                             "random"}
+    assert set(scope["feature_df"]["fraction"]) == {0.1, 0.4}

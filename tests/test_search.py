@@ -122,7 +122,10 @@ def test_readout_config_checks_its_settings():
                          ({"faithfulness": 0}, "faithfulness"),
                          ({"select_by": "energy", "k": 0}, "k must be"),
                          ({"prune": 1.0}, "prune"),
-                         ({"refine_steps": 5}, "refine_steps")]:
+                         ({"refine_steps": 5}, "refine_steps"),
+                         ({"rank_by": "magic"}, "rank_by must be"),
+                         ({"select_by": "energy", "rank_by": "eap-ig"}, "own score"),
+                         ({"ig_steps": 0}, "ig_steps")]:
         with pytest.raises(CircuitlabError, match=message):
             ReadoutConfig(**bad)
     with pytest.raises(CircuitlabError, match="unknown readout settings"):

@@ -3,10 +3,14 @@ ablation and patching."""
 from .circuit import Circuit
 from .config import ReadoutConfig
 from .patching import ablate_units, agreement, patch_units
+from .edge_circuit import EdgeSearch, edge_attribution, smallest_edge_circuit
+from .frontier import frontier, smallest
+from .ranking import RANKINGS, rank_units
 from .readout import read_circuit, select
-from .search import SizeSearch, smallest_faithful
+from .search import Setup, SizeSearch, prepare, smallest_faithful
 from .validate import faithfulness, size_curve, units_needed
 
-__all__ = ["Circuit", "ReadoutConfig", "SizeSearch", "ablate_units", "agreement",
-           "faithfulness", "patch_units", "read_circuit", "select", "size_curve",
-           "smallest_faithful", "units_needed"]
+__all__ = ["Circuit", "EdgeSearch", "RANKINGS", "ReadoutConfig", "Setup", "SizeSearch",
+           "ablate_units", "agreement", "edge_attribution", "faithfulness", "frontier",
+           "patch_units", "prepare", "rank_units", "read_circuit", "select", "size_curve",
+           "smallest", "smallest_edge_circuit", "smallest_faithful", "units_needed"]

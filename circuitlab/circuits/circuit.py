@@ -6,12 +6,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import networkx as nx
 import pandas as pd
 
 from ..files import write_atomic, write_text
+from . import drawing
 
 # node kinds that are units of a hooked layer (what ablation and patching take); the rest are
 # pooled features and classes
@@ -114,55 +115,17 @@ class Circuit:
         return m.sort_values(["layer", "unit"]).reset_index(drop=True)
 
     def plot(self, path: Union[str, os.PathLike, None] = None, ax=None, title=None,
-             max_edges: int = 300):
-        """The layered graph: one column per layer, node size ~ energy, edge width ~ score.
-        Writes PNG or SVG (by suffix) atomically when ``path`` is given; returns the axes."""
-        import matplotlib
-        if path is not None and ax is None:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        own = ax is None
-        if own:
-            fig, ax = plt.subplots(figsize=(2.2 * max(2, self.nodes["layer"].nunique()), 6))
-        layers = list(dict.fromkeys(self.nodes["layer"]))
-        pos = {}
-        for i, layer in enumerate(layers):
-            n = self.nodes[self.nodes["layer"] == layer].sort_values("energy", ascending=False)
-            for j, r in enumerate(n.itertuples()):
-                pos[(layer, int(r.unit))] = (i, -j / max(1, len(n) - 1) if len(n) > 1 else 0)
-        # scores differ in scale between layer pairs: widths and the edge budget per pair
-        pairs = self.edges.groupby(["src_layer", "dst_layer"], sort=False)
-        per = max(1, max_edges // max(1, pairs.ngroups))
-        for _, e in pairs:
-            e = e.nlargest(per, "score")
-            top = float(e["score"].max()) or 1.0
-            for r in e.itertuples():
-                a = pos.get((r.src_layer, int(r.src_unit)))
-                b = pos.get((r.dst_layer, int(r.dst_unit)))
-                if a and b:
-                    ax.plot([a[0], b[0]], [a[1], b[1]], color="tab:blue", alpha=0.5,
-                            lw=0.2 + 3 * float(r.score) / top, zorder=1)
-        for layer in layers:
-            n = self.nodes[self.nodes["layer"] == layer]
-            size = n["energy"].abs() / max(1e-12, float(n["energy"].abs().max()))
-            xy = [pos[(layer, int(u))] for u in n["unit"]]
-            ax.scatter([p[0] for p in xy], [p[1] for p in xy], s=20 + 200 * size,
-                       color="tab:orange", edgecolor="k", zorder=2)
-            for (x, y), u in zip(xy, n["unit"]):
-                ax.annotate(str(int(u)), (x, y), fontsize=6, ha="center", va="center",
-                            zorder=3)
-        ax.set_xticks(range(len(layers)), layers, rotation=30, fontsize=7, ha="right")
-        ax.set_yticks([])
-        ax.set_title(title or f"{self.meta.get('model', '')}: {self.meta.get('label', '')} "
-                              f"({self.meta.get('read_on', '')})", fontsize=9)
-        if own and path is not None:
-            fig.tight_layout()
-            fmt = Path(path).suffix.lstrip(".") or "png"
-            buf = io.BytesIO()
-            fig.savefig(buf, format=fmt, dpi=150)
-            plt.close(fig)
-            write_atomic(path, lambda f: f.write(buf.getvalue()))
-        return ax
+             max_edges: int = 300, edge_mass: float = 0.8):
+        """The layered drawing (``circuits.drawing``): layers named, units labelled and sized
+        by effect, classes by name and probability, the strongest edges by score and sign,
+        a legend. Writes PNG or SVG (by suffix) atomically when ``path`` is given."""
+        return drawing.plot(self, path, ax, title, max_edges, edge_mass)
+
+    def to_html(self, path: Union[str, os.PathLike], crops: Optional[dict] = None,
+                max_edges: int = 300, edge_mass: float = 0.8) -> Path:
+        """The same graph as a self-contained interactive page (hover: layer, unit, effect
+        and, with ``crops`` from ``drawing.unit_crops``, where the unit fires)."""
+        return drawing.to_html(self, path, crops, max_edges, edge_mass)
 
     def __repr__(self) -> str:
         layers = ", ".join(f"{k}: {len(v)}" for k, v in self.units.items())

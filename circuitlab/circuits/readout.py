@@ -37,9 +37,10 @@ from . import paths as P
 from . import transformer as T
 from .circuit import Circuit
 from .config import ReadoutConfig
+from .edge_circuit import EdgeSearch, smallest_edge_circuit
 from .effective import effective_edges, per_unit
 from .learned import learn_units
-from .search import SizeSearch, smallest_faithful
+from .search import SizeSearch, prepare, smallest_faithful
 
 __all__ = ["ReadoutConfig", "node_layers", "per_unit", "read_circuit", "select"]
 
@@ -96,9 +97,11 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
     cfg = (config or ReadoutConfig()).replace(**settings)
     r = _start(hm, x, explanation, target, cfg)
     _choose_units(r, reference)
-    plan = _plan_edges(r)
     head_rows, class_rows = _class_links(r)
-    edge_rows = _edge_rows(r, plan)
+    if cfg.edges == "attribution":
+        edge_rows = _edge_circuit_rows(r)
+    else:
+        edge_rows = _edge_rows(r, _plan_edges(r))
     if cfg.edges != "none":
         edge_rows += head_rows
     return Circuit(r.node_rows + class_rows, edge_rows, _meta(r))
@@ -124,6 +127,8 @@ class _Reading:
     dscale: dict = field(default_factory=dict)      # layer -> mean |d logit / d unit|
     node_rows: list = field(default_factory=list)
     search: Optional[SizeSearch] = None
+    edge_search: Optional[EdgeSearch] = None
+    classes: list = field(default_factory=list)     # the top classes: unit, label, prob
 
 
 def _start(hm, x, explanation, target, cfg: ReadoutConfig) -> _Reading:
@@ -167,11 +172,13 @@ def _choose_units(r: _Reading, reference: Optional[torch.Tensor]) -> None:
     """The units of each layer (strongest first) and their node rows."""
     cfg, hm = r.cfg, r.hm
     picked_by = None
-    if cfg.select_by == "faithful":
+    if cfg.edges == "attribution":
+        picked_by = _edge_circuit(r, reference)
+    elif cfg.select_by == "faithful":
         r.search = smallest_faithful(
             hm, r.inp, r.layers, reference, target=r.target, faithfulness=cfg.faithfulness,
             method=cfg.method, prune=cfg.prune, tolerance=cfg.tolerance,
-            refine_steps=cfg.refine_steps)
+            refine_steps=cfg.refine_steps, rank_by=cfg.rank_by, ig_steps=cfg.ig_steps)
         picked_by = r.search.units
     elif cfg.select_by == "learned":
         picked_by = learn_units(hm, r.inp, r.layers, cfg.budget, target=r.target,
@@ -226,6 +233,8 @@ def _class_links(r: _Reading) -> tuple[list, list]:
     if r.fc is not None:
         h = r.cache["hook_pooled"][0].flatten()
         top = r.logits[0].topk(min(r.cfg.top_classes, r.logits.shape[-1])).indices.tolist()
+        probs = r.logits[0].detach().softmax(-1)
+        r.classes = [{"unit": y, "label": r.hm.label(y), "prob": float(probs[y])} for y in top]
         for y in top:
             contrib = r.fc.weight.detach()[y].abs() * h.abs()
             feats = contrib.topk(min(r.cfg.features_per_class, len(h))).indices.tolist()
@@ -288,15 +297,38 @@ def _edge_rows(r: _Reading, plan: dict) -> list:
     return rows
 
 
+def _edge_circuit(r: _Reading, reference) -> dict:
+    """The smallest faithful edge circuit over every unit of the tapped layers
+    (``edge_circuit``); its units are the ends of its edges."""
+    s = prepare(r.hm, r.inp, r.layers, reference, r.target, r.cfg.method)
+    every = {n: list(range(r.hm.n_units(n))) for n in r.layers}
+    r.edge_search = smallest_edge_circuit(s, every, r.cfg.faithfulness, r.cfg.tolerance)
+    units = {n: set() for n in r.layers}
+    for src, i, dst, j, _ in r.edge_search.edges:
+        units[src].add(i)
+        units[dst].add(j)
+    return {n: sorted(u) for n, u in units.items()}
+
+
+def _edge_circuit_rows(r: _Reading) -> list:
+    es = {n: r.energies[n].tolist() for n in r.layers}
+    return [{"src_layer": src, "src_unit": i, "dst_layer": dst, "dst_unit": j,
+             "weight_l1": float("nan"), "src_energy": es[src][i], "score": score,
+             "kind": "attribution"} for src, i, dst, j, score in r.edge_search.edges]
+
+
 def _meta(r: _Reading) -> dict:
     cfg = r.cfg
     meta = {"model": r.hm.name, "target": r.target, "label": r.hm.label(r.target),
             "read_on": "explanation" if r.on_explanation else "image",
             "select_by": cfg.select_by, "gradient": bool(cfg.gradient),
-            "layers": ",".join(r.layers)}
+            "layers": ",".join(r.layers), "classes": r.classes}
     if cfg.select_by == "learned":
         meta.update(budget=float(cfg.budget), method=cfg.method)
     if r.search is not None:   # scalars, so graph exports carry them too
-        meta.update(method=cfg.method, **{f"search_{k}": v
-                                          for k, v in r.search.summary().items()})
+        meta.update(method=cfg.method, rank_by=cfg.rank_by,
+                    **{f"search_{k}": v for k, v in r.search.summary().items()})
+    if r.edge_search is not None:
+        meta.update(method=cfg.method, **{f"edge_search_{k}": v
+                                          for k, v in r.edge_search.summary().items()})
     return meta

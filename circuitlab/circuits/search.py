@@ -3,14 +3,10 @@
 Both phases run the network with every tapped unit outside the circuit replaced by its mean
 over reference images (per position; ``zero`` replaces it by 0):
 
-1. Rank (``rank_units``): all tapped units of all layers in one order, by attribution
-   patching against the reference mean, recomputed in the ablated network. Each round runs
-   the current circuit on the image with gradients, scores every kept unit u by
-   sum_pos |(a_u - mean_u) * d z_y / d a_u| and drops the ``prune`` fraction of all units
-   that score lowest; the units dropped last rank first. About 1 / prune forward+backward
-   passes of one image. The signed sum (the linear estimate of ablating u) cancels across
-   positions and prunes the narrow early layers first, which leaves circuits that keep the
-   image's logit without reading the image (README: circuits).
+1. Rank (``ranking.rank_units``): all tapped units of all layers in one order, by default
+   attribution patching against the reference mean recomputed in the ablated network
+   (``iterative``, about 1 / prune forward+backward passes of one image); ``rank_by``
+   picks another ranking (plain attribution, EAP-IG, energy, random).
 2. Size (``smallest_faithful``): a bracketing search over n on the nested circuits "the top
    n of the ranking" (the next probe interpolated where the contrast should cross the
    threshold, the midpoint when that stalls) for the fewest units that keep ``faithfulness``
@@ -27,7 +23,6 @@ over reference images (per position; ``zero`` replaces it by 0):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -36,79 +31,8 @@ import torch
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from .learned import CONTRAST_IMAGES, learn_units
-
-
-class _Ablated:
-    """Runs of ``hm`` in which every unit of ``layers`` outside a keep mask takes its
-    ablated value: the mean over ``reference`` (per position) or zero."""
-
-    def __init__(self, hm: HookedModel, layers: Sequence[str], reference: torch.Tensor,
-                 method: str):
-        if method not in ("mean", "zero"):
-            raise CircuitlabError("the faithful readout ablates with 'mean' or 'zero'")
-        self.hm, self.layers = hm, list(layers)
-        self.axes = {n: hm.point(n).unit_axis for n in self.layers}
-        self.sizes = {n: hm.n_units(n) for n in self.layers}
-        with torch.no_grad():
-            self.ref_logits, rc = hm.run_with_cache(reference, names=self.layers)
-        self.values = {n: rc[n].mean(0, keepdim=True) if method == "mean"
-                       else torch.zeros_like(rc[n][:1]) for n in self.layers}
-
-    def hooks(self, keep: dict, held: Optional[dict] = None) -> list:
-        def make(name):
-            def fn(act, _name):
-                shape = [1] * act.dim()
-                shape[self.axes[name]] = -1
-                m = keep[name].to(act.device).view(shape)
-                out = torch.where(m, act, self.values[name].to(act.dtype))
-                if held is not None:
-                    held[name] = out
-                return out
-            return fn
-        return [(n, make(n)) for n in self.layers]
-
-    def keep_masks(self, units: dict) -> dict:
-        """Keep masks of a circuit {layer: [units]}."""
-        keep = {name: torch.zeros(size, dtype=torch.bool) for name, size in self.sizes.items()}
-        for layer, us in units.items():
-            keep[layer][torch.as_tensor(list(us), dtype=torch.long)] = True
-        return keep
-
-    def top(self, order: Sequence[tuple], n: int) -> dict:
-        """The circuit {layer: [units]} of the top ``n`` of a global ``order``."""
-        units = {name: [] for name in self.layers}
-        for layer, unit in order[:n]:
-            units[layer].append(unit)
-        return units
-
-
-def rank_units(ablated: _Ablated, x: torch.Tensor, target: int,
-               prune: float = 0.1) -> list[tuple]:
-    """Every (layer, unit) of the tapped layers, most important first (module docstring)."""
-    total = sum(ablated.sizes.values())
-    drop = max(1, math.ceil(prune * total))
-    keep = {n: torch.ones(s, dtype=torch.bool) for n, s in ablated.sizes.items()}
-    removed: list[tuple] = []
-    while len(removed) < total:
-        held: dict = {}
-        xg = x.detach().clone().requires_grad_(True)   # so every activation tracks gradients
-        z = ablated.hm.run_with_hooks(xg, ablated.hooks(keep, held))[0, target]
-        grads = torch.autograd.grad(z, [held[n] for n in ablated.layers])
-        scores, units = [], []
-        for name, g in zip(ablated.layers, grads):
-            # |.| per position before the sum: a channel whose deviation from the mean pushes
-            # the logit up here and down there is not unimportant (the signed sum cancels,
-            # and then the narrow early layers, which carry the image, go first)
-            s = ((held[name] - ablated.values[name]) * g).detach().abs()
-            s = s.movedim(ablated.axes[name], 1).flatten(2).sum((0, 2))          # (U,)
-            live = torch.nonzero(keep[name]).flatten()
-            scores.append(s[live].cpu())
-            units += [(name, int(u)) for u in live]
-        for i in torch.cat(scores).argsort()[:drop].tolist():
-            layer, unit = units[i]
-            keep[layer][unit] = False
-            removed.append((layer, unit))
-    return removed[::-1]
+from .basis import FeatureAblated
+from .ranking import Ablated, forward_backward, rank_units
 
 
 @dataclass
@@ -139,15 +63,63 @@ class SizeSearch:
                 **{f"passes_{k}": v for k, v in self.passes.items()}}
 
 
-@torch.no_grad()
-def _probe(ablated: _Ablated, batch: torch.Tensor, keep: dict, target: int,
-           clean_x: torch.Tensor, contrast0: float) -> tuple:
-    logits = ablated.hm.run_with_hooks(batch, ablated.hooks(keep))
-    z = logits[:, target]
-    contrast = float(z[0] - z[1:].mean()) / contrast0
-    return (contrast, float(z[0] / clean_x[target]),
-            float(logits[0].softmax(-1)[target] / clean_x.softmax(-1)[target]),
-            bool(logits[0].argmax() == target))
+@dataclass
+class Setup:
+    """One image's readout problem: its ablated network, the image and the references in one
+    batch (every probe runs them together), the target and the clean contrast."""
+
+    ablated: Ablated
+    batch: torch.Tensor
+    target: int
+    clean: torch.Tensor         # the clean network's logits on the image
+    contrast0: float
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.batch[:1]
+
+    @torch.no_grad()
+    def probe(self, keep: dict) -> tuple:
+        """(contrast kept, logit fraction, probability fraction, top-1 kept) of the circuit
+        with keep masks ``keep``."""
+        return self.score(self.ablated.hm.run_with_hooks(self.batch, self.ablated.hooks(keep)))
+
+    def score(self, logits: torch.Tensor) -> tuple:
+        """The same from the logits of the batch (image first) under some intervention."""
+        y = self.target
+        z = logits[:, y]
+        return (float(z[0] - z[1:].mean()) / self.contrast0, float(z[0] / self.clean[y]),
+                float(logits[0].softmax(-1)[y] / self.clean.softmax(-1)[y]),
+                bool(logits[0].argmax() == y))
+
+    def probe_top(self, order: Sequence[tuple], n: int) -> tuple:
+        return self.probe(self.ablated.keep_masks(self.ablated.top(order, n)))
+
+
+def prepare(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], reference: torch.Tensor,
+            target: Optional[int] = None, method: str = "mean",
+            basis: Optional[dict] = None) -> Setup:
+    """Check the inputs and set up the ablated network and the contrast of one image.
+    ``basis`` ({layer: SparseDictionary}) makes the units dictionary features and error
+    nodes (``basis.FeatureAblated``) instead of the layers' own units."""
+    x = hm.check_input(x)
+    if x.shape[0] != 1:
+        raise CircuitlabError("the faithful readout reads one image at a time")
+    if reference is None or len(reference) == 0:
+        raise CircuitlabError("the faithful readout needs reference images (the mean "
+                              "ablation and the contrast): pass reference=<batch (R, C, H, "
+                              "W)>, or select_by='energy' for the paper's descriptive readout")
+    reference = hm.check_input(reference.to(x.device))
+    ablated = Ablated(hm, layers, reference, method) if basis is None else \
+        FeatureAblated(hm, layers, reference, method, basis)
+    with torch.no_grad():
+        clean = hm(x)[0]
+    y = int(clean.argmax()) if target is None else int(target)
+    contrast0 = float(clean[y] - ablated.ref_logits[:, y].mean())
+    if contrast0 <= 0:
+        raise CircuitlabError("the reference images score the target class as high as the "
+                              "image itself; pass references of other classes")
+    return Setup(ablated, torch.cat([x, reference]), y, clean, contrast0)
 
 
 def _next_probe(lo: int, hi: int, c_lo: float, c_hi: float, target: float, step: int,
@@ -162,71 +134,64 @@ def _next_probe(lo: int, hi: int, c_lo: float, c_hi: float, target: float, step:
     return int(min(max(round(guess), lo + step), hi - step)) if hi - lo > 2 * step else mid
 
 
+def bracket(evaluate, total: int, threshold: float, tolerance: float,
+            full: tuple) -> tuple[int, dict, bool]:
+    """The smallest n in 1..total for which ``evaluate(n)`` (a probe tuple, as
+    ``Setup.probe``) keeps ``threshold`` of the contrast with top-1 kept, to within
+    ``tolerance`` of ``total``; ``full`` is the probe of all ``total`` (not run again).
+    Returns (n, {n: probe}, whether ``full`` passes); assumes the contrast grows with n."""
+    probes = {total: full}
+
+    def passes(n):
+        if n not in probes:
+            probes[n] = evaluate(n)
+        c, _, _, top1 = probes[n]
+        return c >= threshold and top1
+
+    lo, hi = 0, total
+    ok = passes(total)
+    step = max(1, int(tolerance * total))
+    c_lo, last = 0.0, None      # nothing kept: no contrast
+    while ok and hi - lo > step:
+        mid = _next_probe(lo, hi, c_lo, probes[hi][0], threshold, step, last)
+        if passes(mid):
+            hi, last = mid, "hi"
+        else:
+            lo, c_lo, last = mid, probes[mid][0], ("lo" if last != "lo" else "lo twice")
+    return hi, probes, ok
+
+
 def smallest_faithful(hm: HookedModel, x: torch.Tensor, layers: Sequence[str],
                       reference: torch.Tensor, *, target: Optional[int] = None,
                       faithfulness: float = 0.8, method: str = "mean", prune: float = 0.1,
-                      tolerance: float = 0.01, refine_steps: int = 0,
-                      shrink: float = 0.9) -> SizeSearch:
+                      tolerance: float = 0.01, refine_steps: int = 0, shrink: float = 0.9,
+                      rank_by: str = "iterative", ig_steps: int = 8) -> SizeSearch:
     """The fewest top-ranked units of ``layers`` whose circuit keeps ``faithfulness`` of the
     contrast with top-1 kept, every other unit of ``layers`` ablated (module docstring).
 
     ``reference`` images give the mean ablation and the contrast, all of them, as
     ``validate.faithfulness`` uses them: the contrast found here is the one it reports."""
-    x = hm.check_input(x)
-    if x.shape[0] != 1:
-        raise CircuitlabError("the faithful readout reads one image at a time")
-    if reference is None or len(reference) == 0:
-        raise CircuitlabError("the faithful readout needs reference images (the mean "
-                              "ablation and the contrast): pass reference=<batch (R, C, H, "
-                              "W)>, or select_by='energy' for the paper's descriptive readout")
-    reference = hm.check_input(reference.to(x.device))
-    ablated = _Ablated(hm, layers, reference, method)
-    with torch.no_grad():
-        clean_x = hm(x)[0]
-    y = int(clean_x.argmax()) if target is None else int(target)
-    contrast0 = float(clean_x[y] - ablated.ref_logits[:, y].mean())
-    if contrast0 <= 0:
-        raise CircuitlabError("the reference images score the target class as high as the "
-                              "image itself; pass references of other classes")
-    order = rank_units(ablated, x, y, prune)
+    s = prepare(hm, x, layers, reference, target, method)
+    ablated = s.ablated
+    order = rank_units(ablated, s.x, s.target, rank_by, prune=prune, steps=ig_steps)
     total = len(order)
-    batch = torch.cat([x, reference])
-    probes: dict = {}
-
-    def passes(n):
-        if n not in probes:
-            probes[n] = _probe(ablated, batch, ablated.keep_masks(ablated.top(order, n)), y,
-                               clean_x, contrast0)
-        c, _, _, top1 = probes[n]
-        return c >= faithfulness and top1
-
     # keeping every unit is the clean network: contrast 1, no need to run it
-    probes[total] = (1.0, 1.0, 1.0, bool(clean_x.argmax() == y))
-    lo, hi = 0, total
-    ok = passes(total)          # False only when the target is not the top-1 class
-    step = max(1, int(tolerance * total))
-    c_lo, last = 0.0, None      # no unit kept: no contrast
-    while ok and hi - lo > step:
-        mid = _next_probe(lo, hi, c_lo, probes[hi][0], faithfulness, step, last)
-        if passes(mid):
-            hi, last = mid, "hi"
-        else:
-            lo, c_lo, last = mid, probes[mid][0], ("lo" if last != "lo" else "lo twice")
-    rounds = math.ceil(total / max(1, math.ceil(prune * total)))
+    full = (1.0, 1.0, 1.0, bool(s.clean.argmax() == s.target))
+    hi, probes, ok = bracket(lambda n: s.probe_top(order, n), total, faithfulness, tolerance,
+                             full)
     result = SizeSearch(ablated.top(order, hi), hi, total, faithfulness, *probes[hi], ok,
                         [(n, c, t) for n, (c, _, _, t) in sorted(probes.items())],
-                        {"forward_backward": rounds, "forward": len(reference) + 1 +
-                         (len(probes) - 1) * len(batch)})    # the whole network's probe is free
+                        {"forward_backward": forward_backward(rank_by, total, prune, ig_steps),
+                         "forward": len(s.batch) + (len(probes) - 1) * len(s.batch)})
     if refine_steps and ok:
-        result = _refine(ablated, batch, y, clean_x, contrast0, result, refine_steps, shrink,
-                         method)
+        result = _refine(s, result, refine_steps, shrink, method)
     return result
 
 
-def _refine(ablated: _Ablated, batch, y, clean_x, contrast0, found: SizeSearch, steps: int,
-            shrink: float, method: str) -> SizeSearch:
-    """Step 3 of the module docstring: the smallest learned circuit that passed. ``batch`` is
-    the image and the references, as the probes run them."""
+def _refine(s: Setup, found: SizeSearch, steps: int, shrink: float,
+            method: str) -> SizeSearch:
+    """Step 3 of the module docstring: the smallest learned circuit that passed."""
+    ablated, batch, y = s.ablated, s.batch, s.target
     x, reference = batch[:1], batch[1:]
     best, n = found, found.n_units
     while True:
@@ -235,7 +200,7 @@ def _refine(ablated: _Ablated, batch, y, clean_x, contrast0, found: SizeSearch, 
             break
         units = learn_units(ablated.hm, x, ablated.layers, n / found.total, target=y,
                             method=method, reference=reference, steps=steps, init=best.units)
-        probe = _probe(ablated, batch, ablated.keep_masks(units), y, clean_x, contrast0)
+        probe = s.probe(ablated.keep_masks(units))
         best.probes.append((n, probe[0], probe[3]))
         best.passes["forward_backward"] += steps * (1 + min(CONTRAST_IMAGES, len(reference)))
         best.passes["forward"] += len(batch)
