@@ -117,7 +117,7 @@ def _check_cut(held: dict, leaves: dict, pairs: list) -> None:
         if _leaves(held[d]) != {id(leaves[src])}:
             raise CircuitlabError(f"edge circuits need taps that cut the network: {d} is "
                                   f"reached from before {src} by a skip connection; tap stage "
-                                  f"or block outputs (--layers)")
+                                  f"or block outputs (a ViT: --units channels)")
 
 
 def everything(units: dict, layers: Sequence[str]) -> dict:
