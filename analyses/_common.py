@@ -147,11 +147,13 @@ def images_and_references(name: str, hm, n: int) -> dict:
     return {p: (xs[p], torch.cat([xs[o] for o in photos if o != p])) for p in photos[:n]}
 
 
-def write_as_they_come(path: Path, batches) -> list:
-    """Every row of ``batches`` (lists of row dicts), the CSV at ``path`` rewritten after
-    each batch so that a run that stops keeps what it measured."""
+def write_as_they_come(path: Path, models: dict, batches_of) -> list:
+    """Every row of ``batches_of(name, hm)`` (lists of row dicts, one per image) for each of
+    ``models`` ({name: HookedModel}), the CSV at ``path`` rewritten after each batch so that
+    a run that stops keeps what it measured."""
     rows = []
-    for got in batches:
-        rows += got
-        write_text(path, pd.DataFrame(rows).to_csv(index=False))
+    for name, hm in models.items():
+        for got in batches_of(name, hm):
+            rows += got
+            write_text(path, pd.DataFrame(rows).to_csv(index=False))
     return rows

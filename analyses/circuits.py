@@ -173,14 +173,12 @@ def main(argv=None) -> int:
     stop = start(prog, out, OUTPUTS, args.force)
     if stop is not None:
         return stop
-    rows = []
-    for name in names:
-        hm = cl.load_model(name)
-        rows += write_as_they_come(out / "frontier.csv", analyse(
-            name, hm, args.images, rankings, fractions, args.learned_steps,
-            args.learned_images))
+    models = {name: cl.load_model(name) for name in names}
+    rows = write_as_they_come(out / "frontier.csv", models, lambda name, hm: analyse(
+        name, hm, args.images, rankings, fractions, args.learned_steps, args.learned_images))
     if not rows:
         return fail(prog, "no image could be read (see the lines above)")
+    hm = models[names[-1]]
     example(hm, *next(iter(images_and_references(names[-1], hm, 1).values())), out)
     return write_outputs(pd.DataFrame(rows), out)
 

@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (arguments, cl, fail, gather, images_and_references,  # noqa: E402
-                     markdown, parse_list, pyplot, save_figure, start, write_as_they_come)
+                     parse_list, pyplot, save_figure, start, write_as_they_come,
+                     write_summary)
 from circuitlab import features as F  # noqa: E402
 from circuitlab.circuits import frontier, smallest  # noqa: E402
-from circuitlab.files import write_text  # noqa: E402
 
 MODELS = ("synthetic-cnn", "synthetic-resnet18", "efficientnet_lite0")
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)
@@ -125,20 +125,15 @@ def plot(df: pd.DataFrame, path: Path):
 
 def write_outputs(df: pd.DataFrame, out: Path) -> int:
     plot(df, out / "features.png")
-    head = headline(df)
     n = df.groupby("model")["image"].nunique()
-    write_text(out / "features.md", "\n".join([
-        "# Circuits of dictionary features against circuits of channels", "",
+    return write_summary(
+        out, "features", "Circuits of dictionary features against circuits of channels",
         "Iterative attribution ranking, mean ablation of every other node over reference "
         "images; nodes = the tapped layers' channels, or their dictionary features plus one "
         "error node per layer. size = the smallest share of the nodes keeping 50 % / 80 % "
         "of the image-vs-reference contrast with top-1 kept (median over images, images "
         "that reached it); contrast at 10 %: mean [min-max]. Images per model: "
-        + ", ".join(f"{m} {k}" for m, k in n.items()) + ".", "", markdown(head), ""]))
-    with pd.option_context("display.width", 200):
-        print(head.to_string(index=False))
-    print(f"wrote {out}")
-    return 0
+        + ", ".join(f"{m} {k}" for m, k in n.items()) + ".", headline(df))
 
 
 def main(argv=None) -> int:
@@ -164,11 +159,9 @@ def main(argv=None) -> int:
     stop = start(prog, out, OUTPUTS, args.force)
     if stop is not None:
         return stop
-    rows = []
-    for name in names:
-        hm = cl.load_model(name)
-        rows += write_as_they_come(out / "features.csv", analyse(
-            name, hm, dictionaries(name, hm, out, args), args.images, fractions))
+    models = {name: cl.load_model(name) for name in names}
+    rows = write_as_they_come(out / "features.csv", models, lambda name, hm: analyse(
+        name, hm, dictionaries(name, hm, out, args), args.images, fractions))
     if not rows:
         return fail(prog, "no image could be read (see the lines above)")
     return write_outputs(pd.DataFrame(rows), out)

@@ -82,16 +82,19 @@ class FeatureAblated(Ablated):
             return fn
         return [(n, make(n)) for n in self.layers]
 
-    def resampled(self, images: torch.Tensor) -> list:
-        with torch.no_grad():
-            _, rc = self.hm.run_with_cache(images, names=self.layers)
-        out = []
-        for k in range(len(images)):
-            a = copy.copy(self)
-            a.values, a.err_values = {}, {}
-            for n in self.layers:
-                units, err = self.encode(n, rc[n][k:k + 1])
-                units[:, -1] = 0.0
-                a.values[n], a.err_values[n] = units, err
-            out.append(a)
-        return out
+    def ablated_to(self, acts: dict) -> "FeatureAblated":
+        """A copy whose ablated features and error are those of ``acts`` ({layer: (1, ...)
+        activation of the layer itself}); the error node's coefficient stays 0."""
+        a = copy.copy(self)
+        a.values, a.err_values = {}, {}
+        for n in self.layers:
+            units, err = self.encode(n, acts[n])
+            units[:, -1] = 0.0
+            a.values[n], a.err_values[n] = units, err
+        return a
+
+    def zeroed(self) -> "FeatureAblated":
+        a = copy.copy(self)
+        a.values = {n: torch.zeros_like(v) for n, v in self.values.items()}
+        a.err_values = {n: torch.zeros_like(v) for n, v in self.err_values.items()}
+        return a

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -37,6 +36,14 @@ def _short(layer: str) -> str:
     return {"hook_pooled": "pooled", "hook_logits": "classes"}.get(layer, layer)
 
 
+def _label(kind: str, unit: int, classes: dict) -> str:
+    if kind == "class":
+        c = classes.get(unit)
+        return f"{c['label']} ({c['prob']:.2f})" if c else f"class {unit}"
+    prefix = {"head": "h", "neuron": "n", "feature": "f"}.get(kind, "u")
+    return f"{prefix}{unit}"
+
+
 def layout(circuit, edge_mass: float = 0.8, max_edges: int = 300) -> dict:
     """Positions, node and edge styles of a circuit, shared by the PNG and the HTML view."""
     nodes = circuit.nodes.copy()
@@ -45,25 +52,15 @@ def layout(circuit, edge_mass: float = 0.8, max_edges: int = 300) -> dict:
                                               nodes["energy"].abs())
     nodes["effect"] = effect.fillna(0.0)
     classes = {int(c["unit"]): c for c in circuit.meta.get("classes", [])}
-    xs, ys, labels, sizes = [], [], [], []
-    for i, layer in enumerate(layers):
-        idx = nodes.index[nodes["layer"] == layer]
-        order = nodes.loc[idx].sort_values("effect", ascending=False).index
-        top = max(1e-12, float(nodes.loc[idx, "effect"].max()))
-        for j, k in enumerate(order):
-            xs.append((k, i))
-            ys.append((k, 1 - (j + 0.5) / len(order)))
-            r = nodes.loc[k]
-            if r["kind"] == "class":
-                c = classes.get(int(r["unit"]))
-                labels.append((k, f"{c['label']} ({c['prob']:.2f})" if c else
-                               f"class {int(r['unit'])}"))
-            else:
-                prefix = {"head": "h", "neuron": "n", "feature": "f"}.get(r["kind"], "u")
-                labels.append((k, f"{prefix}{int(r['unit'])}"))
-            sizes.append((k, 0.15 + 0.85 * math.sqrt(float(r["effect"]) / top)))
-    for col, vals in (("x", xs), ("y", ys), ("label", labels), ("size", sizes)):
-        nodes[col] = pd.Series(dict(vals))
+    by_layer = nodes.groupby("layer", sort=False)
+    # one column per layer, its units top-down by effect
+    nodes["x"] = nodes["layer"].map({layer: i for i, layer in enumerate(layers)}) \
+        .astype("int64")
+    rank = by_layer["effect"].rank(ascending=False, method="first")
+    nodes["y"] = (1 - (rank - 0.5) / by_layer["layer"].transform("size")).astype("float64")
+    top = by_layer["effect"].transform("max").clip(lower=1e-12)
+    nodes["size"] = 0.15 + 0.85 * np.sqrt(nodes["effect"] / top)
+    nodes["label"] = [_label(r.kind, int(r.unit), classes) for r in nodes.itertuples()]
     pos = {(r.layer, int(r.unit)): (r.x, r.y) for r in nodes.itertuples()}
     edges, shown, total = _strongest(circuit.edges, edge_mass, max_edges)
     return {"nodes": nodes, "layers": layers, "pos": pos, "edges": edges,

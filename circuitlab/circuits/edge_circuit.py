@@ -37,21 +37,23 @@ class _Copies:
     def __init__(self, s: Setup, units: dict, kept: dict):
         ab = s.ablated
         self.s, self.units = s, units
-        self.pairs = _pairs(units, ab.layers)
-        self.incoming = {d: src for src, d in self.pairs}
-        self.outgoing = {src: d for src, d in self.pairs}
-        self.k = max([len(units[d]) for _, d in self.pairs] or [1])
+        pairs = _pairs(units, ab.layers)
+        self.k = max([len(units[d]) for _, d in pairs] or [1])
         self.uniform = False    # every segment k copies (for models that fix the batch)
         self.keep = ab.keep_masks(units)
+        # copy_of: destination -> the copy each of its units is read from (a layer with an
+        # incoming pair); masks: source -> (copies, U_s) which sources feed each copy (a
+        # layer with an outgoing pair)
         self.copy_of, self.masks = {}, {}
-        for src, d in self.pairs:
+        for src, d in pairs:
             rows = torch.zeros(ab.sizes[d], dtype=torch.long)   # units outside: any copy
             rows[torch.as_tensor(units[d], dtype=torch.long)] = torch.arange(len(units[d]))
             self.copy_of[d] = rows
-            m = torch.zeros(len(units[d]), ab.sizes[src], dtype=torch.bool)  # who feeds j
-            for c, j in enumerate(units[d]):
-                feeds = [i for i in units[src] if (i, j) in kept.get((src, d), ())]
-                m[c, torch.as_tensor(feeds, dtype=torch.long)] = True
+            col, sources = {j: c for c, j in enumerate(units[d])}, set(units[src])
+            m = torch.zeros(len(units[d]), ab.sizes[src], dtype=torch.bool)
+            for i, j in kept.get((src, d), ()):
+                if j in col and i in sources:
+                    m[col[j], i] = True
             self.masks[src] = m
 
     def _copies(self, name: str, act: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,7 @@ class _Copies:
         def make(name):
             def fn(act, _name):
                 ax, base = ab.axes[name], ab.values[name].to(act.dtype)
-                if name in self.incoming:        # unit j of d from its own copy
+                if name in self.copy_of:         # unit j of d from its own copy
                     a = act.movedim(ax, 1)
                     a = a[self.copy_of[name].to(a.device), torch.arange(a.shape[1])]
                     act = a.unsqueeze(0).movedim(1, ax)
@@ -77,7 +79,7 @@ class _Copies:
                                   act[:1], base)
                 if held is not None:
                     held[name] = act
-                if name not in self.outgoing:
+                if name not in self.masks:
                     return act.expand(self.k, *act.shape[1:]) if self.uniform else act
                 if leaves is not None:           # one leaf per copy: gradients stay apart
                     n = self.k if self.uniform else len(self.masks[name])

@@ -21,12 +21,12 @@ import torch
 
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
+from .config import ABLATIONS
 from .learned import learn_units
 from .ranking import RANKINGS, rank_units
 from .search import prepare
 
 SELECTIONS = RANKINGS + ("learned",)
-FRONTIER_ABLATIONS = ("mean", "zero", "resample")
 
 
 def frontier(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], reference: torch.Tensor,
@@ -44,9 +44,9 @@ def frontier(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], reference:
             raise CircuitlabError(f"unknown ranking {name!r}; choose from "
                                   f"{', '.join(SELECTIONS)}")
     for name in ablations:
-        if name not in FRONTIER_ABLATIONS:
+        if name not in ABLATIONS:
             raise CircuitlabError(f"unknown ablation {name!r}; choose from "
-                                  f"{', '.join(FRONTIER_ABLATIONS)}")
+                                  f"{', '.join(ABLATIONS)}")
     if not fractions or not all(0 < f <= 1 for f in fractions):
         raise CircuitlabError("fractions must lie in (0, 1]")
     # the rankings score units against the mean (zero when that is the only ablation)
@@ -56,8 +56,8 @@ def frontier(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], reference:
                               "out of the rankings of a feature basis")
     s = prepare(hm, x, layers, reference, target, first, basis)
     setups = {first: [s]}
-    if "zero" in ablations and first != "zero":
-        setups["zero"] = [prepare(hm, x, layers, reference, s.target, "zero", basis)]
+    if "zero" in ablations and first != "zero":    # the same references, values zeroed
+        setups["zero"] = [dataclasses.replace(s, ablated=s.ablated.zeroed())]
     if "resample" in ablations:
         g = torch.Generator().manual_seed(seed)
         pick = torch.randperm(len(reference), generator=g)[:draws]

@@ -61,12 +61,19 @@ class Ablated:
         (resample ablation, one draw per image)."""
         with torch.no_grad():
             _, rc = self.hm.run_with_cache(images, names=self.layers)
-        out = []
-        for k in range(len(images)):
-            a = copy.copy(self)
-            a.values = {n: rc[n][k:k + 1] for n in self.layers}
-            out.append(a)
-        return out
+        return [self.ablated_to({n: rc[n][k:k + 1] for n in self.layers})
+                for k in range(len(images))]
+
+    def ablated_to(self, acts: dict) -> "Ablated":
+        """A copy of this ablation whose ablated values are ``acts`` ({layer: (1, ...)
+        activation}): every unit takes its value there."""
+        a = copy.copy(self)
+        a.values = dict(acts)
+        return a
+
+    def zeroed(self) -> "Ablated":
+        """A copy of this ablation that ablates to zero (the same network and references)."""
+        return self.ablated_to({n: torch.zeros_like(v) for n, v in self.values.items()})
 
     @property
     def total(self) -> int:
