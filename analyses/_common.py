@@ -43,7 +43,8 @@ def arguments(doc: str, quick: str, models: Optional[Sequence[str]] = None,
               images_help: str = "images per model",
               gather: Optional[str] = None) -> argparse.ArgumentParser:
     """The options every analysis shares: --out, --quick, --models, --images, --force and,
-    where the outputs can be rebuilt from a CSV, --gather (``gather`` says what from)."""
+    where the outputs can be rebuilt from a CSV, --gather (``gather`` says what from) and
+    --resume."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quick", action="store_true", help=quick)
@@ -54,6 +55,9 @@ def arguments(doc: str, quick: str, models: Optional[Sequence[str]] = None,
     p.add_argument("--force", action="store_true", help="replace existing outputs")
     if gather:
         p.add_argument("--gather", action="store_true", help=f"only rebuild {gather}")
+        p.add_argument("--resume", action="store_true",
+                       help="keep the rows already in --out's CSV, measure only the images "
+                            "it lacks, then rebuild every output from all rows")
     return p
 
 
@@ -147,13 +151,15 @@ def images_and_references(name: str, hm, n: int) -> dict:
     return {p: (xs[p], torch.cat([xs[o] for o in photos if o != p])) for p in photos[:n]}
 
 
-def write_as_they_come(path: Path, models: dict, batches_of) -> list:
-    """Every row of ``batches_of(name, hm)`` (lists of row dicts, one per image) for each of
-    ``models`` ({name: HookedModel}), the CSV at ``path`` rewritten after each batch so that
-    a run that stops keeps what it measured."""
-    rows = []
+def write_as_they_come(path: Path, models: dict, batches_of, resume: bool = False) -> list:
+    """Every row of ``batches_of(name, hm, done)`` (lists of row dicts, one per image) for each
+    of ``models`` ({name: HookedModel}), the CSV at ``path`` rewritten after each batch so that
+    a run that stops keeps what it measured. ``resume``: the rows already in ``path`` are kept
+    and ``done`` holds their images per model, for ``batches_of`` to skip."""
+    rows = pd.read_csv(path).to_dict("records") if resume and path.is_file() else []
     for name, hm in models.items():
-        for got in batches_of(name, hm):
+        done = {r["image"] for r in rows if r["model"] == name}
+        for got in batches_of(name, hm, done):
             rows += got
             write_text(path, pd.DataFrame(rows).to_csv(index=False))
     return rows

@@ -38,17 +38,20 @@ FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 RANKINGS = ("energy", "attribution", "iterative", "eap-ig", "random", "learned")
 OUTPUTS = ("frontier.csv", "circuits.md", "frontier.png", "example_circuit.png",
            "example_circuit.html")
-SYNTHETIC = ("synthetic-cnn", "synthetic-vit", "synthetic-resnet18")
+SYNTHETIC = ("synthetic-cnn", "synthetic-vit", "synthetic-resnet18", "synthetic-convnext",
+             "synthetic-mobilenetv3")
 REAL = ("efficientnet_lite0", "efficientnet_lite1")
 MODELS = SYNTHETIC + REAL
 
 
 def analyse(name: str, hm, n: int, rankings, fractions, steps: int, learned_images: int,
-            log=print):
-    """The frontier rows of each image in turn; the learned selection (the slow one) on the
-    first ``learned_images`` only."""
+            done=(), log=print):
+    """The frontier rows of each image in turn but those ``done``; the learned selection (the
+    slow one) on the first ``learned_images`` only."""
     layers = node_layers(hm)
     for k, (image, (x, refs)) in enumerate(images_and_references(name, hm, n).items()):
+        if image in done:
+            continue
         t0 = time.perf_counter()
         chosen = [r for r in rankings if r != "learned" or k < learned_images]
         try:
@@ -170,12 +173,13 @@ def main(argv=None) -> int:
     if args.quick:
         names, fractions, args.images, args.learned_steps = ["synthetic-cnn"], \
             (0.2, 0.6, 0.8), 1, 10
-    stop = start(prog, out, OUTPUTS, args.force)
+    stop = start(prog, out, OUTPUTS, args.force or args.resume)
     if stop is not None:
         return stop
     models = {name: cl.load_model(name) for name in names}
-    rows = write_as_they_come(out / "frontier.csv", models, lambda name, hm: analyse(
-        name, hm, args.images, rankings, fractions, args.learned_steps, args.learned_images))
+    rows = write_as_they_come(out / "frontier.csv", models, lambda name, hm, done: analyse(
+        name, hm, args.images, rankings, fractions, args.learned_steps, args.learned_images, done),
+        resume=args.resume)
     if not rows:
         return fail(prog, "no image could be read (see the lines above)")
     hm = models[names[-1]]

@@ -63,8 +63,10 @@ def dictionaries(name: str, hm, out: Path, args, log=print) -> dict:
     return d
 
 
-def analyse(name: str, hm, dicts: dict, n: int, fractions, log=print):
+def analyse(name: str, hm, dicts: dict, n: int, fractions, done=(), log=print):
     for image, (x, refs) in images_and_references(name, hm, n).items():
+        if image in done:
+            continue
         t0 = time.perf_counter()
         parts = []
         for basis, d in (("channels", None), ("features", dicts)):
@@ -156,12 +158,13 @@ def main(argv=None) -> int:
     fractions = FRACTIONS
     if args.quick:
         names, args.images, args.steps, fractions = ["synthetic-cnn"], 1, 100, (0.1, 0.4, 1.0)
-    stop = start(prog, out, OUTPUTS, args.force)
+    stop = start(prog, out, OUTPUTS, args.force or args.resume)
     if stop is not None:
         return stop
     models = {name: cl.load_model(name) for name in names}
-    rows = write_as_they_come(out / "features.csv", models, lambda name, hm: analyse(
-        name, hm, dictionaries(name, hm, out, args), args.images, fractions))
+    rows = write_as_they_come(out / "features.csv", models, lambda name, hm, done: analyse(
+        name, hm, dictionaries(name, hm, out, args), args.images, fractions, done),
+        resume=args.resume)
     if not rows:
         return fail(prog, "no image could be read (see the lines above)")
     return write_outputs(pd.DataFrame(rows), out)

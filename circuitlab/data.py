@@ -35,6 +35,7 @@ SAMPLES = {
     "china": ("sklearn", "china.jpg"),
     "flower": ("sklearn", "flower.jpg"),
     "grace_hopper": ("matplotlib", "grace_hopper.jpg"),
+    "motorcycle": ("skimage", "stereo_motorcycle"),
 }
 _PIP = {"skimage": "scikit-image", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 
@@ -48,7 +49,8 @@ def _sample_array(name: str) -> np.ndarray:
                               f"{_PIP[package]}") from None
     if package == "skimage":
         importlib.import_module("skimage.data")
-        return getattr(mod.data, item)()
+        arr = getattr(mod.data, item)()
+        return arr[0] if isinstance(arr, tuple) else arr   # a stereo pair: the left view
     if package == "sklearn":
         from sklearn.datasets import load_sample_image
         return load_sample_image(item)

@@ -135,7 +135,7 @@ def _torchvision_names() -> list[str]:
 
 def _local_archs() -> dict:
     """Architectures defined in circuitlab itself (no hub weights exist for them)."""
-    return {"synthetic_cnn": synthetic.SmallCNN}
+    return synthetic.LOCAL_ARCHS
 
 
 def _create(source: str, arch: str, pretrained: Optional[bool], kwargs: dict) -> nn.Module:
@@ -261,10 +261,11 @@ def save_checkpoint(hm: Union[HookedModel, nn.Module], path: Union[str, os.PathL
     }, overwrite=overwrite)
 
 
-# the ground-truth benchmark's models: trained here on first use (about a minute for the CNN,
-# a few for the ViT and the ResNet-18), then loaded from the user cache
+# the ground-truth benchmark's models: trained here on first use (under a minute for the CNN,
+# a few for the others), then loaded from the user cache
 SYNTHETIC_MODELS = {"synthetic-cnn": "cnn", "synthetic-vit": "vit",
-                    "synthetic-resnet18": "resnet18"}
+                    "synthetic-resnet18": "resnet18", "synthetic-convnext": "convnext",
+                    "synthetic-mobilenetv3": "mobilenetv3"}
 
 
 def _synthetic(name: str, device=None) -> HookedModel:

@@ -31,6 +31,21 @@ def test_train_cache_and_reload(tmp_path, monkeypatch):
     assert load_model(path).taps == ("layer2", "layer3", "layer4")
 
 
+@pytest.mark.parametrize("kind,family", [("convnext", "convnext"),
+                                         ("mobilenetv3", "mobilenet")])
+def test_frontier_families_round_trip_through_a_checkpoint(tmp_path, kind, family):
+    """The 32 px adaptations (ConvNeXt's 2x2 patch stem, MobileNetV3's stride-1 stem) are
+    part of the declared architecture, so a checkpoint rebuilds the same network, not timm's
+    default one with the same weights (for MobileNetV3 the weights would fit that too)."""
+    from circuitlab import save_checkpoint
+    torch.manual_seed(0)
+    hm = synthetic._hooked(synthetic.build(kind), kind)
+    x = synthetic.make_dataset(2, seed=9).normalized()
+    again = load_model(save_checkpoint(hm, tmp_path / f"{kind}.pt"))
+    assert again.family.name == family and len(again.taps) >= 3
+    torch.testing.assert_close(again(x), hm(x), rtol=0, atol=0)
+
+
 def test_small_vit_builds_with_transformer_aliases():
     from circuitlab import HookedModel
     hm = HookedModel(synthetic.build("vit"), data_config=synthetic.DATA_CONFIG)
