@@ -152,15 +152,23 @@ def _mask_results(hm, x, mask, ranking, target=None, seed: int = 0) -> dict:
     from . import metrics
     r = metrics.evaluate_mask(hm, x, mask, target, seed=seed)
     y = int(r["label"][0])
+    fills = [k for k in r if k.startswith("kept_")]
+    similarity = metrics.activation_similarity(hm, x, mask.to(x.device) * x) if hm.taps else {}
     return {
         "area_fraction": float(r["area_fraction"][0]), "top1_kept": bool(r["top1_kept"][0]),
         "label": hm.label(y), "class_index": y,
         "confidence_image": float(r["confidence_image"][0]),
         "confidence_explanation": float(r["confidence_explanation"][0]),
+        "confidence_ratio": float(r["confidence_ratio"][0]),
+        "regions": int(r["regions"][0]),
+        "top_regions_share": float(r["top_regions_share"][0]),
         "sufficiency": float(r["sufficiency"][0]),
+        "top1_kept_under_fill": {k[len("kept_"):]: float(r[k][0]) for k in fills},
         "necessity_drop": float(r["necessity_drop"][0]),
         "deletion_auc": float(metrics.deletion_auc(hm, x, ranking, y, seed=seed)[0]),
         "insertion_auc": float(metrics.insertion_auc(hm, x, ranking, y, seed=seed)[0]),
+        "activation_similarity": {tap: {k: float(v[0]) for k, v in d.items()}
+                                  for tap, d in similarity.items()},
     }
 
 
@@ -183,28 +191,73 @@ def _explain_one(hm, image, out: Path, args) -> dict:
     import numpy as np
 
     from . import data
-    from .explain import explain, explain_at_area
+    from .explain import certify, explain, explain_at_area
+    from .explain.reasons import reasons_of_one
     t0 = time.perf_counter()
     x = data.load_image(image, hm)
     if args.mode == "amortized":
         ex = args.explainer_obj.explain(hm, x, refine=args.refine, seed=args.seed)
     else:
         ex = explain(hm, x, preset_name=args.preset, steps=args.steps, seed=args.seed)
+    free_area = float(ex.area[0])
+    mask, cert = ex.mask, None
     if args.area is not None:  # pared down from the free mask to exactly this area
         ex = explain_at_area(hm, x, args.area, base=ex, steps=args.steps, seed=args.seed)
+        mask = ex.mask
+    elif args.minimal:
+        cert = certify(hm, x, ex.mask, ex.target)[0]
+        mask = cert.mask.to(x.device)
+        ex.mask = mask
+    found = reasons_of_one(hm, x, args.reasons, int(ex.target[0]), None, args.seed,
+                           args.minimal, first=ex) if args.reasons > 1 else None
     seconds = time.perf_counter() - t0
     result = {
         "image": str(image), "model": hm.name, "mode": args.mode,
         "preset": args.preset if args.mode == "per-image" else None, "steps": ex.steps,
-        "area_budget": args.area,
-        **_mask_results(hm, x, ex.mask, ex.mask, ex.target, seed=args.seed),
+        "area_budget": args.area, "free_area": free_area,
+        **_mask_results(hm, x, mask, mask, ex.target, seed=args.seed),
         "seconds": seconds,
     }
-    e_rgb = data.denormalize(ex.explanation[0], hm).permute(1, 2, 0).cpu().numpy()
-    _save_mask_pngs(out, hm, x, ex.mask)
+    if cert is not None:
+        result.update(minimal_area=float(cert.mask.mean()), pruned_regions=cert.pruned,
+                      locally_minimal=cert.locally_minimal,
+                      region_effects=cert.regions.to_dict("records"))
+    if found is not None:
+        result["reasons"] = _save_reasons(out, hm, x, found)
+    e_rgb = data.denormalize(mask * x, hm)[0].permute(1, 2, 0).cpu().numpy()
+    _save_mask_pngs(out, hm, x, mask)
     _save_png(out / "explanation.png", (e_rgb * 255).round().astype(np.uint8))
     write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+# reason i's colour in reasons.png (RGB in [0, 1]): distinct, readable on photos
+_REASON_COLOURS = ((0.9, 0.2, 0.1), (0.1, 0.5, 0.95), (0.1, 0.8, 0.2), (0.95, 0.8, 0.1),
+                   (0.7, 0.2, 0.9))
+
+
+def _save_reasons(out: Path, hm, x, found) -> list:
+    """reason_<i>.png (one overlay per reason, surest first) and reasons.png (all of them
+    tinted by rank over the dimmed image); their numbers for metrics.json."""
+    import numpy as np
+
+    from . import data, metrics
+    rgb = data.denormalize(x[0], hm).permute(1, 2, 0).cpu().numpy()
+    combined = rgb * 0.25
+    rows = []
+    for rank, r in enumerate(found, 1):
+        m = r.mask[0, 0].numpy()[..., None]
+        _save_png(out / f"reason_{rank}.png",
+                  (rgb * (0.25 + 0.75 * m) * 255).round().astype(np.uint8))
+        tint = np.array(_REASON_COLOURS[(rank - 1) % len(_REASON_COLOURS)])
+        combined = combined * (1 - m) + (0.6 * rgb + 0.4 * tint) * m
+        rows.append({"rank": rank, "order_found": r.order, "area": r.area,
+                     "confidence": r.confidence,
+                     "regions": int(metrics.regions(r.mask)["regions"][0])})
+    _save_png(out / "reasons.png", (combined * 255).round().astype(np.uint8))
+    for stale in range(len(found) + 1, 11):   # an earlier --force run's extra reasons
+        (out / f"reason_{stale}.png").unlink(missing_ok=True)
+    return rows
 
 
 def cmd_explain(args) -> int:
@@ -214,6 +267,13 @@ def cmd_explain(args) -> int:
     out = Path(args.out)
     targets = [out / Path(str(i)).stem for i in images] if src.is_dir() else [out]
     names = ("mask.png", "explanation.png", "overlay.png", "metrics.json")
+    if not 1 <= args.reasons <= 10:
+        raise CircuitlabError(f"--reasons is how many reasons to look for, 1 to 10; got "
+                              f"{args.reasons}")
+    if args.reasons > 1:
+        if args.mode != "per-image" or args.area is not None:
+            raise CircuitlabError("--reasons belongs to per-image mode without --area")
+        names += ("reasons.png",) + tuple(f"reason_{i}.png" for i in range(1, args.reasons + 1))
     refuse_overwrite([t / n for t in targets for n in names], args.force)
     if args.mode == "amortized":
         if not args.explainer:
@@ -234,9 +294,11 @@ def cmd_explain(args) -> int:
     lines = []
     for r in results:
         lines.append(f"{r['image']}: {r['label']} kept={r['top1_kept']} area="
-                     f"{r['area_fraction']:.3f} conf {r['confidence_image']:.3f} -> "
-                     f"{r['confidence_explanation']:.3f} necessity_drop="
-                     f"{r['necessity_drop']:.2f} ({r['seconds']:.1f} s)")
+                     f"{r['area_fraction']:.3f} regions={r['regions']} conf "
+                     f"{r['confidence_image']:.3f} -> {r['confidence_explanation']:.3f} "
+                     f"necessity_drop={r['necessity_drop']:.2f}"
+                     + (f" locally_minimal={r['locally_minimal']}" if "locally_minimal" in r
+                        else "") + f" ({r['seconds']:.1f} s)")
     lines.append(f"wrote {out}")
     _emit(args, results if src.is_dir() else results[0], "\n".join(lines))
     return 0
@@ -612,6 +674,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep exactly this fraction of the image (e.g. 0.05): the minimal "
                         "mask is pared down to it, for comparisons at equal area; "
                         "metrics.json says whether the label survived")
+    p.add_argument("--reasons", type=int, default=1, metavar="K",
+                   help="look for up to K disjoint explanations, each keeping the label on "
+                        "its own: reason_<i>.png per reason, reasons.png all of them "
+                        "(default 1)")
+    p.add_argument("--minimal", action=argparse.BooleanOptionalAction, default=True,
+                   help="prune the mask region by region until each connected region is "
+                        "necessary (deleting it alone loses the label); metrics.json says "
+                        "what each region does (default on; not with --area)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace existing output files")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -6,14 +6,17 @@ resolution and are resized to the input; ``target`` defaults to the model's top-
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from .backgrounds import KINDS, gaussian_blur, make_backgrounds
 from .errors import CircuitlabError
 from .hooked_model import HookedModel
+from .kernels.reference import activation_distance
 
 
 def _as_map(m: torch.Tensor, size, mode: str = "nearest") -> torch.Tensor:
@@ -75,6 +78,10 @@ def evaluate_mask(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor, target=N
       uniform draws, blur) for which argmax f(m x + (1 - m) r) is still the target.
     - ``necessity_drop``: 1 - p_target((1 - m) x) / p_target(x), the relative drop when only
       the complement is shown (1 = the complement carries no evidence).
+    - ``confidence_ratio``: p_target(m x) / p_target(x) (above 1: the explanation is surer).
+    - ``kept_<fill>``: per fill of ``backgrounds``, the share of its draws under which top-1
+      stays (grey and blur: one draw, 0 or 1).
+    - ``regions``, ``top_regions_share``: see ``regions``.
     """
     x = hm.check_input(x)
     b = x.shape[0]
@@ -91,8 +98,11 @@ def evaluate_mask(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor, target=N
     k = len(kinds)
     filled = m.repeat(k, 1, 1, 1) * x.repeat(k, 1, 1, 1) + (1 - m.repeat(k, 1, 1, 1)) * r
     pred = torch.cat([hm(filled[i:i + 64]).argmax(-1).cpu() for i in range(0, k * b, 64)])
-    sufficiency = (pred.view(k, b) == y[None]).float().mean(0)
+    hits = (pred.view(k, b) == y[None]).float()
+    sufficiency = hits.mean(0)
     conf_c = _probs(hm, (1 - m) * x, y)
+    per_fill = {f"kept_{kind}": hits[[i for i, c in enumerate(kinds) if c == kind]].mean(0)
+                for kind in dict.fromkeys(kinds)}
     return {
         "area_fraction": area_fraction(m),
         "top1_kept": (pe.argmax(1) == y),
@@ -102,7 +112,50 @@ def evaluate_mask(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor, target=N
         "kl": kl,
         "sufficiency": sufficiency,
         "necessity_drop": 1 - conf_c / conf_x.clamp_min(1e-12),
+        "confidence_ratio": conf_e / conf_x.clamp_min(1e-12),
+        **per_fill,
+        **regions(m),
     }
+
+
+STRUCTURE_8 = np.ones((3, 3), dtype=bool)   # 8-connectivity: diagonal neighbours join
+
+
+def regions(mask: torch.Tensor, top: int = 5) -> dict:
+    """How a binary mask reads: ``regions``, its connected regions (8-connectivity), and
+    ``top_regions_share``, the share of its kept pixels in the ``top`` largest (1 for an
+    empty mask). A mask a person can read is a few regions holding nearly all of it."""
+    m = _as_map(mask, mask.shape[-2:]).cpu().numpy() > 0.5
+    count, share = [], []
+    for img in m[:, 0]:
+        labels, n = ndimage.label(img, structure=STRUCTURE_8)
+        sizes = np.sort(np.bincount(labels.ravel())[1:])[::-1]
+        count.append(n)
+        share.append(float(sizes[:top].sum() / sizes.sum()) if n else 1.0)
+    return {"regions": torch.tensor(count), "top_regions_share": torch.tensor(share)}
+
+
+@torch.no_grad()
+def activation_similarity(hm: HookedModel, x: torch.Tensor, e: torch.Tensor,
+                          names: Optional[Sequence[str]] = None) -> dict:
+    """Per tap (default: the family's taps), how close the explanation's activations
+    phi(e) are to the image's phi(x): ``cosine`` (mean over positions of the cosine across
+    channels, 1 = same direction everywhere) and ``zmse`` (MSE of the per-channel z-scored
+    maps: 0 = same pattern). {tap: {"cosine": (B,), "zmse": (B,)}}."""
+    names = list(names or hm.taps)
+    if not names:
+        raise CircuitlabError(f"{hm.name} has no default taps; pass the hook names to compare")
+    _, ca = hm.run_with_cache(x, names=names)
+    _, ce = hm.run_with_cache(e, names=names)
+    out = {}
+    for n in names:
+        axis = hm.point(n).unit_axis
+        pairs = [(ca[n][i:i + 1], ce[n][i:i + 1]) for i in range(x.shape[0])]
+        out[n] = {"cosine": torch.stack([1 - activation_distance(a, b, "cosine", axis)
+                                         for a, b in pairs]).cpu(),
+                  "zmse": torch.stack([activation_distance(a, b, "zmse", axis)
+                                       for a, b in pairs]).cpu()}
+    return out
 
 
 @torch.no_grad()

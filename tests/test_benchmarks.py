@@ -31,9 +31,11 @@ def test_explain_benchmark_smoke(tmp_path):
     r = _run("benchmarks/explain.py", "--quick", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     df = pd.read_csv(out)
-    assert set(df["table"]) == {"photos", "synthetic", "amortized_speed"}
+    assert set(df["table"]) == {"photos", "synthetic", "amortized_speed", "reasons"}
     modes = set(df.loc[df["table"] == "synthetic", "mode"])
     assert modes == {"per-image", "amortized", "amortized+10"}
+    reasons = df[df["table"] == "reasons"]
+    assert reasons["both_found"].between(0, 1).all() and (reasons["reasons"] >= 0).all()
 
 
 def test_kernels_benchmark_smoke(tmp_path):

@@ -163,3 +163,39 @@ def test_saliency_command(capsys, tmp_path, tiny_checkpoint):
     code, _, err = run(capsys, *base, "--method", "ig", "--area", "2", "--out",
                        str(tmp_path / "a"))
     assert code == 2 and "--area must lie" in err
+
+
+def test_explain_certifies_and_reports_how_the_mask_reads(capsys, tmp_path, tiny_checkpoint):
+    argv = ["explain", "--model", str(tiny_checkpoint), "--image", str(tmp_path / "shape0.png"),
+            "--steps", "6", "--json"]
+    code, stdout, err = run(capsys, *argv, "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    res = json.loads(stdout)
+    for key in ("regions", "top_regions_share", "confidence_ratio", "top1_kept_under_fill",
+                "activation_similarity", "free_area", "minimal_area", "locally_minimal",
+                "region_effects", "pruned_regions"):
+        assert key in res, key
+    assert set(res["top1_kept_under_fill"]) == {"grey", "blur", "gaussian", "uniform"}
+    assert res["minimal_area"] == res["area_fraction"] <= res["free_area"]
+    if res["top1_kept"]:       # one row per region of the final mask
+        assert len(res["region_effects"]) == res["regions"]
+    code, stdout, err = run(capsys, *argv, "--no-minimal", "--out", str(tmp_path / "n"))
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert "locally_minimal" not in res and res["area_fraction"] == res["free_area"]
+
+
+def test_explain_reasons_writes_one_overlay_per_reason(capsys, tmp_path, tiny_checkpoint):
+    out = tmp_path / "r"
+    argv = ["explain", "--model", str(tiny_checkpoint), "--image", str(tmp_path / "shape0.png"),
+            "--steps", "6", "--reasons", "3", "--out", str(out), "--json"]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    reasons = json.loads(stdout)["reasons"]
+    assert (out / "reasons.png").is_file()
+    assert sorted(p.name for p in out.glob("reason_*.png")) == \
+        [f"reason_{i}.png" for i in range(1, len(reasons) + 1)]
+    assert [r["confidence"] for r in reasons] == sorted((r["confidence"] for r in reasons),
+                                                        reverse=True)
+    code, _, err = run(capsys, *argv[:-3], "--area", "0.1", "--out", str(tmp_path / "x"))
+    assert code == 2 and "--reasons belongs to per-image mode" in err

@@ -92,3 +92,40 @@ def test_pointing_iou_precision_and_binarize():
     b = metrics.binarize_at_area(torch.arange(16.).view(1, 1, 4, 4), 0.25)
     assert b.sum() == 4 and b[0, 0, 3].tolist() == [1, 1, 1, 1]
     assert metrics.area_fraction(b).item() == 0.25
+
+
+def test_per_fill_kept_and_confidence_ratio_by_hand(setup):
+    hm, x, left = setup
+    r = metrics.evaluate_mask(hm, x, left)
+    assert r["confidence_ratio"].item() == pytest.approx(_sig(10) / _sig(8))
+    # the left half alone decides: every fill of the right half keeps class 0
+    assert {k: r[k].item() for k in r if k.startswith("kept_")} == {
+        "kept_grey": 1.0, "kept_blur": 1.0, "kept_gaussian": 1.0, "kept_uniform": 1.0}
+    # the right half alone over the grey fill: logits (0, 2), class 0 lost
+    r = metrics.evaluate_mask(hm, x, 1 - left)
+    assert r["kept_grey"].item() == 0.0 and not bool(r["top1_kept"])
+
+
+def test_regions_count_8_connected_components():
+    m = torch.zeros(2, 1, 12, 12)
+    m[0, 0, 0:2, 0:2] = 1          # a 2x2 block
+    m[0, 0, 2, 2] = 1              # touches it diagonally: same region
+    m[0, 0, 6, 6] = 1              # a second region
+    for i in range(6):             # six single pixels, far apart: eight regions
+        m[1, 0, 2 * i, 0 if i % 2 else 11] = 1
+    m[1, 0, 5:12, 5] = 1           # ... and a bar of 7 (the largest)
+    r = metrics.regions(m)
+    assert r["regions"].tolist() == [2, 7]
+    # image 1: 13 kept pixels, the five largest regions are the bar and four singles
+    assert r["top_regions_share"][1].item() == pytest.approx(11 / 13)
+    assert metrics.regions(torch.zeros(1, 1, 4, 4))["top_regions_share"].item() == 1.0
+
+
+def test_activation_similarity_is_one_and_zero_for_the_image_itself(setup):
+    hm, x, left = setup
+    same = metrics.activation_similarity(hm, x, x, names=["conv"])["conv"]
+    assert same["cosine"].item() == pytest.approx(1.0, abs=1e-5)
+    assert same["zmse"].item() == pytest.approx(0.0, abs=1e-5)
+    # one channel: the cosine across channels is the sign agreement per position
+    flipped = metrics.activation_similarity(hm, x, -x, names=["conv"])["conv"]
+    assert flipped["cosine"].item() == pytest.approx(-1.0, abs=1e-5)

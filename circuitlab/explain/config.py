@@ -39,9 +39,11 @@ class ExplainConfig:
     backgrounds_per_step: int = 1         # drawn at random from ``backgrounds`` each step
     necessity_mode: str = "prob"
     necessity_margin: float = 0.5
-    # generator: "grid" (free logits per cell) or "unet" (the paper's image-to-mask U-Net)
+    # generator: "grid" (free logits per cell), "smooth" (free logits on a coarse grid of
+    # coarse_size cells, upsampled bilinearly to mask_size) or "unet" (the paper's U-Net)
     generator: str = "grid"
     mask_size: int = 32                   # grid: cells per side (capped at the input size)
+    coarse_size: int = 14
     width: int = 16
     depth: int = 3
     out_stride: int = 4                   # of the generator's input

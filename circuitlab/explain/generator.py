@@ -107,3 +107,17 @@ class MaskGrid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits
+
+
+class SmoothGrid(MaskGrid):
+    """Free logits on a coarse grid of ``shape`` (B, 1, c, c), bilinearly upsampled to
+    ``side`` x ``side`` keep logits: thresholded, the mask is a few smooth blobs of about a
+    coarse cell's size or more, never isolated pixels, so it reads as regions of the image."""
+
+    def __init__(self, shape: tuple, side: int, init_std: float = 1.0, seed: int = 0):
+        super().__init__(shape, init_std, seed)
+        self.side = side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.logits, size=(self.side, self.side), mode="bilinear",
+                             align_corners=False)

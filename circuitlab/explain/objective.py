@@ -62,14 +62,19 @@ class Objective:
     """
 
     def __init__(self, hm: HookedModel, x: torch.Tensor, cfg: ExplainConfig,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None,
+                 target: Optional[torch.Tensor] = None):
         self.hm, self.x, self.cfg = hm, x, cfg
         self.rng = generator or torch.Generator().manual_seed(0)
         points, self.alphas, self.kinds, self.cdims = resolve_taps(hm, cfg)
         self.names = [p.name for p in points]
         with torch.no_grad():
             self.logits_x, cache_x = hm.run_with_cache(x, names=self.names)
-        self.target = self.logits_x.argmax(-1)
+        self.target = self.logits_x.argmax(-1) if target is None else \
+            torch.as_tensor(target, device=x.device).reshape(-1).expand(x.shape[0]).long()
+        if not 0 <= int(self.target.min()) <= int(self.target.max()) < self.logits_x.shape[-1]:
+            raise CircuitlabError(f"target classes lie in 0..{self.logits_x.shape[-1] - 1}; "
+                                  f"got {self.target.tolist()}")
         self.p_x = self.logits_x.softmax(-1).gather(1, self.target[:, None]).squeeze(1)
         self.acts_x = [cache_x[n] for n in self.names]
         self.k = min(cfg.backgrounds_per_step, len(cfg.backgrounds)) if cfg.rob else 0

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from ..backgrounds import gaussian_blur
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
+from .certify import certify
 from .config import ExplainConfig, preset
-from .generator import MaskGrid, MaskUNet
+from .generator import MaskGrid, MaskUNet, SmoothGrid
 from .objective import Objective
 
 
@@ -35,6 +36,7 @@ class Explanation:
     config: ExplainConfig
     found: Optional[torch.Tensor] = None   # per image: a step's mask kept the label (else the
     #                                        whole image, or under a budget the surest mask)
+    certificates: Optional[list] = None    # minimal=True: per image, its regions' check
 
     @property
     def area(self) -> torch.Tensor:
@@ -63,9 +65,15 @@ class Explanation:
 
 def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = None, *,
             preset_name: str = "default", steps: Optional[int] = None, seed: int = 0,
-            generator: Optional[torch.nn.Module] = None,
+            generator: Optional[torch.nn.Module] = None, minimal: bool = False,
+            target=None,
             progress: Optional[Callable[[int, dict], None]] = None) -> Explanation:
     """Minimal mask for each image of ``x`` (B, C, H, W), trained from scratch (per-image mode).
+
+    ``target``: the class (or one per image) whose decision to explain; default the model's
+    top-1 on each image. ``minimal``: the mask is then pruned region by region until every connected region is
+    necessary (``certify``: deleting it alone loses the label); ``certificates`` say what each
+    region does and whether the mask is locally minimal.
 
     Early stop (after ``min_steps``) once the mask is binary, the label is kept and the area has
     not shrunk for ``patience`` steps. Per image, the smallest label-keeping mask seen is
@@ -89,17 +97,21 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     elif cfg.generator == "grid":
         side = min(cfg.mask_size, x.shape[-2], x.shape[-1])
         net = MaskGrid((b, 1, side, side), seed=seed)
+    elif cfg.generator == "smooth":
+        side = min(cfg.mask_size, x.shape[-2], x.shape[-1])
+        net = SmoothGrid((b, 1, cfg.coarse_size, cfg.coarse_size), side, seed=seed)
     elif cfg.generator == "unet":
         net = MaskUNet(hm.in_chans, cfg.width, cfg.depth, cfg.out_stride, cfg.init_keep)
     else:
-        raise CircuitlabError(f"unknown generator {cfg.generator!r}; use 'grid' or 'unet'")
+        raise CircuitlabError(f"unknown generator {cfg.generator!r}; use 'grid', 'smooth' "
+                             f"or 'unet'")
     net = net.to(x.device).train()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
 
     # only the U-Net looks at the image; the grid ignores its input
     x_gen = F.avg_pool2d(x, cfg.input_scale) if cfg.generator == "unet" and \
         cfg.input_scale > 1 else x
-    objective = Objective(hm, x, cfg, gen_rng)
+    objective = Objective(hm, x, cfg, gen_rng, target)
     target = objective.target
 
     budget = cfg.area_budget is not None
@@ -150,10 +162,15 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
         if not budget and step >= cfg.min_steps and _converged(rows, cfg):
             break
     mask = best_mask.to(x.device)
+    certificates = None
+    if minimal:
+        certificates = certify(hm, x, mask, target)
+        mask = torch.cat([c.mask for c in certificates]).to(x.device)
     history = pd.DataFrame(rows)
     return Explanation(mask=mask, soft=best_soft, explanation=mask * x, target=target,
                        history=history, steps=step, seconds=time.perf_counter() - t0,
-                       config=cfg, found=best_kept if budget else torch.isfinite(best_area))
+                       config=cfg, found=best_kept if budget else torch.isfinite(best_area),
+                       certificates=certificates)
 
 
 def explain_at_area(hm: HookedModel, x: torch.Tensor, area: float, *,
