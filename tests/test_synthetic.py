@@ -132,3 +132,17 @@ def test_explain_at_area_on_large_inputs_has_one_cell_per_pixel():
     ex = explain_at_area(hm, x, 0.05, steps=6)
     assert ex.mask.sum().item() == round(0.05 * 144 * 144) and ex.soft.shape[-1] == 144
     assert ex.config.mask_size == 144 and ex.config.steps == 6
+
+
+def test_smooth_masks_are_blobs_and_can_start_from_the_whole_image():
+    from circuitlab.explain.generator import SmoothGrid
+    from circuitlab.metrics import regions
+    grid = SmoothGrid((1, 1, 4, 4), 32, seed=3)
+    mask = (torch.sigmoid(grid(None)) > 0.5).float()
+    # a 4x4 random field upsampled bilinearly: at most one region per coarse cell
+    labels = regions(mask)["regions"].item()
+    assert 1 <= labels <= 16 and mask.mean() > 8 / 1024
+    full = SmoothGrid((1, 1, 4, 4), 32, seed=3, start_keep=0.999)
+    assert (torch.sigmoid(full(None)) > 0.5).all()
+    with pytest.raises(Exception, match="smooth_start"):
+        preset("default", smooth_start=1.5)

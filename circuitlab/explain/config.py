@@ -44,6 +44,8 @@ class ExplainConfig:
     generator: str = "grid"
     mask_size: int = 32                   # grid: cells per side (capped at the input size)
     coarse_size: int = 14
+    smooth_start: Optional[float] = None  # smooth: cells start near this keep probability
+    #                                       (shrinking from the image); None: a random mask
     width: int = 16
     depth: int = 3
     out_stride: int = 4                   # of the generator's input
@@ -65,6 +67,9 @@ class ExplainConfig:
         b = self.area_budget
         if b is not None and not 0 < b <= 1:
             raise CircuitlabError(f"area_budget is the kept fraction, in (0, 1]; got {b}")
+        if self.smooth_start is not None and not 0 < self.smooth_start < 1:
+            raise CircuitlabError(f"smooth_start is a keep probability, in (0, 1); got "
+                                  f"{self.smooth_start}")
         if not 0 <= self.budget_warmup <= 1:
             raise CircuitlabError(f"budget_warmup is a fraction of the steps, in [0, 1]; got "
                                   f"{self.budget_warmup}")

@@ -112,10 +112,16 @@ class MaskGrid(nn.Module):
 class SmoothGrid(MaskGrid):
     """Free logits on a coarse grid of ``shape`` (B, 1, c, c), bilinearly upsampled to
     ``side`` x ``side`` keep logits: thresholded, the mask is a few smooth blobs of about a
-    coarse cell's size or more, never isolated pixels, so it reads as regions of the image."""
+    coarse cell's size or more, never isolated pixels, so it reads as regions of the image.
+    ``start_keep``: the logits start at logit(start_keep) + N(0, 0.5), the whole image kept
+    and shrinking, instead of N(0, ``init_std``), a random first mask."""
 
-    def __init__(self, shape: tuple, side: int, init_std: float = 1.0, seed: int = 0):
-        super().__init__(shape, init_std, seed)
+    def __init__(self, shape: tuple, side: int, init_std: float = 1.0, seed: int = 0,
+                 start_keep: Optional[float] = None):
+        super().__init__(shape, init_std if start_keep is None else 0.5, seed)
+        if start_keep is not None:  # every cell near start_keep: shrink from the whole image
+            with torch.no_grad():
+                self.logits.add_(float(torch.logit(torch.tensor(start_keep))))
         self.side = side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

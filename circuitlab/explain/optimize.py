@@ -99,7 +99,8 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
         net = MaskGrid((b, 1, side, side), seed=seed)
     elif cfg.generator == "smooth":
         side = min(cfg.mask_size, x.shape[-2], x.shape[-1])
-        net = SmoothGrid((b, 1, cfg.coarse_size, cfg.coarse_size), side, seed=seed)
+        net = SmoothGrid((b, 1, cfg.coarse_size, cfg.coarse_size), side, seed=seed,
+                         start_keep=cfg.smooth_start)
     elif cfg.generator == "unet":
         net = MaskUNet(hm.in_chans, cfg.width, cfg.depth, cfg.out_stride, cfg.init_keep)
     else:
