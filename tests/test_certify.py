@@ -88,6 +88,7 @@ def test_regions_that_can_go_together_go_in_one_round():
     hm.model.forward = lambda t: (calls.append(t.shape[0]), forward(t))[1]
     cert = certify(hm, x, mask)[0]
     assert cert.pruned == 3 and cert.locally_minimal and cert.mask.sum() == 1
-    # the target and the mask's check (1, 1); one round: each region alone (4) and the three
-    # removable ones' prefixes (3); then the region left, alone (1)
-    assert calls == [1, 1, 4, 3, 1]
+    # the target and the mask's check (1, 1); one round: each region alone (4), then the
+    # bisection over the three removable ones' prefixes (2 and 3 regions: 1, 1); then the
+    # region left, alone (1)
+    assert calls == [1, 1, 4, 1, 1, 1]

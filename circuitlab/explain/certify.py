@@ -55,14 +55,27 @@ def _deleting(mask, labels, groups):
                         for g in groups])
 
 
+def _removable_prefix(hm, x, mask, labels, order, target) -> int:
+    """A prefix length j of ``order`` whose regions deleted together keep the label, by
+    bisection (one forward a probe): order[:1] keeps it (it was checked alone), and where
+    order[:mid] keeps it the search moves up. The label need not fall monotonically along
+    the prefixes, so j is a removable prefix, not always the longest one."""
+    lo, hi = 1, len(order)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        _, kept = _run(hm, x, _deleting(mask, labels, [order[:mid]]), target, 1)
+        lo, hi = (mid, hi) if bool(kept[0]) else (lo, mid - 1)
+    return lo
+
+
 @torch.no_grad()
 def certify_one(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor, target: int,
                 max_rounds: int = 50, batch_size: int = 32) -> Certificate:
     """``certify`` for one image ``x`` (1, C, H, W) and its mask (1, 1, H, W).
 
     Each round deletes every region alone; of those the label survives without, ranked by
-    the confidence left, the longest prefix that can go together (all prefixes in one batch)
-    is deleted, so a speckled mask of a hundred regions takes a few rounds, not a hundred."""
+    the confidence left, a prefix that can go together (found by bisection) is deleted, so a
+    speckled mask of a hundred regions takes a few rounds, not a hundred."""
     mask = (mask > 0.5).float().to(x.device)
     kept = bool(hm(mask * x).argmax(-1).item() == target)
     pruned, rounds = 0, 0
@@ -76,10 +89,7 @@ def certify_one(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor, target: in
         if not kept_without.any() or rounds == max_rounds:
             break
         order = [ids[i] for i in torch.argsort(-p_without) if kept_without[i]]
-        _, together = _run(hm, x, _deleting(mask, labels, [order[:j + 1]
-                                                           for j in range(len(order))]),
-                           target, batch_size)
-        j = int(torch.nonzero(together).max()) + 1   # the first one alone always keeps it
+        j = _removable_prefix(hm, x, mask, labels, order, target)
         mask = mask * torch.from_numpy(~np.isin(labels, order[:j])).to(mask)
         pruned, rounds = pruned + j, rounds + 1
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] if n else np.zeros(0, int)
@@ -98,8 +108,8 @@ def certify(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor,
             target: Optional[torch.Tensor] = None, max_rounds: int = 50) -> list:
     """A ``Certificate`` per image of ``x`` (B, C, H, W) for its binary ``mask`` (B, 1, H, W)
     at input resolution; ``target``: the classes to keep (default the model's top-1 on x).
-    Costs two batched forwards of the mask's regions per pruning round (``max_rounds`` at
-    most; a mask still pruning then is not certified)."""
+    Costs one batched forward of the mask's regions and a few single forwards per pruning
+    round (``max_rounds`` at most; a mask still pruning then is not certified)."""
     x = hm.check_input(x)
     if target is None:
         with torch.no_grad():
