@@ -181,8 +181,13 @@ def _save_mask_pngs(out: Path, hm, x, mask) -> None:
     rgb = data.denormalize(x[0], hm).permute(1, 2, 0).cpu().numpy()
     out.mkdir(parents=True, exist_ok=True)
     _save_png(out / "mask.png", (m * 255).astype(np.uint8))
-    _save_png(out / "overlay.png", (rgb * (0.25 + 0.75 * m[..., None]) * 255).round()
-              .astype(np.uint8))
+    _save_png(out / "overlay.png", _overlay(rgb, m[..., None]))
+
+
+def _overlay(rgb, m):
+    """The image with what ``m`` (H, W, 1) does not keep dimmed, as 8-bit RGB."""
+    import numpy as np
+    return (rgb * (0.25 + 0.75 * m) * 255).round().astype(np.uint8)
 
 
 def _explain_one(hm, image, out: Path, args) -> dict:
@@ -247,8 +252,7 @@ def _save_reasons(out: Path, hm, x, found) -> list:
     rows = []
     for rank, r in enumerate(found, 1):
         m = r.mask[0, 0].numpy()[..., None]
-        _save_png(out / f"reason_{rank}.png",
-                  (rgb * (0.25 + 0.75 * m) * 255).round().astype(np.uint8))
+        _save_png(out / f"reason_{rank}.png", _overlay(rgb, m))
         tint = np.array(_REASON_COLOURS[(rank - 1) % len(_REASON_COLOURS)])
         combined = combined * (1 - m) + (0.6 * rgb + 0.4 * tint) * m
         rows.append({"rank": rank, "order_found": r.order, "area": r.area,

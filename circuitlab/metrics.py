@@ -42,7 +42,9 @@ def _probs(hm: HookedModel, images: torch.Tensor, target: torch.Tensor,
     return torch.cat(out).cpu()
 
 
-def _target(hm, x, target):
+def target_classes(hm: HookedModel, x: torch.Tensor, target=None) -> torch.Tensor:
+    """One class per image of ``x`` (on the CPU): ``target`` (a class, or one per image)
+    broadcast over the batch, or the model's top-1 on each image when it is None."""
     if target is not None:
         return torch.as_tensor(target).reshape(-1).expand(x.shape[0]).long().cpu()
     with torch.no_grad():
@@ -86,7 +88,7 @@ def evaluate_mask(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor, target=N
     x = hm.check_input(x)
     b = x.shape[0]
     m = _as_map(mask, x.shape[-2:]).to(x.device)
-    y = _target(hm, x, target)
+    y = target_classes(hm, x, target)
     lx, le = hm(x), hm(m * x)
     px, pe = lx.softmax(-1).cpu(), le.softmax(-1).cpu()
     conf_x, conf_e = px.gather(1, y[:, None]).squeeze(1), pe.gather(1, y[:, None]).squeeze(1)
@@ -163,7 +165,7 @@ def _auc_curve(hm, x, saliency, target, steps, insert: bool, batch_size: int, se
                canvas: str = "blur"):
     x = hm.check_input(x)
     b, _, h, w = x.shape
-    y = _target(hm, x, target)
+    y = target_classes(hm, x, target)
     s = _as_map(saliency, (h, w), mode="bilinear").flatten(1).cpu()
     g = torch.Generator().manual_seed(seed)
     s = s + 1e-6 * s.abs().max().clamp_min(1e-12) * torch.rand(s.shape, generator=g)  # ties

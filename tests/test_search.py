@@ -133,11 +133,9 @@ def test_readout_config_checks_its_settings():
 
 
 @pytest.fixture(scope="module")
-def trained_cnn():
-    hm = circuitlab.load_model("synthetic-cnn")
-    data = circuitlab.synthetic.make_dataset(2, seed=123).normalized()
-    refs = circuitlab.synthetic.make_dataset(16, seed=7).normalized()
-    return hm, data, refs
+def trained_cnn(cnn):
+    hm, _, refs = cnn                   # the session's model and references, two images
+    return hm, circuitlab.synthetic.make_dataset(2, seed=123).normalized(), refs
 
 
 def test_the_search_and_the_validation_agree_on_a_trained_cnn(trained_cnn):

@@ -38,8 +38,10 @@ class Certificate:
 
 
 @torch.no_grad()
-def _run(hm, x, masks, target, batch_size):
-    """p_target and top-1 kept for ``x`` under each of ``masks`` (N, 1, H, W)."""
+def masked_predictions(hm: HookedModel, x: torch.Tensor, masks: torch.Tensor, target: int,
+                       batch_size: int = 32):
+    """p_target and whether top-1 is ``target`` for ``x`` (1, C, H, W) under each of
+    ``masks`` (N, 1, H, W), the rest at the dataset mean."""
     probs, kept = [], []
     for i in range(0, masks.shape[0], batch_size):
         logits = hm(masks[i:i + batch_size] * x)
@@ -63,7 +65,7 @@ def _removable_prefix(hm, x, mask, labels, order, target) -> int:
     lo, hi = 1, len(order)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        _, kept = _run(hm, x, _deleting(mask, labels, [order[:mid]]), target, 1)
+        _, kept = masked_predictions(hm, x, _deleting(mask, labels, [order[:mid]]), target)
         lo, hi = (mid, hi) if bool(kept[0]) else (lo, mid - 1)
     return lo
 
@@ -84,8 +86,8 @@ def certify_one(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor, target: in
         if n == 0 or not kept:
             break
         ids = list(range(1, n + 1))
-        p_without, kept_without = _run(hm, x, _deleting(mask, labels, [[i] for i in ids]),
-                                       target, batch_size)
+        p_without, kept_without = masked_predictions(
+            hm, x, _deleting(mask, labels, [[i] for i in ids]), target, batch_size)
         if not kept_without.any() or rounds == max_rounds:
             break
         order = [ids[i] for i in torch.argsort(-p_without) if kept_without[i]]

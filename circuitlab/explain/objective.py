@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..backgrounds import make_backgrounds
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
+from ..metrics import target_classes
 from . import losses
 from .config import ExplainConfig, default_alphas, default_distances
 from .generator import binarize_ste, keep_top_ste
@@ -71,7 +72,7 @@ class Objective:
         with torch.no_grad():
             self.logits_x, cache_x = hm.run_with_cache(x, names=self.names)
         self.target = self.logits_x.argmax(-1) if target is None else \
-            torch.as_tensor(target, device=x.device).reshape(-1).expand(x.shape[0]).long()
+            target_classes(hm, x, target).to(x.device)
         if not 0 <= int(self.target.min()) <= int(self.target.max()) < self.logits_x.shape[-1]:
             raise CircuitlabError(f"target classes lie in 0..{self.logits_x.shape[-1] - 1}; "
                                   f"got {self.target.tolist()}")

@@ -19,6 +19,8 @@ import torch
 
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
+from ..metrics import target_classes
+from .certify import masked_predictions
 from .config import ExplainConfig
 from .optimize import Explanation, explain
 
@@ -32,12 +34,6 @@ class Reason:
     area: float
     order: int                 # 1 = found first
     explanation: Explanation   # the run that found it (on the image minus earlier reasons)
-
-
-@torch.no_grad()
-def _alone(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor, target: int):
-    p = hm(mask * x).softmax(-1)[0]
-    return float(p[target]), int(p.argmax()) == target
 
 
 def reasons_of_one(hm: HookedModel, x: torch.Tensor, k: int, target: int,
@@ -55,10 +51,10 @@ def reasons_of_one(hm: HookedModel, x: torch.Tensor, k: int, target: int,
         if not bool(ex.found[0]) or mask.sum() == 0 or \
                 (1 - removed - mask).clamp_min(0).sum() == 0:  # nothing left outside it
             break
-        confidence, kept = _alone(hm, x, mask, target)
-        if not kept:
+        confidence, kept = masked_predictions(hm, x, mask, target)
+        if not kept[0]:
             break
-        found.append(Reason(mask.cpu(), confidence, float(mask.mean()), i + 1, ex))
+        found.append(Reason(mask.cpu(), float(confidence[0]), float(mask.mean()), i + 1, ex))
         removed = (removed + mask).clamp(max=1)
     return sorted(found, key=lambda r: -r.confidence)
 
@@ -73,9 +69,6 @@ def all_reasons(hm: HookedModel, x: torch.Tensor, k: int = 3,
     if not isinstance(k, int) or k < 1:
         raise CircuitlabError(f"k is the number of reasons to look for, at least 1; got {k!r}")
     x = hm.check_input(x)
-    with torch.no_grad():
-        top = hm(x).argmax(-1)
-    targets = top if target is None else \
-        torch.as_tensor(target).reshape(-1).expand(x.shape[0]).long()
+    targets = target_classes(hm, x, target)
     return [reasons_of_one(hm, x[i:i + 1], k, int(targets[i]), config, seed, minimal)
             for i in range(x.shape[0])]
