@@ -3,8 +3,10 @@
     python analyses/compare_methods.py --out analyses/out/compare_methods   # ~1 h, 2 CPU cores
     python analyses/compare_methods.py --out /tmp/cm --quick                # ~1 min
 
-Methods: ``ours`` (the per-image minimal explanation, default preset, ranked by its keep
-probabilities), ``ours-area`` (that explanation pared down to exactly each area by
+Methods: ``ours`` (the per-image free explanation, default preset, ranked by its keep
+probabilities), ``ours-minimal`` (that explanation through ``minimize``: the area search
+and certified pruning of the CLI's default; its seconds include the free run),
+``ours-area`` (the free explanation pared down to exactly each area by
 ``explain_at_area``; its seconds include the free run), Grad-CAM, Grad-CAM++, Integrated
 Gradients (32 steps, mean baseline), RISE (2000 masks, 7x7 cells), extremal perturbations
 (preserve, 800 steps, optimised for each area) and, on ViTs, attention rollout and CLS
@@ -12,13 +14,20 @@ attention. Each saliency map is binarised at the same area (5 % and 10 % of the 
 scored on the same images:
 
 - ``top1``: the masked image m x keeps the model's top-1; ``confidence``: p_target(m x);
-- ``sufficiency``: top-1 kept over filled-in backgrounds; ``necessity``: relative drop of
-  p_target when only the complement (1 - m) x is shown;
+  ``ratio``: that over p_target(x);
+- ``sufficiency``: top-1 kept over filled-in backgrounds; ``grey`` / ``blur`` /
+  ``gaussian`` / ``uniform``: top-1 kept with the rest filled so (share of draws);
+  ``necessity``: relative drop of p_target when only the complement (1 - m) x is shown;
+- ``regions``: connected regions of the mask (8-connectivity); ``top5``: the share of its
+  kept pixels in the five largest;
 - ``deletion`` / ``insertion``: AUC of p_target as pixels are removed (lower is better) or
   inserted into a blurred copy (higher is better) in saliency order (area-independent);
 - synthetic only (the red object is the ground truth): ``pointing`` (the saliency maximum
   lies on the object), ``iou`` and ``precision`` (kept pixels on the object);
 - ``seconds``: wall time per image of the method on this machine (batched methods divided).
+
+Rows with ``area`` empty score ``ours`` and ``ours-minimal`` at their own area (the mask
+as the method returns it; ``kept_area`` holds it), not binarised at a shared one.
 
 Writes ``compare.csv`` (one row per image, method, area), ``compare.md`` (means) and
 ``examples_<model>.png`` (masks at 10 % for the first images).
@@ -37,7 +46,7 @@ from _common import (PHOTOS, arguments, bad_models, cl, fail, faded, gather,  # 
                      parse_list, pyplot, save_figure, show_image, start, synthetic_images,
                      write_summary)
 from circuitlab import baselines, metrics  # noqa: E402
-from circuitlab.explain import explain, explain_at_area  # noqa: E402
+from circuitlab.explain import explain, explain_at_area, minimize  # noqa: E402
 from circuitlab.files import write_text  # noqa: E402
 
 PROG = "analyses/compare_methods.py"
@@ -45,7 +54,8 @@ MODELS = ("synthetic-cnn", "synthetic-vit", "efficientnet_lite0")
 AREAS = (0.05, 0.10)
 OUTPUTS = ("compare.csv", "compare.md")
 QUICK_STEPS = 20    # explanation steps under --quick (a smoke run, not a result)
-OURS = ("ours", "ours-area")
+OURS = ("ours", "ours-minimal", "ours-area")
+OWN_AREA = ("ours", "ours-minimal")    # binary masks of their own size, scored as they are
 PER_AREA = ("ours-area", "extremal")   # optimised for each area
 
 
@@ -75,9 +85,10 @@ def ours_at_area(hm, x, area: float, base=None, steps=None):
 
 
 def saliencies(hm, x, quick: bool, areas, log, only=None):
-    """{(method, area or None): (maps, seconds per image)}; area-free methods once."""
+    """({(method, area or None): (maps, seconds per image)}, {method: its own binary mask});
+    area-free methods once."""
     kw = settings(quick)
-    out = {}
+    out, own = {}, {}
     steps = QUICK_STEPS if quick else None
     base = None   # the free explanation: ours-area pares it down (its time counted each area)
     for method in list(OURS) + baselines.methods_for(hm):
@@ -89,10 +100,13 @@ def saliencies(hm, x, quick: bool, areas, log, only=None):
                 if base is None:
                     base = explain(hm, x, steps=steps)
                     base_sec = time.perf_counter() - t
+                t = time.perf_counter() - base_sec   # the free run is part of each one's cost
                 if method == "ours":
-                    s = base.ranking().cpu()
+                    s, own[method] = base.ranking().cpu(), base.mask.cpu()
+                elif method == "ours-minimal":
+                    ex = minimize(hm, x, base, steps=steps or 40)
+                    s, own[method] = ex.ranking().cpu(), ex.mask.cpu()
                 else:
-                    t = time.perf_counter() - base_sec   # the free run is part of its cost
                     s = ours_at_area(hm, x, area, base=base, steps=steps)
             else:
                 extra = dict(kw.get(method, {}), **({"area": area} if area else {}))
@@ -104,10 +118,14 @@ def saliencies(hm, x, quick: bool, areas, log, only=None):
             sec = (time.perf_counter() - t) / x.shape[0]
             out[(method, area)] = (s, sec)
             log(f"  {method}{f' @ {area:.2f}' if area else ''}: {sec:.2f} s / image")
-    return out
+    return out, own
 
 
-def score(name, hm, x, gt, names, maps, areas, quick: bool):
+FILLS = ("grey", "blur", "gaussian", "uniform")
+
+
+def score(name, hm, x, gt, names, maps, own, areas, quick: bool):
+    """One row per image, method and area (``None``: a method's own mask, from ``own``)."""
     rows = []
     steps = 10 if quick else 20
     y = hm(x).argmax(-1)
@@ -115,38 +133,49 @@ def score(name, hm, x, gt, names, maps, areas, quick: bool):
     for (method, area), (s, sec) in maps.items():
         auc[(method, area)] = (metrics.deletion_auc(hm, x, s, y, steps=steps),
                                metrics.insertion_auc(hm, x, s, y, steps=steps))
-    for area in areas:
-        for (method, marea), (s, sec) in maps.items():
-            if marea not in (None, area):
-                continue
-            mask = baselines.binarize_at_area(s, area)
-            ev = metrics.evaluate_mask(hm, x, mask, y, n_random=2 if quick else 4)
-            dele, ins = auc[(method, marea)]
-            for i in range(x.shape[0]):
-                row = {"model": name, "image": names[i], "method": method, "area": area,
-                       "top1": bool(ev["top1_kept"][i]),
-                       "confidence": float(ev["confidence_explanation"][i]),
-                       "confidence_image": float(ev["confidence_image"][i]),
-                       "sufficiency": float(ev["sufficiency"][i]),
-                       "necessity": float(ev["necessity_drop"][i]),
-                       "deletion": float(dele[i]), "insertion": float(ins[i]),
-                       "pointing": float("nan"), "iou": float("nan"),
-                       "precision": float("nan"), "seconds": sec}
-                if gt is not None:
-                    row["pointing"] = float(metrics.pointing_game(s[i:i + 1], gt[i:i + 1])[0])
-                    row["iou"] = float(metrics.iou(mask[i:i + 1], gt[i:i + 1])[0])
-                    row["precision"] = float(metrics.mask_precision(mask[i:i + 1],
-                                                                    gt[i:i + 1])[0])
-                rows.append(row)
+    jobs = [(method, marea, area, baselines.binarize_at_area(s, area))
+            for area in areas for (method, marea), (s, _) in maps.items()
+            if marea in (None, area)]
+    jobs += [(method, None, None, mask) for method, mask in own.items()]
+    for method, marea, area, mask in jobs:
+        s, sec = maps[(method, marea)]
+        ev = metrics.evaluate_mask(hm, x, mask, y, n_random=2 if quick else 4)
+        dele, ins = auc[(method, marea)]
+        for i in range(x.shape[0]):
+            row = {"model": name, "image": names[i], "method": method,
+                   "area": float("nan") if area is None else area,
+                   "kept_area": float(ev["area_fraction"][i]),
+                   "top1": bool(ev["top1_kept"][i]),
+                   "confidence": float(ev["confidence_explanation"][i]),
+                   "confidence_image": float(ev["confidence_image"][i]),
+                   "ratio": float(ev["confidence_ratio"][i]),
+                   "sufficiency": float(ev["sufficiency"][i]),
+                   **{f: float(ev[f"kept_{f}"][i]) for f in FILLS},
+                   "necessity": float(ev["necessity_drop"][i]),
+                   "regions": int(ev["regions"][i]),
+                   "top5": float(ev["top_regions_share"][i]),
+                   "deletion": float(dele[i]), "insertion": float(ins[i]),
+                   "pointing": float("nan"), "iou": float("nan"),
+                   "precision": float("nan"), "seconds": sec}
+            if gt is not None:
+                row["pointing"] = float(metrics.pointing_game(s[i:i + 1], gt[i:i + 1])[0])
+                row["iou"] = float(metrics.iou(mask[i:i + 1], gt[i:i + 1])[0])
+                row["precision"] = float(metrics.mask_precision(mask[i:i + 1],
+                                                                gt[i:i + 1])[0])
+            rows.append(row)
     return rows
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    cols = ["top1", "confidence", "sufficiency", "necessity", "deletion", "insertion",
-            "pointing", "iou", "precision", "seconds"]
-    d = df.assign(top1=df["top1"].astype(float))
-    agg = d.groupby(["model", "area", "method"], sort=False)[cols].mean()
-    agg.insert(0, "images", d.groupby(["model", "area", "method"], sort=False).size())
+    """Means per model, area (``own``: each method's own mask) and method."""
+    cols = [c for c in ("kept_area", "top1", "confidence", "ratio", "sufficiency") + FILLS +
+            ("necessity", "regions", "top5", "deletion", "insertion", "pointing", "iou",
+             "precision", "seconds") if c in df]     # an older CSV lacks the newer columns
+    d = df.assign(top1=df["top1"].astype(float),
+                  area=df["area"].map(lambda a: "own" if pd.isna(a) else f"{a:.2f}"))
+    keys = ["model", "area", "method"]
+    agg = d.groupby(keys, sort=False)[cols].mean()
+    agg.insert(0, "images", d.groupby(keys, sort=False).size())
     agg = agg.reset_index()
     order = {m: i for i, m in enumerate(OURS + tuple(baselines.METHODS))}
     models = {m: i for i, m in enumerate(dict.fromkeys(MODELS + tuple(df["model"])))}
@@ -229,12 +258,12 @@ def main(argv=None) -> int:
         n = n if synthetic else min(n, len(PHOTOS))
         hm, x, gt, image_names = load(name, n)
         print(f"{name}: {n} images", flush=True)
-        maps = saliencies(hm, x, args.quick, areas, lambda s: print(s, flush=True), only)
-        rows += score(name, hm, x, gt, image_names, maps, areas, args.quick)
+        maps, own = saliencies(hm, x, args.quick, areas, lambda s: print(s, flush=True), only)
+        rows += score(name, hm, x, gt, image_names, maps, own, areas, args.quick)
         # maps of earlier runs (not committed) fill in the figure when --update reran a part
         cache = out / f"maps_{name}.pt"
         if args.update and cache.is_file():
-            maps = {**{k: (v, 0.0) for k, v in torch.load(cache).items()}, **maps}
+            maps = {**{k: (v, 0.0) for k, v in torch.load(cache, weights_only=True).items()}, **maps}
         torch.save({k: v[0].half() for k, v in maps.items()}, cache)
         examples(hm, x, image_names, dict(sorted(maps.items(), key=lambda kv: _rank(kv[0]))),
                  max(areas), out / f"examples_{name}.png")
@@ -247,10 +276,13 @@ def main(argv=None) -> int:
 def write_outputs(df: pd.DataFrame, out: Path) -> int:
     return write_summary(
         out, "compare", "Saliency methods at equal area",
-        "Each method's saliency map binarised at the same area. top1: the masked image "
-        "keeps the model's top-1; confidence: p_target of the masked image; sufficiency: "
-        "top-1 kept over filled-in backgrounds; necessity: relative drop of p_target when "
-        "only the complement is shown; deletion (lower is better) and insertion (higher) "
+        "Each method's saliency map binarised at the same area (area own: the method's own "
+        "binary mask, kept_area its size). top1: the masked image "
+        "keeps the model's top-1; confidence: p_target of the masked image; ratio: that over "
+        "the image's; sufficiency: top-1 kept over filled-in backgrounds; grey / blur / "
+        "gaussian / uniform: top-1 kept under each fill; necessity: relative drop of "
+        "p_target when only the complement is shown; regions: connected regions of the mask; "
+        "top5: share of its pixels in the largest five; deletion (lower is better) and insertion (higher) "
         "AUC in saliency order; pointing, iou, precision against the synthetic benchmark's "
         "object masks; seconds per image on this machine.", summary(df), width=220)
 

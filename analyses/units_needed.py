@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (arguments, cl, fail, gather, pyplot, save_figure,  # noqa: E402
                      start, write_summary)
 from circuitlab.circuits import units_needed  # noqa: E402
-from circuitlab.circuits.readout import node_layers, per_unit  # noqa: E402
+from circuitlab.circuits.readout import node_layers  # noqa: E402
 from circuitlab.files import write_text  # noqa: E402
 
 PROG = "analyses/units_needed.py"
@@ -46,9 +46,9 @@ def rankings(hm, x, refs, layers, target):
     _, c = hm.run_with_cache(x, names=layers, grads=True, target=target)
     out = {"attribution": {}, "mean-delta": {}}
     for layer in layers:
-        ax = hm.point(layer).unit_axis
-        a, g = per_unit(c[layer], ax)[0], per_unit(c.grad(layer), ax)[0]
-        d = per_unit(c[layer] - rc[layer].mean(0, keepdim=True), ax)[0]
+        hp = hm.point(layer)
+        a, g = hp.per_unit(c[layer])[0], hp.per_unit(c.grad(layer))[0]
+        d = hp.per_unit(c[layer] - rc[layer].mean(0, keepdim=True))[0]
         out["attribution"][layer] = (a * g).sum(-1).abs().argsort(descending=True).tolist()
         out["mean-delta"][layer] = (d * g).sum(-1).argsort(descending=True).tolist()
     return out

@@ -21,6 +21,9 @@ _FAMILY_BY_CLASS = (
     ("resnet", "resnet"),
     ("vgg", "vgg"),
 )
+# families whose units are tokens: attention heads and MLP neurons, a CLS token to attend
+# from, cosine distances on every tap; what callers ask of a family, declared once
+TRANSFORMERS = frozenset({"vit"})
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,11 @@ class Family:
     classifier: str            # module path of the layer producing the logits
     taps: tuple[str, ...]      # default tap hook names, shallow to deep
     blocks: tuple[str, ...]    # residual / inverted-residual / transformer blocks
+
+    @property
+    def transformer(self) -> bool:
+        """Token features (heads, neurons, CLS attention), not channel maps."""
+        return self.name in TRANSFORMERS
 
 
 def family_name(model: nn.Module) -> str:
@@ -94,7 +102,7 @@ def detect_family(model: nn.Module, points: list[HookPoint]) -> Family:
 
     taps: list[str] = []
     info = getattr(model, "feature_info", None)
-    if name == "vit":
+    if name in TRANSFORMERS:
         taps = _vit_taps(list(blocks))
     elif info is not None:
         try:

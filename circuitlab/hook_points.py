@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .errors import CircuitlabError
+
 KINDS = ("conv", "norm", "act", "pool", "linear", "block", "stage", "attn", "mlp", "embed",
          "resid", "classifier", "other")
 
@@ -45,22 +47,48 @@ class HookPoint:
     def n_units(self) -> Optional[int]:
         return None if self.unit_axis is None else self.shape[self.unit_axis]
 
+    def per_unit(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, U, rest) view of an activation of this point, its units on axis 1."""
+        if self.unit_axis is None:
+            raise CircuitlabError(f"hook point {self.name!r} has no unit axis")
+        return units_first(t, self.unit_axis)
+
+
+def units_first(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """(B, U, rest) view of an activation whose units lie on ``axis``."""
+    t = t.movedim(axis, 1)
+    return t[..., None] if t.dim() == 2 else t.flatten(2)
+
 
 _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
                   nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._MaxPoolNd,
                   nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
                   nn.modules.pooling._AdaptiveMaxPoolNd)
 _CHANNEL_LAST = (nn.Linear, nn.LayerNorm, nn.Embedding)
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
-                nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softmax, nn.PReLU)
+# The module taxonomy, declared once: hook-point kinds here, path composition in
+# circuits/paths.py. Elementwise activations map channel c to channel c; softmax does not.
+ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
+               nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.PReLU)
+_ACTIVATIONS = ELEMENTWISE + (nn.Softmax,)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
           nn.modules.instancenorm._InstanceNorm)
-_POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-          nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+         nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+# regularisers and reshapes that leave each channel where it is
+PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd, nn.Flatten)
+_PASS_THROUGH_NAMES = {"droppath", "selectadaptivepool2d", "blurpool2d"}
 _ACTIVATION_NAMES = {"relu", "relu6", "gelu", "gelutanh", "quickgelu", "silu", "swish", "mish",
                      "hardswish", "hardsigmoid", "hardswishme", "sigmoid", "tanh", "gelu_tanh"}
 _BLOCK_WORDS = ("block", "bottleneck", "invertedresidual", "depthwiseseparable", "mbconv",
                 "encoderblock", "cnblock", "residual")
+
+
+def is_channelwise(module: nn.Module) -> bool:
+    """The module maps channel c to channel c (an elementwise activation, a pool, a
+    regulariser or reshape): a path of weights passes its units straight through."""
+    cls = type(module).__name__.lower()
+    return (isinstance(module, ELEMENTWISE + POOLS + PASS_THROUGH)
+            or cls in _ACTIVATION_NAMES or cls in _PASS_THROUGH_NAMES)
 
 
 def module_kind(module: nn.Module) -> str:
@@ -72,7 +100,7 @@ def module_kind(module: nn.Module) -> str:
         return "norm"
     if isinstance(module, _ACTIVATIONS) or cls in _ACTIVATION_NAMES:
         return "act"
-    if isinstance(module, _POOLS) or "pool" in cls:
+    if isinstance(module, POOLS) or "pool" in cls:
         return "pool"
     if isinstance(module, nn.Linear):
         return "linear"

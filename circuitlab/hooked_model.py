@@ -1,7 +1,13 @@
 """HookedModel: one object through which every other part of circuitlab talks to a classifier.
 
-Built on nnsight: a run is one ``envoy.trace`` in which the requested hook points are read,
-replaced or saved in forward order. Plain calls (``hm(x)``) bypass nnsight entirely.
+A façade over three rooms: hook points (``hook_points``: names, order, unit axes), the
+tracing engine (``engine``: one nnsight trace per run, the only importer of nnsight) and
+interventions (``interventions``: unit masks, replacement values, batched variants). Plain
+calls (``hm(x)``) bypass nnsight entirely.
+
+Hook functions receive ``(activation, name)``, not the hook-point record TransformerLens hands
+its hooks as ``hook=``: a name is a stable string a user can print, compare and glob, and the
+record is one call away (``hm.point(name)``: unit axis, shape, kind, module).
 
 >>> hm = circuitlab.load_model("efficientnet_lite0")
 >>> x = circuitlab.data.load_image("coffee", hm)
@@ -11,26 +17,22 @@ replaced or saved in forward order. Plain calls (``hm(x)``) bypass nnsight entir
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
-import nnsight
 import pandas as pd
 import torch
-from nnsight import NNsight
 from torch import nn
 
 from .cache import ActivationCache
+from .engine import HookFn, TraceEngine
 from .errors import CircuitlabError, did_you_mean
 from .families import Family, detect_family
 from .hook_points import HookPoint, classifier_aliases, probe, transformer_aliases
+from .interventions import Variant, ablation_values, patch_values, run_variants, variant_masks
 from .preprocessing import DataConfig
 
 Names = Union[None, str, Sequence[str], Callable[[str], bool]]
-Units = Union[int, slice, Sequence[int], torch.Tensor]
-Variant = dict  # hook name -> units
-HookFn = Callable[[torch.Tensor, str], Optional[torch.Tensor]]
 
 def _in_chans(model: nn.Module) -> Optional[int]:
     for m in model.modules():
@@ -66,8 +68,7 @@ class HookedModel:
         # a partial dict takes the rest from ImageNet's defaults (preprocessing.DataConfig)
         self.data_config = DataConfig.of(data_config)
         self.labels = list(labels) if labels is not None else None
-        self._envoy = NNsight(model)
-        self._envoys: dict[str, object] = {}
+        self._engine = TraceEngine(model)
         self._points: Optional[dict[str, HookPoint]] = None
         self._family: Optional[Family] = None
 
@@ -108,7 +109,7 @@ class HookedModel:
         if self._points is None:
             example = torch.zeros((1, *self.input_size), device=self.device, dtype=self.dtype)
             attn = [m for m in self.model.modules() if hasattr(m, "fused_attn")]
-            with self._unfused(attn):
+            with self._engine.unfused(attn):
                 try:
                     points = probe(self.model, example)
                 except Exception as e:  # a user module that rejects the default input size
@@ -242,84 +243,10 @@ class HookedModel:
 
     forward = __call__
 
-    @contextlib.contextmanager
-    def _unfused(self, modules: Iterable[nn.Module]):
-        # timm attention exposes its probabilities only on the unfused path; switch it off just
-        # for the runs that ask for a pattern, so other runs keep the fast kernel.
-        saved = [(m, m.fused_attn) for m in modules]
-        try:
-            for m, _ in saved:
-                m.fused_attn = False
-            yield
-        finally:
-            for m, v in saved:
-                m.fused_attn = v
-
-    def _env(self, module_path: str):
-        env = self._envoys.get(module_path)
-        if env is None:
-            env = self._envoy.get(module_path) if module_path else self._envoy
-            self._envoys[module_path] = env
-        return env
-
-    @staticmethod
-    def _read(tracer, env, io: str, call: int):
-        if call == 0:
-            return env.output if io == "output" else env.input
-        for _ in tracer.iter[call]:
-            value = env.output if io == "output" else env.input
-        return value
-
-    @staticmethod
-    def _write(tracer, env, io: str, call: int, value):
-        if call == 0:
-            if io == "output":
-                env.output = value
-            else:
-                env.input = value
-            return
-        for _ in tracer.iter[call]:
-            if io == "output":
-                env.output = value
-            else:
-                env.input = value
-
     def _run(self, x: torch.Tensor, saves: Sequence[HookPoint] = (),
              edits: Sequence[tuple[HookPoint, HookFn]] = ()):
-        """One nnsight trace: apply ``edits`` and save ``saves`` (module-space tensors).
-
-        Returns (logits, {name: tensor as the module produced it, after edits}).
-        """
-        groups: dict[tuple, dict] = {}
-        for hp in list(saves) + [hp for hp, _ in edits]:
-            groups.setdefault((hp.module, hp.io, hp.call), {"hp": hp, "edits": [], "saves": []})
-        for hp in saves:
-            groups[(hp.module, hp.io, hp.call)]["saves"].append(hp)
-        for hp, fn in edits:
-            groups[(hp.module, hp.io, hp.call)]["edits"].append((hp, fn))
-        steps = sorted(groups.values(), key=lambda g: g["hp"].order)
-        needs = {hp.needs_unfused for g in steps for hp in [g["hp"]] + g["saves"] +
-                 [e[0] for e in g["edits"]] if hp.needs_unfused}
-        saved: dict[str, torch.Tensor] = {}
-        with self._unfused(self.model.get_submodule(n) for n in needs):
-            with self._envoy.trace(x) as tracer:
-                for step in steps:
-                    hp = step["hp"]
-                    env = self._env(hp.module)
-                    value = self._read(tracer, env, hp.io, hp.call)
-                    changed = False
-                    for ehp, fn in step["edits"]:
-                        public = ehp.view(value) if ehp.view else value
-                        new = fn(public, ehp.name)
-                        if new is not None:
-                            value = ehp.unview(new) if ehp.unview else new
-                            changed = True
-                    if changed:
-                        self._write(tracer, env, hp.io, hp.call, value)
-                    for shp in step["saves"]:
-                        saved[shp.name] = nnsight.save(value)
-                logits = nnsight.save(self._envoy.output)
-        return logits, saved
+        """One traced forward (``engine.TraceEngine.run``): (logits, {name: tensor})."""
+        return self._engine.run(x, saves, edits)
 
     def run_with_cache(self, x: torch.Tensor, names: Names = None, grads: bool = False,
                        target=None) -> tuple[torch.Tensor, ActivationCache]:
@@ -390,83 +317,6 @@ class HookedModel:
         units = range(self.n_units(name)) if units is None else units
         return [{name: [int(u)]} for u in units]
 
-    def _unit_mask(self, hp: HookPoint, units: Units) -> torch.Tensor:
-        n = hp.n_units
-        if n is None:
-            raise CircuitlabError(f"hook point {hp.name!r} has no unit axis to ablate")
-        mask = torch.zeros(n, dtype=torch.bool)
-        if isinstance(units, torch.Tensor) and units.dtype == torch.bool:
-            if units.numel() != n:
-                raise CircuitlabError(f"a boolean unit mask for {hp.name!r} needs {n} entries, "
-                                      f"got {units.numel()}")
-            return units.reshape(n).cpu().clone()
-        if isinstance(units, slice):
-            mask[units] = True
-            return mask
-        idx = torch.as_tensor([units] if isinstance(units, int) else list(units),
-                              dtype=torch.long).reshape(-1)
-        if idx.numel() and (idx.min() < -n or idx.max() >= n):
-            raise CircuitlabError(f"{hp.name!r} has {n} units; got unit indices "
-                                  f"{idx.tolist()[:10]}")
-        mask[idx] = True
-        return mask
-
-    def _variant_masks(self, variants, keep: bool) -> tuple[list[Variant], dict]:
-        if isinstance(variants, dict):
-            variants = [variants]
-        variants = list(variants)
-        if not variants:
-            raise CircuitlabError("no intervention variants given")
-        layers: dict[str, HookPoint] = {}
-        for v in variants:
-            if not isinstance(v, dict):
-                raise CircuitlabError("each variant is a dict {hook name: units}")
-            for name in v:
-                if name not in layers:
-                    layers[name] = self.point(name)
-        masks = {}
-        for name, hp in layers.items():
-            rows = []
-            for v in variants:
-                if name in v:
-                    m = self._unit_mask(hp, v[name])
-                    rows.append(~m if keep else m)
-                else:
-                    rows.append(torch.zeros(hp.n_units, dtype=torch.bool))
-            masks[name] = (hp, torch.stack(rows))
-        return variants, masks
-
-    def _intervene(self, x: torch.Tensor, variants, masks: dict, values: dict,
-                   batch_size: int) -> torch.Tensor:
-        """Forward every variant of ``x`` in batches; ``values[name]`` is the replacement.
-
-        A replacement is a tensor broadcastable to (rows, ...) or a callable ``rows -> tensor``
-        (resampling draws per row). Rows are variant-major: row = variant * B + sample.
-        """
-        b = x.shape[0]
-        per_chunk = max(1, batch_size // b)
-        outs = []
-        for start in range(0, len(variants), per_chunk):
-            nv = min(per_chunk, len(variants) - start)
-            xs = x.repeat(nv, 1, 1, 1)
-            edits = []
-            for name, (hp, mask) in masks.items():
-                rows = mask[start:start + nv].repeat_interleave(b, dim=0)  # (nv*b, units)
-                if not rows.any():
-                    continue
-                value = values[name]
-                value = value(nv * b, start) if callable(value) else value
-
-                def edit(a, _n, rows=rows, value=value, hp=hp):
-                    shape = [1] * a.dim()
-                    shape[0], shape[hp.unit_axis] = rows.shape
-                    m = rows.to(a.device).view(shape)
-                    return torch.where(m, value.to(device=a.device, dtype=a.dtype), a)
-                edits.append((hp, edit))
-            logits, _ = self._run(xs, edits=edits)
-            outs.append(logits.detach().reshape(nv, b, -1))
-        return torch.cat(outs)
-
     def ablate(self, x: torch.Tensor, variants: Union[Variant, Sequence[Variant]],
                method: str = "zero", reference: Optional[torch.Tensor] = None,
                keep: bool = False, batch_size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -476,32 +326,20 @@ class HookedModel:
         mask). ``keep=True`` ablates every *other* unit of each named layer (circuit
         faithfulness). Methods: ``zero``; ``mean`` (the mean activation over ``reference``
         images, per position); ``resample`` (a random ``reference`` image's activation per row,
-        seeded).
+        seeded). The machinery is in ``circuitlab.interventions``.
         """
         x = self.check_input(x)
-        variants, masks = self._variant_masks(variants, keep)
-        if method not in ("zero", "mean", "resample"):
-            raise CircuitlabError(f"unknown ablation method {method!r}; use zero, mean or "
-                                  f"resample")
-        values: dict = {}
-        if method == "zero":
-            values = {n: torch.zeros(()) for n in masks}
-        else:
+        variants, masks = variant_masks(variants, self.point, keep)
+
+        def reference_acts():
             if reference is None:
                 raise CircuitlabError(f"{method} ablation needs reference images: pass "
                                       f"reference=<batch (R, C, H, W)>")
-            _, ref = self.run_with_cache(reference, names=list(masks))
-            if method == "mean":
-                values = {n: ref[n].mean(0, keepdim=True) for n in masks}
-            else:
-                gen = torch.Generator().manual_seed(seed)
-                r = reference.shape[0]
-
-                def draw(rows, _start, acts):
-                    return acts[torch.randint(r, (rows,), generator=gen)]
-                values = {n: (lambda rows, start, a=ref[n]: draw(rows, start, a)) for n in masks}
+            return self.run_with_cache(reference, names=list(masks))[1]
+        values = ablation_values(method, list(masks), reference_acts,
+                                 0 if reference is None else reference.shape[0], seed)
         with torch.no_grad():
-            return self._intervene(x, variants, masks, values, batch_size)
+            return run_variants(self._run, x, len(variants), masks, values, batch_size)
 
     def patch(self, x: torch.Tensor, source: torch.Tensor,
               variants: Union[Variant, Sequence[Variant]], batch_size: int = 64) -> torch.Tensor:
@@ -515,13 +353,11 @@ class HookedModel:
         if source.shape[0] not in (1, x.shape[0]):
             raise CircuitlabError(f"source batch {source.shape[0]} must be 1 or match x's "
                                   f"{x.shape[0]}")
-        variants, masks = self._variant_masks(variants, keep=False)
+        variants, masks = variant_masks(variants, self.point, keep=False)
         with torch.no_grad():
             _, src = self.run_with_cache(source, names=list(masks))
-            b = x.shape[0]
-            values = {n: (lambda rows, start, a=src[n]: a.expand(b, *a.shape[1:]).repeat(
-                rows // b, *([1] * (a.dim() - 1)))) for n in masks}
-            return self._intervene(x, variants, masks, values, batch_size)
+            values = patch_values({n: src[n] for n in masks}, x.shape[0])
+            return run_variants(self._run, x, len(variants), masks, values, batch_size)
 
     # ------------------------------------------------------------------ predictions
     @torch.no_grad()

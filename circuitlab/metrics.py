@@ -231,3 +231,31 @@ def mask_precision(mask: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     g = _as_map(gt, gt.shape[-2:]).cpu() > 0.5
     m = _as_map(mask, g.shape[-2:]).cpu() > 0.5
     return (m & g).flatten(1).sum(1).float() / m.flatten(1).sum(1).float().clamp_min(1)
+
+
+def mask_report(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor, ranking: torch.Tensor,
+                target=None, seed: int = 0) -> dict:
+    """Every number of ``evaluate_mask``, deletion / insertion AUC along ``ranking`` (the
+    mask itself, or the saliency map it was cut from) and ``activation_similarity``, for one
+    image (1, C, H, W), as plain Python values: what ``metrics.json`` of the explain and
+    saliency commands holds, so a mask of any method reads the same."""
+    r = evaluate_mask(hm, x, mask, target, seed=seed)
+    y = int(r["label"][0])
+    fills = [k for k in r if k.startswith("kept_")]
+    similarity = activation_similarity(hm, x, mask.to(x.device) * x) if hm.taps else {}
+    return {
+        "area_fraction": float(r["area_fraction"][0]), "top1_kept": bool(r["top1_kept"][0]),
+        "label": hm.label(y), "class_index": y,
+        "confidence_image": float(r["confidence_image"][0]),
+        "confidence_explanation": float(r["confidence_explanation"][0]),
+        "confidence_ratio": float(r["confidence_ratio"][0]),
+        "regions": int(r["regions"][0]),
+        "top_regions_share": float(r["top_regions_share"][0]),
+        "sufficiency": float(r["sufficiency"][0]),
+        "top1_kept_under_fill": {k[len("kept_"):]: float(r[k][0]) for k in fills},
+        "necessity_drop": float(r["necessity_drop"][0]),
+        "deletion_auc": float(deletion_auc(hm, x, ranking, y, seed=seed)[0]),
+        "insertion_auc": float(insertion_auc(hm, x, ranking, y, seed=seed)[0]),
+        "activation_similarity": {tap: {k: float(v[0]) for k, v in d.items()}
+                                  for tap, d in similarity.items()},
+    }

@@ -37,14 +37,24 @@ def outputs(tmp_path_factory):
 
 def test_compare_methods_quick(outputs):
     df = pd.read_csv(outputs / "compare_methods" / "compare.csv")
-    assert set(df["method"]) == {"ours", "ours-area", "gradcam", "gradcam++", "ig", "rise",
-                                 "extremal"}
-    assert set(df["area"]) == {0.05, 0.10}
+    assert set(df["method"]) == {"ours", "ours-minimal", "ours-area", "gradcam", "gradcam++",
+                                 "ig", "rise", "extremal"}
+    equal, own = df[df["area"].notna()], df[df["area"].isna()]
+    assert set(equal["area"]) == {0.05, 0.10}
     # the budget masks are optimised for each area, and their time includes the free run
     budget, free = df[df["method"] == "ours-area"], df[df["method"] == "ours"]
     assert budget["seconds"].min() > free["seconds"].max()
     # every method scored on the same images at each area
-    assert df.groupby(["area", "method"]).size().nunique() == 1
+    assert equal.groupby(["area", "method"]).size().nunique() == 1
+    # at a shared area the masks have it; at their own, ours and ours-minimal report theirs,
+    # the minimal one never larger than the free mask it came from
+    assert (equal["kept_area"] - equal["area"]).abs().max() < 0.01
+    assert set(own["method"]) == {"ours", "ours-minimal"}
+    sizes = own.pivot(index="image", columns="method", values="kept_area")
+    assert (sizes["ours-minimal"] <= sizes["ours"] + 1e-9).all()
+    for col in ("grey", "blur", "gaussian", "uniform", "ratio", "regions", "top5"):
+        assert df[col].notna().all(), col
+    assert df["grey"].between(0, 1).all() and (df["regions"] >= 0).all()
     assert df[["confidence", "deletion", "insertion", "pointing", "iou", "precision"]].notna().all().all()
     assert df["pointing"].between(0, 1).all() and (df["seconds"] > 0).all()
     assert (outputs / "compare_methods" / "examples_synthetic-cnn.png").stat().st_size > 0
@@ -59,9 +69,12 @@ def test_sanity_quick(outputs):
 
 def test_ablate_losses_quick(outputs):
     df = pd.read_csv(outputs / "ablate_losses" / "ablate_losses.csv")
-    assert {"full", "-area", "-tv", "-nec", "+rob"} <= set(df["variant"])
+    assert {"full", "-area", "-tv", "-nec", "+rob", "-act", "act x paper"} <= set(df["variant"])
     area = df.groupby("variant")["area"].mean()
     assert area["-area"] > area["full"]          # without the area prior nothing shrinks it
+    # the explanation's circuit against the image's: shares and contrasts, not placeholders
+    assert df["circuit_jaccard"].between(0, 1).all() and df["image_recall"].between(0, 1).all()
+    assert df["circuit_contrast"].notna().all()
 
 
 def test_paper_figures_quick(outputs):

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+import circuitlab
+
 from circuitlab import CircuitlabError, HookedModel
 from circuitlab.circuits import Circuit, faithfulness, read_circuit, select
 from circuitlab.circuits import edges as E
@@ -438,3 +440,17 @@ def test_units_needed_one_layer_at_a_time_by_hand():
     assert df["logit_fraction"].tolist() == pytest.approx([float(w) for w in want], rel=1e-5)
     assert df["meets"].tolist() == [bool(w >= 0.8) for w in want]
     assert df["units"].tolist() == [1, 2, 4]
+
+
+def test_a_layer_that_keeps_no_unit_has_no_edges_and_no_error():
+    # the trained synthetic ViT's held-out image 4: the default readout keeps no MLP neuron
+    # in blocks 2 and 3 (it raised IndexError on the empty index before)
+    hm = circuitlab.load_model("synthetic-vit")
+    x = circuitlab.synthetic.make_dataset(32, seed=123).normalized()[4:5]
+    refs = circuitlab.synthetic.make_dataset(32, seed=7).normalized()
+    c = read_circuit(hm, x, reference=refs)
+    sizes = {layer: len(c.units.get(layer, [])) for layer in c.meta["layers"].split(",")}
+    empty = [layer for layer, n in sizes.items() if n == 0]
+    assert empty, f"no layer came out empty: {sizes}; pick another image for this test"
+    touched = set(c.edges["src_layer"]) | set(c.edges["dst_layer"])
+    assert not touched & set(empty) and len(c.edges) > 0

@@ -56,6 +56,12 @@ def test_layers_and_models(capsys):
      "no hook point"),
     (["predict", "--model", "resnet18", "--checkpoint", "/no/ckpt.pt"], "does not exist"),
     (["explain", "--out", "/tmp/never-written", "--steps", "0"], "--steps must be at least 1"),
+    (["explain", "--out", "/tmp/never-written", "--steps", "many"], "--steps 'many' is not a whole number"),
+    (["explain", "--out", "/tmp/never-written", "--seed", "99999999999999999999"],
+     "--seed must lie in 0 .. 2**63 - 1"),
+    (["circuit", "--out", "/tmp/never-written", "--budget", "1.5"], "--budget must lie in"),
+    (["saliency", "--out", "/tmp/never-written", "--method", "nope"], "--method: invalid"),
+    (["explain", "--image", "coffee"], "required: --out"),
     (["explain", "--out", "/tmp/never-written", "--image", "nope.png"], "no image file"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
@@ -129,7 +135,7 @@ def test_explain_at_a_fixed_area(capsys, tmp_path, tiny_checkpoint):
     mask = np.asarray(Image.open(tmp_path / "a" / "mask.png"))
     assert (mask > 0).sum() == round(0.1 * 1024)
     code, _, err = run(capsys, *base, "--area", "1.5", "--out", str(tmp_path / "b"))
-    assert code == 2 and "--area is the fraction" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--area must lie in (0, 1)" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()
 
 
@@ -173,16 +179,25 @@ def test_explain_certifies_and_reports_how_the_mask_reads(capsys, tmp_path, tiny
     res = json.loads(stdout)
     for key in ("regions", "top_regions_share", "confidence_ratio", "top1_kept_under_fill",
                 "activation_similarity", "free_area", "minimal_area", "locally_minimal",
-                "region_effects", "pruned_regions"):
+                "region_effects", "pruned_regions", "area_search"):
         assert key in res, key
     assert set(res["top1_kept_under_fill"]) == {"grey", "blur", "gaussian", "uniform"}
     assert res["minimal_area"] == res["area_fraction"] <= res["free_area"]
+    # the budgets tried halve while they are accepted; the first refusal ends the search
+    accepted = [probe["accepted"] for probe in res["area_search"]]
+    assert accepted == sorted(accepted, reverse=True) and accepted.count(False) <= 1
+    for probe in res["area_search"]:
+        assert probe["accepted"] == (probe["kept"] and probe["confidence_ratio"] >= 1)
     if res["top1_kept"]:       # one row per region of the final mask
         assert len(res["region_effects"]) == res["regions"]
     code, stdout, err = run(capsys, *argv, "--no-minimal", "--out", str(tmp_path / "n"))
     assert code == 0, err
     res = json.loads(stdout)
     assert "locally_minimal" not in res and res["area_fraction"] == res["free_area"]
+    for bad, message in (("-1", "--confidence must be 0 or more"), ("nan", "not a number")):
+        code, _, err = run(capsys, *argv, "--confidence", bad, "--out", str(tmp_path / "c"))
+        assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "c").exists()
 
 
 def test_explain_reasons_writes_one_overlay_per_reason(capsys, tmp_path, tiny_checkpoint):

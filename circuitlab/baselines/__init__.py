@@ -39,7 +39,7 @@ _VIT_ONLY = ("rollout", "cls_attention")
 
 def methods_for(hm: HookedModel) -> list[str]:
     """The methods that apply to ``hm`` (attention maps only for ViTs)."""
-    return [m for m in METHODS if hm.family.name == "vit" or m not in _VIT_ONLY]
+    return [m for m in METHODS if hm.family.transformer or m not in _VIT_ONLY]
 
 
 def saliency(hm: HookedModel, x: torch.Tensor, method: str, target=None, **kwargs

@@ -20,7 +20,7 @@ from ._common import prefix_tokens, to_input_map
 
 def _patterns(hm: HookedModel, x: torch.Tensor) -> list[torch.Tensor]:
     names = [n for n in hm.hook_points if n.endswith(".attn.hook_pattern")]
-    if hm.family.name != "vit" or not names:
+    if not hm.family.transformer or not names:
         raise CircuitlabError(f"attention maps need a vision transformer with attention "
                               f"probabilities (blocks.*.attn.hook_pattern); {hm.name} is a "
                               f"{hm.family.name} model: use gradcam, ig, rise or extremal")

@@ -21,7 +21,7 @@ from ._common import target_classes, to_input_map, tokens_to_map
 
 def default_layer(hm: HookedModel) -> str:
     """The layer Grad-CAM reads when none is given."""
-    if hm.family.name == "vit":
+    if hm.family.transformer:
         blocks = hm.family.blocks
         if blocks and f"{blocks[-1]}.norm1" in hm.hook_points:
             return f"{blocks[-1]}.norm1"

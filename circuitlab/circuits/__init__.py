@@ -8,9 +8,10 @@ from .frontier import frontier, smallest
 from .ranking import RANKINGS, rank_units
 from .readout import read_circuit, select
 from .search import Setup, SizeSearch, prepare, smallest_faithful
-from .validate import faithfulness, size_curve, units_needed
+from .validate import faithfulness, size_curve, summarize, units_needed
 
 __all__ = ["Circuit", "EdgeSearch", "RANKINGS", "ReadoutConfig", "Setup", "SizeSearch",
            "ablate_units", "agreement", "edge_attribution", "faithfulness", "frontier",
            "patch_units", "prepare", "rank_units", "read_circuit", "select", "size_curve",
-           "smallest", "smallest_edge_circuit", "smallest_faithful", "units_needed"]
+           "smallest", "smallest_edge_circuit", "smallest_faithful", "summarize",
+           "units_needed"]

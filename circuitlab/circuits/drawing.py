@@ -25,7 +25,6 @@ import torch
 
 from ..files import write_atomic, write_text
 from ..hooked_model import HookedModel
-from .effective import per_unit
 
 KIND_STYLE = {  # node kind -> (colour, marker)
     "unit": ("#f0a030", "o"), "head": ("#9b59b6", "D"), "neuron": ("#2e86c1", "s"),
@@ -185,7 +184,7 @@ def unit_crops(hm: HookedModel, x: torch.Tensor, circuit) -> dict:
         if not us:
             continue
         act = cache[layer]
-        a = per_unit(act, hm.point(layer).unit_axis)[0]                     # (U, P)
+        a = hm.point(layer).per_unit(act)[0]                     # (U, P)
         spatial = act.dim() == 4 and hm.point(layer).unit_axis == 1
         h, w = (act.shape[2], act.shape[3]) if spatial else (1, 1)
         for u in us:

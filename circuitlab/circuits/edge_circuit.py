@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import CircuitlabError
-from .effective import _leaves, per_unit
+from ..hook_points import units_first
+from .effective import _leaves
 from .search import Setup, bracket
 
 
@@ -146,13 +147,13 @@ def edge_attribution(s: Setup, units: dict) -> dict:
     total = 0
     for _, d in pairs:         # sum_j g_j a_j; a_j of the assembled d came from j's copy
         js = torch.as_tensor(units[d])
-        total = total + (per_unit(held[d], ab.axes[d])[0, js] *
-                         per_unit(g[d], ab.axes[d])[0, js]).sum()
+        total = total + (units_first(held[d], ab.axes[d])[0, js] *
+                         units_first(g[d], ab.axes[d])[0, js]).sum()
     grads = torch.autograd.grad(total, [leaves[src] for src, _ in pairs])
     out = {}
     for (src, d), gr in zip(pairs, grads):
-        delta = per_unit(leaves[src].detach()[:1] - ab.values[src], ab.axes[src])  # (1,U,P)
-        sc = (per_unit(gr, ab.axes[src])[:len(units[d])] * delta).abs().sum(-1)
+        delta = units_first(leaves[src].detach()[:1] - ab.values[src], ab.axes[src])  # (1,U,P)
+        sc = (units_first(gr, ab.axes[src])[:len(units[d])] * delta).abs().sum(-1)
         out[(src, d)] = sc[:, torch.as_tensor(units[src])].cpu()
     return out
 

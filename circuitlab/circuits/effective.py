@@ -13,12 +13,6 @@ import torch
 from ..hooked_model import HookedModel
 
 
-def per_unit(t: torch.Tensor, axis: int) -> torch.Tensor:
-    """(B, U, rest) view of an activation with its units on axis 1."""
-    t = t.movedim(axis, 1)
-    return t[..., None] if t.dim() == 2 else t.flatten(2)
-
-
 def _run_copies(hm: HookedModel, x: torch.Tensor, k: int, names: Sequence[str], srcs,
                 late: bool = True) -> tuple[dict, dict]:
     """Run ``k`` copies of x with every source in ``srcs`` replaced by a detached leaf:
@@ -65,11 +59,11 @@ def effective_pair(hm: HookedModel, x: torch.Tensor, src: str, dst: str,
     k = len(dst_units)
     with torch.enable_grad():
         held, leaves = _run_copies(hm, x, k, _ordered(hm, [src, dst]), {src})
-        d = per_unit(held[dst], hd.unit_axis)                     # (k, U_d, P)
+        d = hd.per_unit(held[dst])                     # (k, U_d, P)
         pick = d[torch.arange(k), torch.as_tensor(list(dst_units))].sum()
         (g,) = torch.autograd.grad(pick, leaves[src])
     a = leaves[src].detach()
-    return (per_unit(g * a, hs.unit_axis).sum(-1)).abs()          # (k, U_s)
+    return (hs.per_unit(g * a).sum(-1)).abs()          # (k, U_s)
 
 
 def _leaves(t: torch.Tensor) -> set:
@@ -110,7 +104,7 @@ def effective_edges(hm: HookedModel, x: torch.Tensor, pairs) -> dict:
             if _leaves(held[dst]) != {id(leaves[src])}:
                 loose.append((src, dst, units))
                 continue
-            d = per_unit(held[dst], hm.point(dst).unit_axis)            # (k, U_d, P)
+            d = hm.point(dst).per_unit(held[dst])            # (k, U_d, P)
             n = len(units)
             total = total + d[torch.arange(n), torch.as_tensor(list(units))].sum()
             used.append((src, dst, n))
@@ -120,7 +114,7 @@ def effective_edges(hm: HookedModel, x: torch.Tensor, pairs) -> dict:
                                                                       for s in srcs_used])))
             for src, dst, n in used:
                 ga = grads[src] * leaves[src].detach()
-                out[(src, dst)] = per_unit(ga, hm.point(src).unit_axis).sum(-1).abs()[:n]
+                out[(src, dst)] = hm.point(src).per_unit(ga).sum(-1).abs()[:n]
     for src, dst, units in loose:
         out[(src, dst)] = effective_pair(hm, x, src, dst, units)
     return out

@@ -14,7 +14,6 @@ import torch
 
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
-from .effective import per_unit
 
 
 def patch_units(hm: HookedModel, clean: torch.Tensor, corrupt: torch.Tensor, layer: str,
@@ -40,7 +39,7 @@ def patch_units(hm: HookedModel, clean: torch.Tensor, corrupt: torch.Tensor, lay
         _, cc = hm.run_with_cache(clean, names=[layer])
     _, cx = hm.run_with_cache(corrupt, names=[layer], grads=True, target=y)
     diff = (cc[layer] - cx[layer]) * cx.grad(layer)
-    attr = per_unit(diff, hp.unit_axis).sum(-1)[0]
+    attr = hp.per_unit(diff).sum(-1)[0]
     n = len(exact)
     return pd.DataFrame({"layer": pd.array([layer] * n, dtype="string"),
                          "unit": range(n), "exact": (exact - base).cpu().numpy(),

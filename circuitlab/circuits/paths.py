@@ -27,15 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..hook_points import is_channelwise
 from .edges import weight_l1
 
-# modules that map channel c to channel c (activations, pooling, regularisers)
-_CHANNELWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
-                nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d,
-                nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-                nn.Flatten)
-_CHANNELWISE_NAMES = {"DropPath", "SelectAdaptivePool2d", "GELUTanh", "Swish", "HardSwish",
-                      "HardSigmoid", "SiLU", "Mish", "BlurPool2d"}
+# functional forms of the channel-wise modules (hook_points.is_channelwise)
 _CHANNELWISE_FNS = {F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu, F.elu,
                     torch.relu, torch.sigmoid, torch.tanh, F.adaptive_avg_pool2d,
                     F.adaptive_max_pool2d, F.max_pool2d, F.avg_pool2d, F.dropout,
@@ -48,16 +43,12 @@ def _is_weight(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
 
 
-def _is_channelwise(m: nn.Module) -> bool:
-    return isinstance(m, _CHANNELWISE) or type(m).__name__ in _CHANNELWISE_NAMES
-
-
 class _Tracer(fx.Tracer):
     """Stops at weights, norms and channel-wise modules; traces through everything else."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (_is_weight(m) or isinstance(m, nn.modules.batchnorm._BatchNorm)
-                or _is_channelwise(m) or super().is_leaf_module(m, qualname))
+                or is_channelwise(m) or super().is_leaf_module(m, qualname))
 
 
 # traced graphs by module: the structure is fixed, the weights are read at each call (so a
@@ -96,7 +87,7 @@ def _bn_scale(m: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
 def _compose(module: nn.Module, n_in: int) -> Optional[tuple]:
     """(|path weight| (out units, n_in) or None for the identity, weight layers, residual
     adds) of one module, or None where it cannot be composed."""
-    if _is_channelwise(module):
+    if is_channelwise(module):
         return None, 0, 0
     if _is_weight(module) or isinstance(module, nn.modules.batchnorm._BatchNorm):
         graph = _LEAF                      # fx would not trace into a leaf at the root
@@ -132,7 +123,7 @@ def _compose(module: nn.Module, n_in: int) -> Optional[tuple]:
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 s = _bn_scale(m)
                 mats[node] = torch.diag(s) if a is None else s[:, None] * a
-            elif _is_channelwise(m):
+            elif is_channelwise(m):
                 mats[node] = a
             else:
                 return None

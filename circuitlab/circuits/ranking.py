@@ -33,7 +33,7 @@ import torch
 
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
-from .effective import per_unit
+from ..hook_points import units_first
 
 RANKINGS = ("iterative", "attribution", "eap-ig", "energy", "random")
 
@@ -112,7 +112,7 @@ class Ablated:
 
     def unit_scores(self, acts: dict, grads: dict) -> dict:
         """{layer: (U,)} sum_pos |(a - ablated) * g| of every unit."""
-        return {n: per_unit(((acts[n] - self.values[n]) * grads[n]).detach().abs(),
+        return {n: units_first(((acts[n] - self.values[n]) * grads[n]).detach().abs(),
                             self.axes[n]).sum((0, 2)) for n in self.layers}
 
 
@@ -192,7 +192,7 @@ def rank_units(ablated: Ablated, x: torch.Tensor, target: int, by: str = "iterat
     if by == "energy":
         with torch.no_grad():
             _, cache = ablated.hm.run_with_cache(x, names=ablated.layers)
-        return _interleaved({n: per_unit(cache[n], ablated.axes[n])[0].norm(dim=-1)
+        return _interleaved({n: units_first(cache[n], ablated.axes[n])[0].norm(dim=-1)
                              for n in ablated.layers})
     if by == "random":
         g = torch.Generator().manual_seed(seed)

@@ -38,11 +38,11 @@ from . import transformer as T
 from .circuit import Circuit
 from .config import ReadoutConfig
 from .edge_circuit import EdgeSearch, smallest_edge_circuit
-from .effective import effective_edges, per_unit
+from .effective import effective_edges
 from .learned import learn_units
 from .search import SizeSearch, prepare, smallest_faithful
 
-__all__ = ["ReadoutConfig", "node_layers", "per_unit", "read_circuit", "select"]
+__all__ = ["ReadoutConfig", "node_layers", "read_circuit", "select"]
 
 
 def select(scores: torch.Tensor, k: Optional[int] = None,
@@ -65,7 +65,7 @@ def node_layers(hm: HookedModel, layers: Optional[Sequence[str]] = None,
     if units not in ("auto", "components", "channels"):
         raise CircuitlabError("units must be 'auto', 'components' or 'channels'")
     if layers is None and units != "channels" and (units == "components" or
-                                                    hm.family.name == "vit"):
+                                                    hm.family.transformer):
         comps = T.component_layers(hm.hook_points, hm.taps)
         if comps:
             layers = comps
@@ -184,8 +184,8 @@ def _choose_units(r: _Reading, reference: Optional[torch.Tensor]) -> None:
         picked_by = learn_units(hm, r.inp, r.layers, cfg.budget, target=r.target,
                                 method=cfg.method, reference=reference, steps=cfg.steps)
     for name in r.layers:
-        ax = hm.point(name).unit_axis
-        a, g = per_unit(r.cache[name], ax)[0], per_unit(r.cache.grad(name), ax)[0]   # (U, P)
+        hp = hm.point(name)
+        a, g = hp.per_unit(r.cache[name])[0], hp.per_unit(r.cache.grad(name))[0]   # (U, P)
         energy = a.norm(dim=-1)
         attribution = (a * g).sum(-1).abs()
         en_list, attr_list = energy.tolist(), attribution.tolist()
@@ -269,9 +269,10 @@ def _edge_rows(r: _Reading, plan: dict) -> list:
     effective = effective_edges(r.hm, r.inp, eff_pairs) if eff_pairs else {}
     rows = []
     for (src, dst), (how, w) in plan.items():
-        if not chosen[dst]:
+        if not chosen[dst] or not chosen[src]:     # a layer that kept no unit has no edges
             continue
-        s_idx, d_idx = torch.as_tensor(chosen[src]), torch.as_tensor(chosen[dst])
+        s_idx = torch.as_tensor(chosen[src], dtype=torch.long)
+        d_idx = torch.as_tensor(chosen[dst], dtype=torch.long)
         scale = r.dscale.get(dst) if r.cfg.gradient else None
         if how == "weight":
             wl, sc = E.scores(w, energies[src], chosen[src], chosen[dst], scale)

@@ -82,6 +82,26 @@ def faithfulness(hm: HookedModel, x: torch.Tensor, circuit: Circuit, *, method: 
     return df
 
 
+_EFFECTS = ("logit_fraction", "logit_normalized", "contrast_fraction", "prob_fraction",
+            "top1_kept")
+
+
+def summarize(table: pd.DataFrame) -> dict:
+    """``faithfulness``'s rows as plain numbers: ``keep`` and ``remove`` (the circuit kept
+    alone, removed alone) and ``random`` (the mean over the random circuits kept alone, with
+    ``draws``), each with the effects the table has (logit, normalised logit, contrast and
+    probability fractions, top-1 kept; for random draws the share that kept top-1)."""
+    def effects(row) -> dict:
+        return {k: bool(row[k]) if k == "top1_kept" else float(row[k])
+                for k in _EFFECTS if k in row.index}
+    rows = table.set_index("test")
+    rand = table[table["test"] == "random_keep"]
+    return {"keep": effects(rows.loc["keep"]), "remove": effects(rows.loc["remove"]),
+            "random": {**{k: float(rand[k].astype(float).mean()) for k in _EFFECTS
+                          if k in rand}, "draws": len(rand)},
+            "units": int(rows.loc["keep", "units"])}
+
+
 def _contrast(hm: HookedModel, base: torch.Tensor, y: int, reference: torch.Tensor,
               method: str, groups) -> list[float]:
     """(z(x) - mean z(reference)) under each intervention over the same for the clean

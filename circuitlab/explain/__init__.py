@@ -1,10 +1,10 @@
-"""Minimal explanations by activation matching (see ../shared/METHOD.md)."""
+"""Minimal explanations by activation matching (Suhail, Anand & Sethi 2025; docs/explain.md)."""
 from .amortized import Explainer, train_explainer
 from .certify import Certificate, certify
 from .config import PRESETS, ExplainConfig, amortized_preset, preset
 from .generator import MaskGrid, MaskUNet, binarize_ste
-from .optimize import Explanation, explain, explain_at_area
+from .optimize import Explanation, explain, explain_at_area, minimize
 
 __all__ = ["PRESETS", "Certificate", "ExplainConfig", "Explainer", "Explanation", "MaskGrid",
            "MaskUNet", "binarize_ste", "amortized_preset", "certify", "explain",
-           "explain_at_area", "preset", "train_explainer"]
+           "explain_at_area", "minimize", "preset", "train_explainer"]

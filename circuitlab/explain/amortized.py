@@ -11,7 +11,8 @@ per-image objective (the teacher, batched), then the U-Net learns to reproduce t
 objective directly, as the paper does for one image, collapsed to empty or full masks on the
 synthetic benchmark in every setting tried (the logits of a fresh network cross 0.5 together);
 the distilled network finds the planted object as well as the per-image masks but keeps the
-label less often on its own (README: CNN 0.95, ViT 0.78 of images), which ``refine`` restores.
+label less often on its own (docs/results.md: CNN 0.95, ViT 0.78 of images), which ``refine``
+restores.
 Batches depend only on (seed, step), so a resumed run sees the same batches as an
 uninterrupted one.
 """

@@ -2,7 +2,8 @@
 
 A mask is *locally minimal* here when every one of its connected regions (8-connectivity)
 is necessary: deleting that region alone (setting it to the dataset mean, as the rest of the
-image already is) loses the top-1 label. ``certify`` prunes regions that are not necessary
+image already is) loses the top-1 label, or, given a confidence ``floor``, drops p_target
+below it (the decision at the confidence asked for, not a label held at 0.1). ``certify`` prunes regions that are not necessary
 (those whose deletion leaves the surest prediction first, as many together as still keep the
 label) and checks again, until all that remain are. It is certified against single-region
 deletions only: a smaller mask that is not a subset of whole regions, or that drops two
@@ -31,10 +32,11 @@ class Certificate:
     """One image's mask after pruning, and what each of its regions does."""
 
     mask: torch.Tensor         # (1, 1, H, W), the pruned mask
-    regions: pd.DataFrame      # region, pixels, p_without, kept_without, necessary
+    regions: pd.DataFrame      # region, pixels, p_without, kept_without (the decision
+    #                            holds without it), necessary
     pruned: int                # regions removed because the label survived without them
     locally_minimal: bool      # every remaining region is necessary (and the label is kept)
-    kept: bool                 # the pruned mask keeps the top-1 label
+    kept: bool                 # the pruned mask keeps the top-1 label (and the floor)
 
 
 @torch.no_grad()
@@ -57,7 +59,14 @@ def _deleting(mask, labels, groups):
                         for g in groups])
 
 
-def _removable_prefix(hm, x, mask, labels, order, target) -> int:
+def _holds(hm, x, masks, target, floor, batch_size=32):
+    """p_target under each mask and whether the decision holds there: top-1 is ``target``
+    and, with a ``floor``, p_target >= floor."""
+    p, kept = masked_predictions(hm, x, masks, target, batch_size)
+    return p, kept & (p >= floor) if floor is not None else kept
+
+
+def _removable_prefix(hm, x, mask, labels, order, target, floor) -> int:
     """A prefix length j of ``order`` whose regions deleted together keep the label, by
     bisection (one forward a probe): order[:1] keeps it (it was checked alone), and where
     order[:mid] keeps it the search moves up. The label need not fall monotonically along
@@ -65,33 +74,34 @@ def _removable_prefix(hm, x, mask, labels, order, target) -> int:
     lo, hi = 1, len(order)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        _, kept = masked_predictions(hm, x, _deleting(mask, labels, [order[:mid]]), target)
+        _, kept = _holds(hm, x, _deleting(mask, labels, [order[:mid]]), target, floor)
         lo, hi = (mid, hi) if bool(kept[0]) else (lo, mid - 1)
     return lo
 
 
 @torch.no_grad()
 def certify_one(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor, target: int,
-                max_rounds: int = 50, batch_size: int = 32) -> Certificate:
+                max_rounds: int = 50, batch_size: int = 32,
+                floor: Optional[float] = None) -> Certificate:
     """``certify`` for one image ``x`` (1, C, H, W) and its mask (1, 1, H, W).
 
     Each round deletes every region alone; of those the label survives without, ranked by
     the confidence left, a prefix that can go together (found by bisection) is deleted, so a
     speckled mask of a hundred regions takes a few rounds, not a hundred."""
     mask = (mask > 0.5).float().to(x.device)
-    kept = bool(hm(mask * x).argmax(-1).item() == target)
+    kept = bool(_holds(hm, x, mask, target, floor)[1][0])
     pruned, rounds = 0, 0
     while True:
         labels, n = ndimage.label(mask[0, 0].cpu().numpy() > 0.5, structure=STRUCTURE_8)
         if n == 0 or not kept:
             break
         ids = list(range(1, n + 1))
-        p_without, kept_without = masked_predictions(
-            hm, x, _deleting(mask, labels, [[i] for i in ids]), target, batch_size)
+        p_without, kept_without = _holds(
+            hm, x, _deleting(mask, labels, [[i] for i in ids]), target, floor, batch_size)
         if not kept_without.any() or rounds == max_rounds:
             break
         order = [ids[i] for i in torch.argsort(-p_without) if kept_without[i]]
-        j = _removable_prefix(hm, x, mask, labels, order, target)
+        j = _removable_prefix(hm, x, mask, labels, order, target, floor)
         mask = mask * torch.from_numpy(~np.isin(labels, order[:j])).to(mask)
         pruned, rounds = pruned + j, rounds + 1
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] if n else np.zeros(0, int)
@@ -107,14 +117,18 @@ def certify_one(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor, target: in
 
 
 def certify(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor,
-            target: Optional[torch.Tensor] = None, max_rounds: int = 50) -> list:
+            target: Optional[torch.Tensor] = None, max_rounds: int = 50,
+            floor: Optional[torch.Tensor] = None) -> list:
     """A ``Certificate`` per image of ``x`` (B, C, H, W) for its binary ``mask`` (B, 1, H, W)
-    at input resolution; ``target``: the classes to keep (default the model's top-1 on x).
+    at input resolution; ``target``: the classes to keep (default the model's top-1 on x);
+    ``floor``: per image, the p_target the pruned mask must keep as well (default none: the
+    label alone).
     Costs one batched forward of the mask's regions and a few single forwards per pruning
     round (``max_rounds`` at most; a mask still pruning then is not certified)."""
     x = hm.check_input(x)
     if target is None:
         with torch.no_grad():
             target = hm(x).argmax(-1)
-    return [certify_one(hm, x[i:i + 1], mask[i:i + 1], int(target[i]), max_rounds)
+    return [certify_one(hm, x[i:i + 1], mask[i:i + 1], int(target[i]), max_rounds,
+                        floor=None if floor is None else float(floor[i]))
             for i in range(x.shape[0])]

@@ -90,27 +90,13 @@ PRESETS = {
 
 
 # ImageNet-sized inputs (>= 128 px): chosen by a random search over 45 settings on five
-# photos with EfficientNet-Lite0 (100 steps each); it halves the kept area of the small-image
-# default there (mean 0.16 vs 0.36, top-1 kept on all five, necessity drop 0.79). 80 steps
-# keep Lite0 under 15 s per photo on 2 CPU cores; 100 shrink coffee / chelsea / rocket masks
-# from 0.32 / 0.15 / 0.12 to 0.31 / 0.13 / 0.11 for 25 % more time.
+# photos with EfficientNet-Lite0; what it bought: docs/results.md, "Explanation presets".
 _LARGE_INPUT = dict(area=100.0, tv=150.0, bin=1.0, mask_size=56, lr=0.05, steps=80)
 
 
-# ... and under an area budget (explain_at_area), tuned on photos that are not among the
-# reported ones (china, grace_hopper, the skimage motorcycle; p_target at 5 %): 120 steps
-# over 80 took 0.04 / 0.03 / 0.69 to 0.40 / 0.02 / 0.87 (200: 0.48 / 0.04 / 0.74); without
-# the necessity term 0.79 / 0.02 / 0.87 and a third faster (a 5 % mask's complement keeps
-# most photos' label whatever the mask holds, so the term only fights the class terms there;
-# on the synthetic benchmark it does help: precision at 5 % 0.67 -> 0.58 without it, so it
-# stays on for small inputs). lr 0.1 with TV 300, or no binarisation term: no better.
-# The budget mask has one cell per pixel (the paper's resolution), TV scaled with the side so
-# a blob's outline costs what it does on the 56-cell grid: on those photos and skimage's
-# camera, mean p_target at 5 % 0.54 -> 0.96 (top-1 kept 3 -> 4 of 4), the kept pixels lying
-# in the free mask 51 -> 74 % (the 4-px cells spent area on whatever shared a cell with the
-# evidence); 112 cells (TV 300): 0.93. Also tried on the 56 grid: a density tie-break in the
-# warm start, shrinking from the free mask's area instead of the whole image, the class terms
-# alone, no TV, 240 steps: mean 0.31 to 0.73.
+# ... and under an area budget (explain_at_area): more steps, no necessity term, one mask cell
+# per pixel with TV scaled to the finer grid; tuned on photos that are not among the reported
+# ones (china, grace_hopper, the skimage motorcycle); docs/results.md, "Explanation presets".
 _LARGE_INPUT_BUDGET = dict(steps=120, nec=0.0)
 
 
@@ -141,10 +127,11 @@ def default_alphas(n: int) -> tuple:
     return tuple(float(2 ** round(3 * i / max(1, n - 1))) for i in range(n))
 
 
-def default_distances(n: int, family: str) -> tuple:
+def default_distances(n: int, tokens: bool) -> tuple:
     """Cosine over channels for the two shallow taps, z-scored MSE deeper (the authors' code);
-    cosine for every ViT tap (the paper's choice for token features)."""
-    if family == "vit":
+    cosine for every tap of a transformer (``tokens``; the paper's choice for token
+    features)."""
+    if tokens:
         return ("cosine",) * n
     return tuple("cosine" if i < min(2, n - 1) else "zmse" for i in range(n))
 

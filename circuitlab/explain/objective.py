@@ -31,8 +31,8 @@ def resolve_taps(hm: HookedModel, cfg: ExplainConfig):
             raise CircuitlabError(f"tap {p.name!r} (shape {p.shape}) has no channel and "
                                   f"position axes to match; choose a conv map or token layer")
     alphas = tuple(cfg.alphas) if cfg.alphas else default_alphas(len(names))
-    kinds = tuple(cfg.distances) if cfg.distances else default_distances(len(names),
-                                                                         hm.family.name)
+    kinds = tuple(cfg.distances) if cfg.distances else default_distances(
+        len(names), hm.family.transformer)
     if len(alphas) != len(names) or len(kinds) != len(names):
         raise CircuitlabError(f"{len(names)} taps need as many alphas and distances, got "
                               f"{len(alphas)} and {len(kinds)}")

@@ -20,7 +20,7 @@ import torch
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from ..metrics import target_classes
-from .certify import masked_predictions
+from .certify import certify, masked_predictions
 from .config import ExplainConfig
 from .optimize import Explanation, explain
 
@@ -39,15 +39,18 @@ class Reason:
 def reasons_of_one(hm: HookedModel, x: torch.Tensor, k: int, target: int,
                    config: Optional[ExplainConfig], seed: int, minimal: bool,
                    first: Optional[Explanation] = None) -> list:
-    """``all_reasons`` for one image (1, C, H, W); ``first``: its explanation when already
-    run (with this target), reused as the first reason."""
+    """``all_reasons`` for one image (1, C, H, W); ``first``: its free explanation (before any
+    pruning) when already run with this target, reused as the first reason."""
     removed = torch.zeros_like(x[:, :1])
     found = []
     for i in range(k):
+        rest = (1 - removed) * x
         ex = first if i == 0 and first is not None else \
-            explain(hm, (1 - removed) * x, config, seed=seed + i, target=target,
-                    minimal=minimal)
-        mask = ex.mask.to(x.device) * (1 - removed)
+            explain(hm, rest, config, seed=seed + i, target=target)
+        mask = ex.mask.to(x.device)
+        if minimal:   # pruned, not searched down: see all_reasons
+            mask = certify(hm, rest, mask, torch.tensor([target]))[0].mask.to(x.device)
+        mask = mask * (1 - removed)
         if not bool(ex.found[0]) or mask.sum() == 0 or \
                 (1 - removed - mask).clamp_min(0).sum() == 0:  # nothing left outside it
             break
@@ -65,7 +68,9 @@ def all_reasons(hm: HookedModel, x: torch.Tensor, k: int = 3,
     """Per image of ``x``, up to ``k`` disjoint reasons (``Reason``), each keeping ``target``
     (default the model's top-1) on its own, ordered by confidence; the first entry is the
     image's ordinary explanation unless a later reason is surer. ``minimal``: each reason is
-    pruned to necessary regions (``certify``) before the next is sought."""
+    pruned to necessary regions (``certify``) before the next is sought; it is not searched
+    down to a smaller area (``minimize``), which would leave most of an object behind for
+    the next reason to find again."""
     if not isinstance(k, int) or k < 1:
         raise CircuitlabError(f"k is the number of reasons to look for, at least 1; got {k!r}")
     x = hm.check_input(x)

@@ -1,0 +1,65 @@
+"""`circuitlab saliency`: one baseline method's map, cut at an area and scored as `explain`
+scores its masks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import CircuitlabError
+from ..files import refuse_overwrite, write_text
+from ._common import (add_image_arg, add_model_args, add_outputs, emit, fraction, load,
+                      save_mask_pngs, save_png)
+
+OUTPUTS = ("saliency.png", "mask.png", "overlay.png", "metrics.json")
+METHODS = ("gradcam", "gradcam++", "ig", "rise", "extremal", "rollout", "cls_attention")
+
+
+def cmd_saliency(args) -> int:
+    import time
+
+    import numpy as np
+
+    from .. import baselines, data, metrics
+    out = Path(args.out)
+    refuse_overwrite([out / n for n in OUTPUTS], args.force)
+    if args.layer and args.method not in ("gradcam", "gradcam++"):
+        raise CircuitlabError("--layer belongs to --method gradcam / gradcam++")
+    hm = load(args)
+    if args.method not in baselines.methods_for(hm):
+        raise CircuitlabError(f"--method {args.method} does not apply to {hm.name}; use one "
+                              f"of {', '.join(baselines.methods_for(hm))}")
+    x = data.load_image(args.image, hm)
+    kw = {"layer": args.layer} if args.layer else {}
+    if args.method == "extremal":
+        kw["area"] = args.area
+    t0 = time.perf_counter()
+    sal = baselines.saliency(hm, x, args.method, **kw)
+    seconds = time.perf_counter() - t0
+    mask = baselines.binarize_at_area(sal, args.area)
+    result = {"image": str(args.image), "model": hm.name, "method": args.method,
+              **metrics.mask_report(hm, x, mask, sal), "seconds": seconds}
+    save_mask_pngs(out, hm, x, mask)
+    save_png(out / "saliency.png", (sal[0, 0].numpy() * 255).round().astype(np.uint8))
+    write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+    emit(args, result, f"{result['image']}: {args.method} top {args.area:.0%}: "
+                       f"{result['label']} kept={result['top1_kept']} conf "
+                       f"{result['confidence_image']:.3f} -> "
+                       f"{result['confidence_explanation']:.3f} ({seconds:.1f} s)\nwrote {out}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("saliency", help="a baseline saliency map (Grad-CAM, IG, RISE, ...)",
+                       description="Run one baseline saliency method on an image and write "
+                                   "saliency.png (the map), mask.png (its top --area), "
+                                   "overlay.png and metrics.json (the same numbers as "
+                                   "`explain`, for comparison at equal area).")
+    add_model_args(p)
+    add_image_arg(p)
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--area", type=fraction, default=0.05,
+                   help="fraction kept by mask.png (and extremal's area; default 0.05)")
+    p.add_argument("--layer", help="gradcam / gradcam++: hook name to read (default: the "
+                                   "last spatial map, or the last ViT block's norm1)")
+    add_outputs(p, "output folder", "replace existing output files")
+    p.set_defaults(func=cmd_saliency)
