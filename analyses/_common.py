@@ -15,6 +15,7 @@ from circuitlab.files import refuse_overwrite, write_atomic, write_text
 
 # distinct photos (scikit-image's "cat" is chelsea again)
 PHOTOS = ("coffee", "chelsea", "rocket", "astronaut", "flower", "grace_hopper")
+QUICK_STEPS = 20    # explanation steps under --quick (a smoke run, not a result)
 
 
 def fail(prog: str, message: str) -> int:
@@ -163,3 +164,20 @@ def write_as_they_come(path: Path, models: dict, batches_of, resume: bool = Fals
             rows += got
             write_text(path, pd.DataFrame(rows).to_csv(index=False))
     return rows
+
+
+def settings(quick: bool) -> dict:
+    """Keyword arguments per method (the paper defaults, fewer samples under --quick)."""
+    return {"ig": {"steps": 8 if quick else 32}, "rise": {"n_masks": 200 if quick else 2000},
+            "extremal": {"steps": 100 if quick else 800}}
+
+
+def load(name: str, n_images: int):
+    """(HookedModel, x, ground-truth masks or None, image names)."""
+    if name.startswith("synthetic-"):
+        hm = cl.synthetic.synthetic_model(name.split("-")[1], log=None)
+        x, gt, _ = synthetic_images(n_images)
+        return hm, x, gt, [f"synthetic:{i}" for i in range(n_images)]
+    hm = cl.load_model(name)
+    photos = PHOTOS[:n_images]
+    return hm, torch.cat([cl.data.load_image(p, hm) for p in photos]), None, list(photos)

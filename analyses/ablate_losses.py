@@ -29,15 +29,15 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (arguments, bad_models, cl, fail, faded, parse_list,  # noqa: E402
+from circuitlab import metrics
+from circuitlab.circuits import faithfulness, read_circuit
+from circuitlab.explain import explain
+from circuitlab.explain.config import preset
+from circuitlab.files import write_text
+
+from _common import (arguments, bad_models, cl, fail, faded, parse_list,
                      pyplot, save_figure, show_image, start, synthetic_images,
                      write_summary)
-from circuitlab import metrics  # noqa: E402
-from circuitlab.circuits import faithfulness, read_circuit  # noqa: E402
-from circuitlab.explain import explain  # noqa: E402
-from circuitlab.explain.config import preset  # noqa: E402
-from circuitlab.files import write_text  # noqa: E402
 
 PROG = "analyses/ablate_losses.py"
 MODELS = ("synthetic-cnn", "synthetic-vit")

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (arguments, cl, fail, gather, images_and_references,  # noqa: E402
+from circuitlab.circuits import frontier, read_circuit, smallest
+from circuitlab.circuits.drawing import unit_crops
+from circuitlab.circuits.readout import node_layers
+from circuitlab.files import write_text
+
+from _common import (arguments, cl, fail, gather, images_and_references,
                      markdown, parse_list, pyplot, save_figure, start, write_as_they_come)
-from circuitlab.circuits import frontier, read_circuit, smallest  # noqa: E402
-from circuitlab.circuits.drawing import unit_crops  # noqa: E402
-from circuitlab.circuits.readout import node_layers  # noqa: E402
-from circuitlab.files import write_text  # noqa: E402
 
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 RANKINGS = ("energy", "attribution", "iterative", "eap-ig", "random", "learned")

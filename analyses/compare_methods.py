@@ -41,39 +41,21 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (PHOTOS, arguments, bad_models, cl, fail, faded, gather,  # noqa: E402
-                     parse_list, pyplot, save_figure, show_image, start, synthetic_images,
+from circuitlab import baselines, metrics
+from circuitlab.explain import explain, explain_at_area, minimize
+from circuitlab.files import write_text
+
+from _common import (PHOTOS, QUICK_STEPS, arguments, bad_models, fail, faded, gather, load,
+                     parse_list, pyplot, save_figure, settings, show_image, start,
                      write_summary)
-from circuitlab import baselines, metrics  # noqa: E402
-from circuitlab.explain import explain, explain_at_area, minimize  # noqa: E402
-from circuitlab.files import write_text  # noqa: E402
 
 PROG = "analyses/compare_methods.py"
 MODELS = ("synthetic-cnn", "synthetic-vit", "efficientnet_lite0")
 AREAS = (0.05, 0.10)
 OUTPUTS = ("compare.csv", "compare.md")
-QUICK_STEPS = 20    # explanation steps under --quick (a smoke run, not a result)
 OURS = ("ours", "ours-minimal", "ours-area")
 OWN_AREA = ("ours", "ours-minimal")    # binary masks of their own size, scored as they are
 PER_AREA = ("ours-area", "extremal")   # optimised for each area
-
-
-def settings(quick: bool) -> dict:
-    """Keyword arguments per method (the paper defaults, fewer samples under --quick)."""
-    return {"ig": {"steps": 8 if quick else 32}, "rise": {"n_masks": 200 if quick else 2000},
-            "extremal": {"steps": 100 if quick else 800}}
-
-
-def load(name: str, n_images: int):
-    """(HookedModel, x, ground-truth masks or None, image names)."""
-    if name.startswith("synthetic-"):
-        hm = cl.synthetic.synthetic_model(name.split("-")[1], log=None)
-        x, gt, _ = synthetic_images(n_images)
-        return hm, x, gt, [f"synthetic:{i}" for i in range(n_images)]
-    hm = cl.load_model(name)
-    photos = PHOTOS[:n_images]
-    return hm, torch.cat([cl.data.load_image(p, hm) for p in photos]), None, list(photos)
 
 
 def ours_at_area(hm, x, area: float, base=None, steps=None):
@@ -263,7 +245,8 @@ def main(argv=None) -> int:
         # maps of earlier runs (not committed) fill in the figure when --update reran a part
         cache = out / f"maps_{name}.pt"
         if args.update and cache.is_file():
-            maps = {**{k: (v, 0.0) for k, v in torch.load(cache, weights_only=True).items()}, **maps}
+            cached = torch.load(cache, weights_only=True)
+            maps = {**{k: (v, 0.0) for k, v in cached.items()}, **maps}
         torch.save({k: v[0].half() for k, v in maps.items()}, cache)
         examples(hm, x, image_names, dict(sorted(maps.items(), key=lambda kv: _rank(kv[0]))),
                  max(areas), out / f"examples_{name}.png")
@@ -282,9 +265,10 @@ def write_outputs(df: pd.DataFrame, out: Path) -> int:
         "the image's; sufficiency: top-1 kept over filled-in backgrounds; grey / blur / "
         "gaussian / uniform: top-1 kept under each fill; necessity: relative drop of "
         "p_target when only the complement is shown; regions: connected regions of the mask; "
-        "top5: share of its pixels in the largest five; deletion (lower is better) and insertion (higher) "
-        "AUC in saliency order; pointing, iou, precision against the synthetic benchmark's "
-        "object masks; seconds per image on this machine.", summary(df), width=220)
+        "top5: share of its pixels in the largest five; deletion (lower is better) and "
+        "insertion (higher) AUC in saliency order; pointing, iou, precision against the "
+        "synthetic benchmark's object masks; seconds per image on this machine.", summary(df),
+        width=220)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (arguments, cl, fail, gather, images_and_references,  # noqa: E402
+from circuitlab import features as F
+from circuitlab.circuits import frontier, smallest
+
+from _common import (arguments, cl, fail, gather, images_and_references,
                      parse_list, pyplot, save_figure, start, write_as_they_come,
                      write_summary)
-from circuitlab import features as F  # noqa: E402
-from circuitlab.circuits import frontier, smallest  # noqa: E402
 
 MODELS = ("synthetic-cnn", "synthetic-resnet18", "efficientnet_lite0")
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)

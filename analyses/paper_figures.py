@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (PHOTOS, arguments, cl, fail, faded, pyplot, save_figure,  # noqa: E402
+from circuitlab import baselines, metrics
+from circuitlab.explain import explain
+from circuitlab.explain.config import preset
+from circuitlab.files import write_text
+
+from _common import (PHOTOS, arguments, cl, fail, faded, pyplot, save_figure,
                      show_image, start, write_summary)
-from circuitlab import baselines, metrics  # noqa: E402
-from circuitlab.explain import explain  # noqa: E402
-from circuitlab.explain.config import preset  # noqa: E402
-from circuitlab.files import write_text  # noqa: E402
 
 PROG = "analyses/paper_figures.py"
 OUTPUTS = ("paper_figures.csv", "paper_figures.md", "paper_figures.png")

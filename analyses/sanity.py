@@ -24,13 +24,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (arguments, bad_models, cl, fail, gather, parse_list, pyplot,  # noqa: E402
-                     save_figure, start, write_summary)
-from compare_methods import QUICK_STEPS, load, settings  # noqa: E402
-from circuitlab import baselines  # noqa: E402
-from circuitlab.explain import explain  # noqa: E402
-from circuitlab.files import write_text  # noqa: E402
+from circuitlab import baselines
+from circuitlab.explain import explain
+from circuitlab.files import write_text
+
+from _common import (QUICK_STEPS, arguments, bad_models, cl, fail, gather, load,
+                     parse_list, pyplot, save_figure, settings, start, write_summary)
 
 PROG = "analyses/sanity.py"
 MODELS = ("synthetic-cnn", "synthetic-vit", "efficientnet_lite0")

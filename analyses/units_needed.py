@@ -25,12 +25,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (arguments, cl, fail, gather, pyplot, save_figure,  # noqa: E402
+from circuitlab.circuits import units_needed
+from circuitlab.circuits.readout import node_layers
+from circuitlab.files import write_text
+
+from _common import (arguments, cl, fail, gather, pyplot, save_figure,
                      start, write_summary)
-from circuitlab.circuits import units_needed  # noqa: E402
-from circuitlab.circuits.readout import node_layers  # noqa: E402
-from circuitlab.files import write_text  # noqa: E402
 
 PROG = "analyses/units_needed.py"
 OUTPUTS = ("units_needed.csv", "units_needed.md", "units_needed.png")

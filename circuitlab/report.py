@@ -1,11 +1,14 @@
-"""One self-contained HTML page from the analyses' outputs (tables and figures inlined).
+"""One self-contained HTML page from folders of analysis outputs (tables and figures inlined).
 
 >>> from circuitlab.report import build_report
->>> build_report("analyses/out", "runs/report/report.html")
+>>> build_report("analyses/out", "runs/report/report.html", sections=[
+...     ("compare_methods", "Saliency methods at equal area", "Every method at one area.")])
 
-Each analysis writes a folder of Markdown tables and PNG figures (``analyses/*.py --out``);
-the page shows them in a fixed order, converts the tables to HTML and embeds the figures as
-data URIs, so the file opens anywhere without the folder beside it.
+Each analysis writes a folder of Markdown tables, PNG figures and interactive HTML views;
+the page shows the sections the caller names, in that order (by default every subfolder,
+alphabetically), converts the tables to HTML and embeds the figures as data URIs, so the
+file opens anywhere without the folder beside it. The library does not know which analyses
+exist: the repository's list and their runner are ``analyses/report.py``.
 """
 from __future__ import annotations
 
@@ -14,31 +17,13 @@ import datetime as _dt
 import html
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from .errors import CircuitlabError
 from .files import write_text
 
-# (folder, title, what it answers) in the order the page shows them
-SECTIONS = (
-    ("paper_figures", "The paper's examples, measured",
-     "Explanations with the paper's settings on real photos, beside Grad-CAM and our default."),
-    ("compare_methods", "Saliency methods at equal area",
-     "Every method binarised at the same area on the same images, with the same metrics."),
-    ("ablate_losses", "What each loss term buys", "Leave-one-out over the objective."),
-    ("sanity", "Sanity check: model-parameter randomisation",
-     "Explanations must change when the weights they explain do (Adebayo et al. 2018)."),
-    ("circuits", "The circuit frontier",
-     "Contrast kept against circuit size for every way of choosing circuits, across model "
-     "families, and one circuit drawn."),
-    ("units_needed", "Can a sparse circuit exist?",
-     "How much of each tapped layer, on its own, carries the decision."),
-    ("features", "Circuits of dictionary features",
-     "The same frontier with sparse-dictionary features and error nodes as the nodes."),
-)
+Section = tuple  # (folder, title, what it answers)
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;
@@ -120,21 +105,31 @@ def _view(path: Path) -> str:
             f'{html.escape(path.name)} (interactive: hover a node)</figcaption></figure>')
 
 
-def render(src: Union[str, os.PathLike]) -> tuple[str, list[str]]:
-    """(HTML text, the sections found) from a folder holding one subfolder per analysis."""
+def _sections(src: Path, sections: Optional[Sequence[Section]]) -> list:
+    if sections is not None:
+        return list(sections)
+    return [(d.name, d.name.replace("_", " ").capitalize(), "")
+            for d in sorted(src.iterdir()) if d.is_dir()]
+
+
+def render(src: Union[str, os.PathLike], sections: Optional[Sequence[Section]] = None
+           ) -> tuple[str, list[str]]:
+    """(HTML text, the sections found) from a folder holding one subfolder per analysis;
+    ``sections``: (folder, title, blurb) in page order, default every subfolder."""
     src = Path(src)
     if not src.is_dir():
-        raise CircuitlabError(f"{src} is not a folder of analysis outputs; run the analyses "
-                              f"(python analyses/<name>.py --out {src}/<name>) or pass --run")
+        raise CircuitlabError(f"{src} is not a folder of analysis outputs (one subfolder "
+                              f"per analysis, each with .md tables or .png figures)")
+    sections = _sections(src, sections)
     found, parts = [], []
-    for folder, title, what in SECTIONS:
+    for folder, title, what in sections:
         d = src / folder
         parts.append(f'<h2 id="{folder}">{html.escape(title)}</h2>'
-                     f'<p class="note">{html.escape(what)}</p>')
+                     + (f'<p class="note">{html.escape(what)}</p>' if what else ""))
         mds, pngs = sorted(d.glob("*.md")), sorted(d.glob("*.png"))
         if not (mds or pngs):
-            parts.append(f'<p class="missing">Not run: <code>python analyses/{folder}.py '
-                         f'--out {html.escape(str(d))}</code></p>')
+            parts.append(f'<p class="missing">Not run: no tables or figures in '
+                         f'<code>{html.escape(str(d))}</code></p>')
             continue
         found.append(folder)
         parts += [markdown_to_html(p.read_text()) for p in mds]
@@ -142,48 +137,20 @@ def render(src: Union[str, os.PathLike]) -> tuple[str, list[str]]:
         parts += [_view(p) for p in sorted(d.glob("*.html")) if ".tmp" not in p.name]
     if not found:
         raise CircuitlabError(f"no analysis outputs under {src} (expected subfolders "
-                              f"{', '.join(f for f, _, _ in SECTIONS)}); run them first or "
-                              f"pass --run")
+                              f"{', '.join(f for f, _, _ in sections) or 'with .md or .png'})")
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    toc = " · ".join(f'<a href="#{f}">{html.escape(t)}</a>' for f, t, _ in SECTIONS)
+    toc = " · ".join(f'<a href="#{f}">{html.escape(t)}</a>' for f, t, _ in sections)
     page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<title>circuitlab report</title><style>" + _STYLE + "</style></head><body>"
             f"<h1>circuitlab report</h1><p class=\"note\">Built {stamp} from "
-            f"<code>{html.escape(str(src))}</code>: {len(found)} of {len(SECTIONS)} analyses."
-            f"</p><p>{toc}</p>" + "\n".join(parts) + _CHECK + "</body></html>\n")
+            f"<code>{html.escape(str(src))}</code>: {len(found)} of {len(sections)} "
+            f"sections.</p><p>{toc}</p>" + "\n".join(parts) + _CHECK + "</body></html>\n")
     return page, found
 
 
-def analyses_dir() -> Path:
-    """The source checkout's ``analyses/`` folder (the scripts are not part of the wheel)."""
-    d = Path(__file__).resolve().parents[1] / "analyses"
-    if not (d / "compare_methods.py").is_file():
-        raise CircuitlabError("--run needs a source checkout of circuitlab (its analyses/ "
-                              "folder); gather outputs you already have with --from DIR")
-    return d
-
-
-def run_analyses(dest: Union[str, os.PathLike], quick: bool = True,
-                 names: Optional[Sequence[str]] = None, log=print) -> Path:
-    """Run each analysis script into ``dest/<name>`` (``--quick``: minutes, not hours)."""
-    scripts = analyses_dir()
-    dest = Path(dest)
-    for folder, _, _ in SECTIONS:
-        if names is not None and folder not in names:
-            continue
-        cmd = [sys.executable, str(scripts / f"{folder}.py"), "--out", str(dest / folder),
-               "--force"] + (["--quick"] if quick else [])
-        log(f"running {' '.join(cmd[1:])}")
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise CircuitlabError(f"analyses/{folder}.py failed: {tail[0]}")
-    return dest
-
-
-def build_report(src: Union[str, os.PathLike], out_file: Union[str, os.PathLike]
-                 ) -> list[str]:
+def build_report(src: Union[str, os.PathLike], out_file: Union[str, os.PathLike],
+                 sections: Optional[Sequence[Section]] = None) -> list[str]:
     """Write the page to ``out_file`` atomically; returns the sections found."""
-    page, found = render(src)
+    page, found = render(src, sections)
     write_text(out_file, page)
     return found

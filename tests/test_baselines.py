@@ -10,7 +10,7 @@ from torch import nn
 import circuitlab
 from circuitlab import baselines as B
 from circuitlab.errors import CircuitlabError
-from conftest import batch_for, get_model
+from helpers import batch_for, get_model
 
 QUICK = {"rise": {"n_masks": 64, "batch_size": 32}, "extremal": {"steps": 5},
          "ig": {"steps": 4}}

@@ -184,59 +184,6 @@ def test_bad_requests_are_one_line_errors(chain):
         read_circuit(hm, x, layers=["nope"])
 
 
-def test_cli_circuit_writes_tables_graph_and_validation(tmp_path, capsys):
-    import json
-
-    import numpy as np
-    from PIL import Image
-
-    from circuitlab import save_checkpoint, synthetic
-    from circuitlab.cli import main
-    torch.manual_seed(0)
-    hm = HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG,
-                     labels=list(synthetic.CLASSES))
-    model = save_checkpoint(hm, tmp_path / "cnn.pt", arch="synthetic_cnn")
-    arr = (synthetic.make_dataset(1, seed=5).images[0].permute(1, 2, 0).numpy() * 255)
-    Image.fromarray(arr.astype(np.uint8)).save(tmp_path / "s.png")
-    exp = tmp_path / "exp"
-    assert main(["explain", "--model", str(model), "--image", str(tmp_path / "s.png"),
-                 "--out", str(exp), "--steps", "3"]) == 0
-    out = tmp_path / "circ"
-    argv = ["circuit", "--model", str(model), "--image", str(tmp_path / "s.png"), "--out",
-            str(out), "--explanation", str(exp), "--select", "energy", "--k", "4",
-            "--reference", "synthetic", "--json"]
-    capsys.readouterr()
-    assert main(argv) == 0
-    res = json.loads(capsys.readouterr().out)
-    assert res["read_on"] == "explanation" and res["units"] == 12
-    assert {"faithfulness", "necessity", "random_faithfulness", "image_circuit"} <= set(res)
-    for name in ("nodes.csv", "edges.csv", "circuit.graphml", "circuit.json", "circuit.png",
-                 "validation.json"):
-        assert (out / name).is_file(), name
-    assert Image.open(out / "circuit.png").size[0] > 100
-    edges = pd.read_csv(out / "edges.csv")
-    # a max-pool then one conv between the taps: the conv's weight (channel-wise modules
-    # pass units through); only pooling before the features: the identity path
-    kinds = edges.groupby(["src_layer", "dst_layer"])["kind"].first().to_dict()
-    assert kinds == {("layer2", "layer3"): "weight", ("layer3", "layer4"): "weight",
-                     ("layer4", "hook_pooled"): "path", ("hook_pooled", "hook_logits"):
-                     "feature_class"}
-    assert main(argv) == 2 and "--force" in capsys.readouterr().err
-    assert main(argv[:-1] + ["--explain", "--force"]) == 2     # both sources: one-line error
-    assert "not both" in capsys.readouterr().err
-    # learned selection: a budget of all tapped units, validated with the contrast
-    learned = ["circuit", "--model", str(model), "--image", str(tmp_path / "s.png"), "--out",
-               str(tmp_path / "learned"), "--select", "learned", "--budget", "0.1",
-               "--steps", "12", "--reference", "synthetic", "--edges", "none", "--json"]
-    capsys.readouterr()
-    assert main(learned) == 0
-    res = json.loads(capsys.readouterr().out)
-    assert res["units"] == round(0.1 * sum(hm.n_units(n) for n in hm.taps))
-    assert pd.read_csv(tmp_path / "learned" / "edges.csv").empty
-    assert main(learned[:-3] + ["--budget", "2", "--force"]) == 2     # one-line error
-    assert "budget" in capsys.readouterr().err
-
-
 def test_patch_units_exact_by_hand_and_attribution_exact_where_linear(chain):
     from circuitlab.circuits import ablate_units, agreement, patch_units
     hm, clean = chain
@@ -265,40 +212,8 @@ def test_patch_units_exact_by_hand_and_attribution_exact_where_linear(chain):
     assert len(ab) == 4 and ab["top1_kept"].dtype == bool
 
 
-def test_cli_ablate_and_patch_write_csv(tmp_path, capsys):
-    import json
-
-    import numpy as np
-    from PIL import Image
-
-    from circuitlab import save_checkpoint, synthetic
-    from circuitlab.cli import main
-    torch.manual_seed(0)
-    hm = HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG)
-    model = save_checkpoint(hm, tmp_path / "cnn.pt", arch="synthetic_cnn")
-    arr = (synthetic.make_dataset(1, seed=6).images[0].permute(1, 2, 0).numpy() * 255)
-    Image.fromarray(arr.astype(np.uint8)).save(tmp_path / "s.png")
-    common = ["--model", str(model), "--image", str(tmp_path / "s.png")]
-    assert main(["explain", *common, "--out", str(tmp_path / "e"), "--steps", "2"]) == 0
-    capsys.readouterr()
-    assert main(["ablate", *common, "--layer", "layer3", "--out", str(tmp_path / "a.csv"),
-                 "--method", "mean", "--reference", "synthetic", "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)
-    df = pd.read_csv(tmp_path / "a.csv")
-    assert res["units"] == 64 == len(df) and {"logit_change", "top1_kept"} <= set(df.columns)
-    argv = ["patch", *common, "--explanation", str(tmp_path / "e"), "--layer", "layer4",
-            "--out", str(tmp_path / "p.csv"), "--json"]
-    assert main(argv) == 0
-    res = json.loads(capsys.readouterr().out)
-    assert set(res["agreement"]) == {"pearson", "spearman"}
-    assert len(pd.read_csv(tmp_path / "p.csv")) == 64
-    assert main(argv) == 2 and "--force" in capsys.readouterr().err
-    assert main(["ablate", *common, "--layer", "nope", "--out", str(tmp_path / "x.csv")]) == 2
-    assert "nope" in capsys.readouterr().err
-
-
 def test_vit_circuit_heads_and_neurons_with_virtual_weights_by_hand():
-    from conftest import get_model
+    from helpers import get_model
     from circuitlab.circuits import transformer as T
     hm = get_model("vit")                                   # 4 blocks, 3 heads, 768 neurons
     torch.manual_seed(0)

@@ -56,7 +56,8 @@ def test_layers_and_models(capsys):
      "no hook point"),
     (["predict", "--model", "resnet18", "--checkpoint", "/no/ckpt.pt"], "does not exist"),
     (["explain", "--out", "/tmp/never-written", "--steps", "0"], "--steps must be at least 1"),
-    (["explain", "--out", "/tmp/never-written", "--steps", "many"], "--steps 'many' is not a whole number"),
+    (["explain", "--out", "/tmp/never-written", "--steps", "many"],
+     "--steps 'many' is not a whole number"),
     (["explain", "--out", "/tmp/never-written", "--seed", "99999999999999999999"],
      "--seed must lie in 0 .. 2**63 - 1"),
     (["circuit", "--out", "/tmp/never-written", "--budget", "1.5"], "--budget must lie in"),
@@ -71,6 +72,7 @@ def test_bad_input_is_one_line(capsys, argv, message):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_installed_entry_point_help_and_errors(tmp_path):
     exe = shutil.which("circuitlab", path=os.path.dirname(sys.executable))
     if exe is None:

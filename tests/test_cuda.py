@@ -3,9 +3,10 @@ import pytest
 import torch
 
 import circuitlab
-from conftest import FAMILY_MODELS, batch_for
+from helpers import FAMILY_MODELS, batch_for
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.gpu]
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """Per-family knowledge: classifier, pooled features and default taps for every family."""
 import pytest
 
-from conftest import get_model
+from helpers import get_model
 
 EXPECTED = {
     "timm_resnet18": ("resnet", "fc", ("act1", "layer1", "layer2", "layer3", "layer4")),

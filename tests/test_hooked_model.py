@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from circuitlab import CircuitlabError
-from conftest import batch_for, get_model
+from helpers import batch_for, get_model
 
 
 def _names_to_check(hm, k=6):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from circuitlab import CircuitlabError
-from conftest import batch_for
+from helpers import batch_for
 
 
 def _forward_with(hm, x, module, fn, pre=False):

@@ -12,7 +12,8 @@ import circuitlab.kernels as kernels
 from circuitlab.kernels import reference as R
 from circuitlab.kernels._triton import triton
 
-pytestmark = pytest.mark.skipif(triton is None, reason="triton is not installed")
+pytestmark = [pytest.mark.skipif(triton is None, reason="triton is not installed"),
+              pytest.mark.kernel]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before import", allow_module_level=True)

@@ -21,6 +21,7 @@ def _check(hm, x, reasons, target):
                                                      reverse=True)
 
 
+@pytest.mark.slow
 def test_both_planted_objects_are_found_as_separate_reasons(cnn):
     hm = cnn[0]
     d = synthetic.make_dataset(4, seed=321, decisive=2)

@@ -2,7 +2,6 @@
 whose answer is known and by brute force, and on the trained synthetic CNN against the
 validation it must agree with."""
 import itertools
-import json
 
 import pytest
 import torch
@@ -153,18 +152,3 @@ def test_the_search_and_the_validation_agree_on_a_trained_cnn(trained_cnn):
         fails = [n for n, cn, top1 in found.probes if not (cn >= 0.8 and top1)]
         assert fails and found.n_units - max(fails) <= max(1, int(0.01 * found.total))
         assert all(n < found.n_units for n in fails)
-
-
-def test_cli_circuit_defaults_to_the_smallest_faithful_circuit(tmp_path, capsys):
-    from circuitlab.cli import main
-    out = tmp_path / "c"
-    assert main(["circuit", "--model", "synthetic-cnn", "--image", "synthetic:0", "--out",
-                 str(out), "--reference", "synthetic", "--edges", "none", "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)
-    assert res["select"] == "faithful" and res["size_search"]["threshold"] == 0.8
-    assert res["faithfulness"]["contrast_fraction"] >= 0.8 and res["faithfulness"]["top1_kept"]
-    assert res["size_search"]["units"] == res["units"]
-    assert json.loads((out / "validation.json").read_text())["size_search"]["found"]
-    assert main(["circuit", "--model", "synthetic-cnn", "--image", "synthetic:0", "--out",
-                 str(tmp_path / "d"), "--k", "4"]) == 2
-    assert "select_by='energy'" in capsys.readouterr().err

@@ -68,6 +68,7 @@ def test_per_image_explain_runs_and_is_deterministic(generator):
     torch.testing.assert_close(a.explanation, a.mask * x)
 
 
+@pytest.mark.slow
 def test_default_preset_finds_the_planted_object():
     """The explanations issue's ground-truth targets, on the CNN (trained once, then cached)."""
     from circuitlab import metrics
@@ -83,6 +84,7 @@ def test_default_preset_finds_the_planted_object():
         kept, pointing, precision, ratio)
 
 
+@pytest.mark.slow
 def test_explain_at_area_keeps_the_label_at_exactly_the_budget():
     """A fixed-area mask grown out of the free explanation: exactly 5 % of the pixels, the
     label kept on the benchmark's CNN, mostly on the object, and its complement still holding
@@ -146,3 +148,13 @@ def test_smooth_masks_are_blobs_and_can_start_from_the_whole_image():
     assert (torch.sigmoid(full(None)) > 0.5).all()
     with pytest.raises(Exception, match="smooth_start"):
         preset("default", smooth_start=1.5)
+
+
+def test_the_mask_network_argument_is_mask_net_and_generator_still_works(cnn):
+    from circuitlab.explain import MaskGrid
+    hm, x, _ = cnn
+    logits = torch.zeros(1, 1, 32, 32)
+    new = explain(hm, x, steps=3, mask_net=MaskGrid.from_logits(logits))
+    with pytest.warns(DeprecationWarning, match="mask_net"):
+        old = explain(hm, x, steps=3, generator=MaskGrid.from_logits(logits))
+    assert torch.equal(new.mask, old.mask)

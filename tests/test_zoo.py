@@ -4,7 +4,7 @@ import torch
 
 import circuitlab
 from circuitlab import CircuitlabError, load_model, save_checkpoint
-from conftest import get_model
+from helpers import get_model
 
 
 @pytest.mark.parametrize("i", [0, 1, 2])

@@ -59,9 +59,8 @@ def extremal_perturbation(hm: HookedModel, x: torch.Tensor, target=None, area: f
     """Preserve-mode extremal perturbation masks at ``area``, batched over images.
 
     ``regul_weight`` defaults to the paper's 300 from 128 px up and to 30 below: on the 32 px
-    synthetic benchmark 300 meets the area with masks off the object (16 images, 10 % area:
-    pointing game 0.50, mask precision 0.17, top-1 kept 0.75 binarised; with 30: 0.94, 0.48,
-    1.00), so the baseline is compared at its best setting."""
+    synthetic benchmark 300 meets the area with masks off the object, so the baseline is
+    compared at its best setting (docs/results.md, "Design choices, measured")."""
     check_area(area)
     if steps < 1:
         raise CircuitlabError(f"steps must be positive, got {steps}")

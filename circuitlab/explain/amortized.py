@@ -74,7 +74,7 @@ class Explainer:
             cfg = preset("default", hm.family.name, min(x.shape[-2:])).replace(
                 steps=int(refine), min_steps=int(refine), taps=self.config.taps,
                 alphas=self.config.alphas, distances=self.config.distances)
-            ex = explain(hm, x, cfg, seed=seed, generator=MaskGrid.from_logits(logits))
+            ex = explain(hm, x, cfg, seed=seed, mask_net=MaskGrid.from_logits(logits))
             ex.seconds = time.perf_counter() - t0
             return ex
         with torch.no_grad():

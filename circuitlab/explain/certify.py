@@ -3,9 +3,10 @@
 A mask is *locally minimal* here when every one of its connected regions (8-connectivity)
 is necessary: deleting that region alone (setting it to the dataset mean, as the rest of the
 image already is) loses the top-1 label, or, given a confidence ``floor``, drops p_target
-below it (the decision at the confidence asked for, not a label held at 0.1). ``certify`` prunes regions that are not necessary
-(those whose deletion leaves the surest prediction first, as many together as still keep the
-label) and checks again, until all that remain are. It is certified against single-region
+below it (the decision at the confidence asked for, not a label held at 0.1). ``certify``
+prunes regions that are not necessary (those whose deletion leaves the surest prediction
+first, as many together as still keep the decision) and checks again, until all that
+remain are. It is certified against single-region
 deletions only: a smaller mask that is not a subset of whole regions, or that drops two
 regions at once while keeping the label, is not ruled out (the paper names formal
 minimality as future work).

@@ -63,10 +63,10 @@ class Objective:
     """
 
     def __init__(self, hm: HookedModel, x: torch.Tensor, cfg: ExplainConfig,
-                 generator: Optional[torch.Generator] = None,
+                 rng: Optional[torch.Generator] = None,
                  target: Optional[torch.Tensor] = None):
         self.hm, self.x, self.cfg = hm, x, cfg
-        self.rng = generator or torch.Generator().manual_seed(0)
+        self.rng = rng or torch.Generator().manual_seed(0)
         points, self.alphas, self.kinds, self.cdims = resolve_taps(hm, cfg)
         self.names = [p.name for p in points]
         with torch.no_grad():

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -49,10 +50,8 @@ class Explanation:
         keep probability plus a Gaussian density of the mask (sigma 10 % of the side), so a
         smaller area keeps the mask's surest, densest core and a larger one grows it where it
         is; outside the mask the density orders the rest. Chosen on the synthetic
-        benchmark's tuning images (seed 7, not the reported seed 123): mask + density over
-        (soft + mask) / 2, mask + blur(soft) and a 5 % sigma took precision at 10 % area 0.44
-        -> 0.56 (CNN), 0.41 -> 0.52 (ViT); weighting the mask by the keep probability then
-        took the pointing game 0.94 -> 1.00 (CNN) and 0.91 -> 0.97 (ViT) at equal precision.
+        benchmark's tuning images (seed 7, not the reported seed 123) against three other
+        orders; what it bought: docs/results.md, "Design choices, measured".
         """
         m = self.mask.float()
         soft = F.interpolate(self.soft.float().to(m.device), size=m.shape[-2:],
@@ -66,13 +65,15 @@ class Explanation:
 
 def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = None, *,
             preset_name: str = "default", steps: Optional[int] = None, seed: int = 0,
-            generator: Optional[torch.nn.Module] = None, minimal: bool = False,
+            mask_net: Optional[torch.nn.Module] = None, minimal: bool = False,
             confidence: float = 1.0, target=None,
-            progress: Optional[Callable[[int, dict], None]] = None) -> Explanation:
+            progress: Optional[Callable[[int, dict], None]] = None,
+            generator: Optional[torch.nn.Module] = None) -> Explanation:
     """Minimal mask for each image of ``x`` (B, C, H, W), trained from scratch (per-image mode).
 
-    ``target``: the class (or one per image) whose decision to explain; default the model's
-    top-1 on each image. ``minimal``: the mask then goes through ``minimize`` (the smallest
+    ``mask_net``: a mask network to train instead of the one ``config.generator`` names
+    (``generator=`` is its old name, kept for one release). ``target``: the class (or one per
+    image) whose decision to explain; default the model's top-1 on each image. ``minimal``: the mask then goes through ``minimize`` (the smallest
     area budget at which the decision holds at ``confidence`` times the image's p_target,
     then pruned region by region and certified); ``search`` and ``certificates`` say how.
 
@@ -94,28 +95,20 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     x = hm.check_input(x)
     b = x.shape[0]
     torch.manual_seed(seed)
-    gen_rng = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     if generator is not None:
-        net = generator
-    elif cfg.generator == "grid":
-        side = min(cfg.mask_size, x.shape[-2], x.shape[-1])
-        net = MaskGrid((b, 1, side, side), seed=seed)
-    elif cfg.generator == "smooth":
-        side = min(cfg.mask_size, x.shape[-2], x.shape[-1])
-        net = SmoothGrid((b, 1, cfg.coarse_size, cfg.coarse_size), side, seed=seed,
-                         start_keep=cfg.smooth_start)
-    elif cfg.generator == "unet":
-        net = MaskUNet(hm.in_chans, cfg.width, cfg.depth, cfg.out_stride, cfg.init_keep)
-    else:
-        raise CircuitlabError(f"unknown generator {cfg.generator!r}; use 'grid', 'smooth' "
-                             f"or 'unet'")
+        warnings.warn("explain(generator=...) is now explain(mask_net=...); 'generator' names "
+                      "the kind of mask network in ExplainConfig", DeprecationWarning,
+                      stacklevel=2)
+        mask_net = mask_net if mask_net is not None else generator
+    net = mask_net if mask_net is not None else _mask_net(hm, x, cfg, seed)
     net = net.to(x.device).train()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
 
     # only the U-Net looks at the image; the grid ignores its input
     x_gen = F.avg_pool2d(x, cfg.input_scale) if cfg.generator == "unet" and \
         cfg.input_scale > 1 else x
-    objective = Objective(hm, x, cfg, gen_rng, target)
+    objective = Objective(hm, x, cfg, rng, target)
     target = objective.target
 
     budget = cfg.area_budget is not None
@@ -173,6 +166,21 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     return minimize(hm, x, ex, confidence=confidence, seed=seed) if minimal else ex
 
 
+def _mask_net(hm: HookedModel, x: torch.Tensor, cfg: ExplainConfig, seed: int):
+    """The mask network ``cfg.generator`` names, for a batch like ``x``."""
+    b = x.shape[0]
+    side = min(cfg.mask_size, x.shape[-2], x.shape[-1])
+    if cfg.generator == "grid":
+        return MaskGrid((b, 1, side, side), seed=seed)
+    if cfg.generator == "smooth":
+        return SmoothGrid((b, 1, cfg.coarse_size, cfg.coarse_size), side, seed=seed,
+                          start_keep=cfg.smooth_start)
+    if cfg.generator == "unet":
+        return MaskUNet(hm.in_chans, cfg.width, cfg.depth, cfg.out_stride, cfg.init_keep)
+    raise CircuitlabError(f"unknown generator {cfg.generator!r}; use 'grid', 'smooth' or "
+                          f"'unet'")
+
+
 def explain_at_area(hm: HookedModel, x: torch.Tensor, area: float, *,
                     base: Optional[Explanation] = None, config: Optional[ExplainConfig] = None,
                     steps: Optional[int] = None, seed: int = 0, target=None,
@@ -180,9 +188,9 @@ def explain_at_area(hm: HookedModel, x: torch.Tensor, area: float, *,
     """A mask keeping exactly ``area`` of the image (to the mask's cell), for comparisons at
     equal area: the minimal explanation ``base`` (run here with the default preset when not
     given) is pared down to the budget from its own keep probabilities, so the budget mask
-    grows out of the evidence the free mask found instead of from a random start (on the
-    synthetic benchmark's tuning images: precision 0.55 -> 0.67 CNN, 0.52 -> 0.62 ViT at 5 %,
-    label kept either way). ``config``: the budget run's settings (default preset for the
+    grows out of the evidence the free mask found instead of from a random start (more
+    precise on the benchmark's tuning images: docs/results.md, "Design choices, measured").
+    ``config``: the budget run's settings (default preset for the
     input size, with ``area_budget=area``); ``seconds`` includes the base run made here.
     """
     x = hm.check_input(x)
@@ -200,7 +208,7 @@ def explain_at_area(hm: HookedModel, x: torch.Tensor, area: float, *,
         soft = F.interpolate(soft, size=(side, side), mode="bilinear", align_corners=False)
     # keep probabilities of exactly 0 or 1 have no logit; 1e-3 leaves room to move
     logits = torch.logit(soft.clamp(1e-3, 1 - 1e-3)).to(x.device)
-    ex = explain(hm, x, cfg, steps=steps, seed=seed, generator=MaskGrid.from_logits(logits),
+    ex = explain(hm, x, cfg, steps=steps, seed=seed, mask_net=MaskGrid.from_logits(logits),
                  target=base.target if target is None else target, progress=progress)
     ex.seconds = time.perf_counter() - t0
     return ex
