@@ -52,7 +52,8 @@ class HookedModel:
 
     def __init__(self, model: nn.Module, *, name: Optional[str] = None,
                  data_config: Optional[Mapping] = None, labels: Optional[Sequence[str]] = None,
-                 source: str = "module"):
+                 source: str = "module", arch: Optional[str] = None,
+                 arch_kwargs: Optional[Mapping] = None):
         if not isinstance(model, nn.Module):
             raise CircuitlabError(f"expected a torch nn.Module, got {type(model).__name__}")
         model.eval()
@@ -62,9 +63,12 @@ class HookedModel:
             if getattr(m, "inplace", False) is True:
                 m.inplace = False
         self.model = model
+        # name: what the user loaded it by ("synthetic-cnn", "resnet50", a checkpoint's arch);
+        # arch and arch_kwargs: what rebuilds it (save_checkpoint records them)
         self.name = name or type(model).__name__
         self.source = source
-        self.arch_kwargs: dict = {}  # set by load_model; lets save_checkpoint rebuild the model
+        self.arch = arch or self.name
+        self.arch_kwargs = dict(arch_kwargs or {})
         # a partial dict takes the rest from ImageNet's defaults (preprocessing.DataConfig)
         self.data_config = DataConfig.of(data_config)
         self.labels = list(labels) if labels is not None else None

@@ -256,16 +256,17 @@ def synthetic_model(kind: str = "cnn", seed: int = 0, n_train: int = 10000,
             f"cached at {path}")
     hm = _hooked(model, kind)
     checkpoints.save(path, "model", {
-        "arch": hm.name, "arch_kwargs": dict(hm.arch_kwargs), "state_dict": model.state_dict(),
+        "arch": hm.arch, "arch_kwargs": dict(hm.arch_kwargs), "state_dict": model.state_dict(),
         "data_config": dict(DATA_CONFIG), "labels": list(CLASSES)}, overwrite=True)
     return hm
 
 
+def model_name(kind: str) -> str:
+    """The name a benchmark model loads by: ``synthetic-<kind>``."""
+    return f"synthetic-{kind}"
+
+
 def _hooked(model: nn.Module, kind: str) -> HookedModel:
-    # named by its architecture, as load_model names a checkpoint (the zoo renames it to the
-    # registry's synthetic-cnn / synthetic-vit)
     arch, kwargs, source = ARCHS[kind]
-    hm = HookedModel(model, name=arch, data_config=DATA_CONFIG, labels=list(CLASSES),
-                     source=source)
-    hm.arch_kwargs = dict(kwargs)
-    return hm
+    return HookedModel(model, name=model_name(kind), data_config=DATA_CONFIG,
+                       labels=list(CLASSES), source=source, arch=arch, arch_kwargs=kwargs)

