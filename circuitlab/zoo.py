@@ -180,8 +180,10 @@ def resolve_name(name: str) -> tuple[str, str]:
         return "timm", name
     elif name in _torchvision_names():
         return "torchvision", name
-    choices = list(OFFLINE_MODELS) + list(SYNTHETIC_MODELS) + list(_local_archs()) + \
-        timm.list_models() + _torchvision_names()
+    # a name both timm and torchvision know (resnet18) is suggested once
+    choices = list(dict.fromkeys(list(OFFLINE_MODELS) + list(SYNTHETIC_MODELS) +
+                                 list(_local_archs()) + timm.list_models() +
+                                 _torchvision_names()))
     raise CircuitlabError(f"unknown model {name!r}.{did_you_mean(name, choices)} "
                           f"`circuitlab models` lists the offline ones; any timm or "
                           f"torchvision classifier name works too")

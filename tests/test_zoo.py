@@ -40,6 +40,9 @@ def test_hub_fallback_warns_and_builds_random_init(monkeypatch):
 def test_unknown_model_name_suggests():
     with pytest.raises(CircuitlabError, match="Did you mean 'efficientnet_lite0'"):
         load_model("efficientnet_lit0")
+    with pytest.raises(CircuitlabError, match="Did you mean") as e:   # timm and torchvision
+        load_model("resnet_18")                                       # both know resnet18
+    assert str(e.value).count("'resnet18'") == 1
     with pytest.raises(CircuitlabError, match="unknown model"):
         load_model("torchvision/not_a_model")
 
