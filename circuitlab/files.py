@@ -21,14 +21,22 @@ PathLike = Union[str, os.PathLike]
 
 def refuse_overwrite(paths: Iterable[PathLike], force: bool,
                      hint: str = "choose another --out or pass --force") -> None:
-    """Raise one CircuitlabError naming the first of ``paths`` that exists, unless ``force``,
-    or one whose folder is a file (never writable, ``force`` or not)."""
+    """Raise one CircuitlabError naming the first of ``paths`` that exists, unless ``force``;
+    or, ``force`` or not, one that can never be written: its folder is a file, it is itself a
+    folder, or its nearest existing folder is not writable (checked before any work)."""
     paths = [Path(p) for p in paths]
     for path in paths:
         blocked = next((d for d in path.parents if d.exists() and not d.is_dir()), None)
         if blocked is not None:
             raise CircuitlabError(f"{blocked} is a file, so {path} cannot be written; pass "
                                   f"--out a folder (or a path under one)")
+        if path.is_dir():
+            raise CircuitlabError(f"{path} is a folder where a file is to be written; pass "
+                                  f"--out another path")
+        anchor = next((d for d in path.parents if d.exists()), None)
+        if anchor is not None and not os.access(anchor, os.W_OK | os.X_OK):
+            raise CircuitlabError(f"{anchor} is not writable, so {path} cannot be written; "
+                                  f"pass --out a folder you can write to")
     clash = [p for p in paths if p.exists()]
     if clash and not force:
         many = f"{len(clash)} output file(s) would be replaced" if len(paths) > 1 else \

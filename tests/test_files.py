@@ -29,6 +29,23 @@ def test_an_output_under_a_file_is_refused_even_with_force(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_folder_where_a_file_goes_is_refused_even_with_force(tmp_path):
+    (tmp_path / "a.csv").mkdir()
+    for force in (False, True):
+        with pytest.raises(CircuitlabError, match=r"a\.csv is a folder where a file is to be "
+                                                  r"written"):
+            refuse_overwrite([tmp_path / "a.csv"], force=force)
+
+
+def test_an_unwritable_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    # root may write anywhere, so the permission answer is the one os.access gives
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))
+    with pytest.raises(CircuitlabError, match="is not writable"):
+        refuse_overwrite([tmp_path / "run" / "metrics.json"], force=True)
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
+    refuse_overwrite([tmp_path / "run" / "metrics.json"], force=False)      # fine when it is
+
+
 def test_write_atomic_leaves_the_old_file_when_the_writer_fails(tmp_path):
     path = tmp_path / "sub" / "table.csv"
     write_text(path, "old\n")

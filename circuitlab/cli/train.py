@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CircuitlabError
+from ..files import refuse_overwrite
 from ._common import add_model_args, add_outputs, add_seed, emit, load, positive_int
 
 
@@ -61,6 +62,7 @@ def cmd_train_explainer(args) -> int:
                               f"to start over")
     if args.resume and not out.exists():
         raise CircuitlabError(f"--resume: {str(out)!r} does not exist yet")
+    refuse_overwrite([out], force=True)   # a folder, a path under a file, unwritable: now
     hm = load(args)
     images = _training_images(args, hm)
     bars, progress = _progress_bars()
