@@ -55,10 +55,6 @@ def variants(base) -> dict:
     return out
 
 
-def _units(circuit) -> set:
-    return {(layer, u) for layer, us in circuit.units.items() for u in us}
-
-
 def circuit_agreement(hm, x, e, image_circuit, refs) -> dict:
     """The explanation's circuit (read on ``e``) against the image's, and validated on x."""
     nan = float("nan")
@@ -66,10 +62,11 @@ def circuit_agreement(hm, x, e, image_circuit, refs) -> dict:
         c = read_circuit(hm, x, explanation=e, reference=refs)
     except cl.CircuitlabError:      # e.g. the references outscore the explanation
         return {"circuit_jaccard": nan, "image_recall": nan, "circuit_contrast": nan}
-    got, own = _units(c), _units(image_circuit)
+    where = c.diff(image_circuit)["in"]           # both / self (e only) / other (x only)
+    both = int((where == "both").sum())
     keep = faithfulness(hm, x, c, reference=refs, n_random=0).set_index("test").loc["keep"]
-    return {"circuit_jaccard": len(got & own) / max(1, len(got | own)),
-            "image_recall": len(got & own) / max(1, len(own)),
+    return {"circuit_jaccard": both / max(1, len(where)),
+            "image_recall": both / max(1, both + int((where == "other").sum())),
             "circuit_contrast": float(keep["contrast_fraction"])}
 
 

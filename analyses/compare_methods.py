@@ -54,7 +54,6 @@ MODELS = ("synthetic-cnn", "synthetic-vit", "efficientnet_lite0")
 AREAS = (0.05, 0.10)
 OUTPUTS = ("compare.csv", "compare.md")
 OURS = ("ours", "ours-minimal", "ours-area")
-OWN_AREA = ("ours", "ours-minimal")    # binary masks of their own size, scored as they are
 PER_AREA = ("ours-area", "extremal")   # optimised for each area
 
 

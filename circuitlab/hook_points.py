@@ -60,11 +60,6 @@ def units_first(t: torch.Tensor, axis: int) -> torch.Tensor:
     return t[..., None] if t.dim() == 2 else t.flatten(2)
 
 
-_CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
-                  nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._MaxPoolNd,
-                  nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-                  nn.modules.pooling._AdaptiveMaxPoolNd)
-_CHANNEL_LAST = (nn.Linear, nn.LayerNorm, nn.Embedding)
 # The module taxonomy, declared once: hook-point kinds here, path composition in
 # circuits/paths.py. Elementwise activations map channel c to channel c; softmax does not.
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
@@ -77,6 +72,10 @@ POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
 # regularisers and reshapes that leave each channel where it is
 PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd, nn.Flatten)
 _PASS_THROUGH_NAMES = {"droppath", "selectadaptivepool2d", "blurpool2d"}
+# where a module's output keeps its units: axis 1 (conv maps) or the last axis (tokens)
+_CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                  nn.modules.instancenorm._InstanceNorm) + POOLS
+_CHANNEL_LAST = (nn.Linear, nn.LayerNorm, nn.Embedding)
 _ACTIVATION_NAMES = {"relu", "relu6", "gelu", "gelutanh", "quickgelu", "silu", "swish", "mish",
                      "hardswish", "hardsigmoid", "hardswishme", "sigmoid", "tanh", "gelu_tanh"}
 _BLOCK_WORDS = ("block", "bottleneck", "invertedresidual", "depthwiseseparable", "mbconv",

@@ -340,8 +340,7 @@ class HookedModel:
                 raise CircuitlabError(f"{method} ablation needs reference images: pass "
                                       f"reference=<batch (R, C, H, W)>")
             return self.run_with_cache(reference, names=list(masks))[1]
-        values = ablation_values(method, list(masks), reference_acts,
-                                 0 if reference is None else reference.shape[0], seed)
+        values = ablation_values(method, list(masks), reference_acts, seed)
         with torch.no_grad():
             return run_variants(self._run, x, len(variants), masks, values, batch_size)
 

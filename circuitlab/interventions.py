@@ -73,7 +73,7 @@ def variant_masks(variants, point: Callable[[str], HookPoint],
 
 
 def ablation_values(method: str, names, reference_acts: Callable[[], dict],
-                    n_reference: int, seed: int) -> dict:
+                    seed: int) -> dict:
     """{name: replacement}: a tensor broadcastable to the rows, or a callable
     ``(rows, start) -> tensor`` drawing per row. ``reference_acts()`` runs the references
     (only for mean and resample)."""
@@ -88,7 +88,7 @@ def ablation_values(method: str, names, reference_acts: Callable[[], dict],
     gen = torch.Generator().manual_seed(seed)
 
     def draw(rows, _start, acts):
-        return acts[torch.randint(n_reference, (rows,), generator=gen)]
+        return acts[torch.randint(acts.shape[0], (rows,), generator=gen)]
     return {n: (lambda rows, start, a=ref[n]: draw(rows, start, a)) for n in names}
 
 

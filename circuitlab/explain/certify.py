@@ -6,10 +6,9 @@ image already is) loses the top-1 label, or, given a confidence ``floor``, drops
 below it (the decision at the confidence asked for, not a label held at 0.1). ``certify``
 prunes regions that are not necessary (those whose deletion leaves the surest prediction
 first, as many together as still keep the decision) and checks again, until all that
-remain are. It is certified against single-region
-deletions only: a smaller mask that is not a subset of whole regions, or that drops two
-regions at once while keeping the label, is not ruled out (the paper names formal
-minimality as future work).
+remain are. It is certified against single-region deletions only: a smaller mask that is
+not a subset of whole regions, or that drops two regions at once while keeping the label,
+is not ruled out (the paper names formal minimality as future work).
 
 >>> cert = certify(hm, x, ex.mask)[0]
 >>> cert.mask, cert.locally_minimal, cert.regions      # one row per kept region
