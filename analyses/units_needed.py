@@ -60,7 +60,7 @@ def analyse(name, hm, images, refs) -> list[pd.DataFrame]:
         layers = node_layers(hm)                   # read_circuit's default layers
         target = int(hm(x).argmax(-1))
         for rank, order in rankings(hm, x, refs, layers, target).items():
-            df = units_needed(hm, x, order, threshold=THRESHOLD, method="mean",
+            df = units_needed(hm, x, order, threshold=THRESHOLD, ablation="mean",
                               reference=refs, target=target)
             for col, val in (("ranking", rank), ("image", image), ("model", name)):
                 df.insert(0, col, val)

@@ -16,11 +16,12 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ActivationCache": "cache", "CircuitlabError": "errors", "DataConfig": "preprocessing",
     "Family": "families", "HookPoint": "hook_points", "HookedModel": "hooked_model",
-    "OFFLINE_MODELS": "zoo", "load_model": "zoo", "save_checkpoint": "zoo",
+    "OFFLINE_MODELS": "registry", "load_model": "zoo", "save_checkpoint": "zoo",
 }
 _SUBMODULES = ("backgrounds", "baselines", "cache", "checkpoints", "circuits", "cli", "data",
                "errors", "explain", "families", "files", "hook_points", "hooked_model",
-               "kernels", "metrics", "preprocessing", "report", "synthetic", "zoo")
+               "kernels", "metrics", "preprocessing", "registry", "report", "sources", "synthetic",
+               "zoo")
 __all__ = sorted(_EXPORTS) + ["data", "__version__"]
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
     from .hook_points import HookPoint
     from .hooked_model import HookedModel
     from .preprocessing import DataConfig
-    from .zoo import OFFLINE_MODELS, load_model, save_checkpoint
+    from .registry import OFFLINE_MODELS
+    from .zoo import load_model, save_checkpoint
 
 
 def __getattr__(name: str):

@@ -3,6 +3,8 @@
 Later stages (activation matching, circuit readout) ask a model for its taps and its classifier
 instead of hard-coding module paths. Timm models describe their feature layers uniformly in
 ``model.feature_info``; torchvision and user models fall back to rules on the probed forward.
+Each family is declared once in ``FAMILIES`` (how it is recognised, its capabilities, its tap
+rules); callers ask ``hm.family.transformer``, never the family's name.
 """
 from __future__ import annotations
 
@@ -11,19 +13,6 @@ from dataclasses import dataclass
 from torch import nn
 
 from .hook_points import HookPoint
-
-# class-name fragments -> family name, first match wins
-_FAMILY_BY_CLASS = (
-    ("visiontransformer", "vit"), ("vit", "vit"), ("deit", "vit"),
-    ("convnext", "convnext"),
-    ("mobilenet", "mobilenet"),
-    ("efficientnet", "efficientnet"),
-    ("resnet", "resnet"),
-    ("vgg", "vgg"),
-)
-# families whose units are tokens: attention heads and MLP neurons, a CLS token to attend
-# from, cosine distances on every tap; what callers ask of a family, declared once
-TRANSFORMERS = frozenset({"vit"})
 
 
 @dataclass(frozen=True)
@@ -34,19 +23,7 @@ class Family:
     classifier: str            # module path of the layer producing the logits
     taps: tuple[str, ...]      # default tap hook names, shallow to deep
     blocks: tuple[str, ...]    # residual / inverted-residual / transformer blocks
-
-    @property
-    def transformer(self) -> bool:
-        """Token features (heads, neurons, CLS attention), not channel maps."""
-        return self.name in TRANSFORMERS
-
-
-def family_name(model: nn.Module) -> str:
-    cls = type(model).__name__.lower()
-    for fragment, name in _FAMILY_BY_CLASS:
-        if fragment in cls:
-            return name
-    return "generic"
+    transformer: bool = False  # token features (heads, neurons, CLS attention), not channel maps
 
 
 def _classifier(model: nn.Module, points: list[HookPoint]) -> str:
@@ -69,14 +46,39 @@ def _classifier(model: nn.Module, points: list[HookPoint]) -> str:
     return ""
 
 
-def _vit_taps(blocks: list[str]) -> list[str]:
+# ---------------------------------------------------------------------------- tap rules
+# A rule: (model, hook points, outermost blocks) -> tap names, empty where it does not apply.
+def _block_thirds(model, points, blocks) -> list[str]:
     # The paper's ViT-B/16 taps are blocks 3, 7, 11 of 12: thirds of the depth.
     d = len(blocks)
     idx = sorted({max(0, round(d * k / 3) - 1) for k in (1, 2, 3)})
-    return [blocks[i] for i in idx]
+    return [blocks[i] for i in idx] if d else []
 
 
-def _resolution_taps(points: list[HookPoint]) -> list[str]:
+def _feature_info(model, points, blocks) -> list[str]:
+    """timm's declared feature layers."""
+    info = getattr(model, "feature_info", None)
+    try:
+        taps = [f["module"] for f in info] if info is not None else []
+    except (TypeError, KeyError):
+        return []
+    names = {p.name for p in points}
+    return [t for t in taps if t in names]
+
+
+def _named(*taps: str):
+    def rule(model, points, blocks) -> list[str]:
+        names = {p.name for p in points}
+        return [t for t in taps if t in names]
+    return rule
+
+
+def _feature_pools(model, points, blocks) -> list[str]:
+    return [p.name for p in points if p.kind == "pool" and p.module.startswith("features.")
+            and not p.alias_of and p.io == "output"]
+
+
+def _resolution_taps(model, points, blocks) -> list[str]:
     """Last shallowest module output at each spatial resolution: stem, then each stage."""
     best: dict[tuple, HookPoint] = {}
     for p in points:
@@ -92,30 +94,46 @@ def _resolution_taps(points: list[HookPoint]) -> list[str]:
     return [p.name for p in sorted(best.values(), key=lambda p: p.order)]
 
 
+# ---------------------------------------------------------------------------- the families
+@dataclass(frozen=True)
+class FamilySpec:
+    """A declared family: how to recognise it, what it can do, where its taps are."""
+
+    name: str
+    fragments: tuple[str, ...]           # lower-case class-name fragments that identify it
+    transformer: bool = False            # units are tokens: heads, neurons, a CLS token
+    tap_rules: tuple = (_feature_info,)  # tried in order; the first non-empty answer wins
+
+
+# first match wins; anything unmatched is ``generic``
+FAMILIES = (
+    FamilySpec("vit", ("visiontransformer", "vit", "deit"), transformer=True,
+               tap_rules=(_block_thirds,)),
+    FamilySpec("convnext", ("convnext",)),
+    FamilySpec("mobilenet", ("mobilenet",)),
+    FamilySpec("efficientnet", ("efficientnet",)),
+    FamilySpec("resnet", ("resnet",),
+               tap_rules=(_feature_info, _named("relu", "layer1", "layer2", "layer3", "layer4"))),
+    FamilySpec("vgg", ("vgg",), tap_rules=(_feature_info, _feature_pools)),
+)
+GENERIC = FamilySpec("generic", ())
+
+
+def family_of(model: nn.Module) -> FamilySpec:
+    cls = type(model).__name__.lower()
+    return next((f for f in FAMILIES if any(frag in cls for frag in f.fragments)), GENERIC)
+
+
 def detect_family(model: nn.Module, points: list[HookPoint]) -> Family:
-    name = family_name(model)
-    names = {p.name for p in points}
+    spec = family_of(model)
     # Outermost blocks only: an SE module inside an MBConv block is not a block of its own.
     found = [p.module for p in points
              if p.kind == "block" and p.io == "output" and p.call == 0 and not p.alias_of]
     blocks = tuple(b for b in found if not any(b.startswith(o + ".") for o in found))
-
     taps: list[str] = []
-    info = getattr(model, "feature_info", None)
-    if name in TRANSFORMERS:
-        taps = _vit_taps(list(blocks))
-    elif info is not None:
-        try:
-            taps = [f["module"] for f in info]
-        except (TypeError, KeyError):
-            taps = []
-        taps = [t for t in taps if t in names]
-    if not taps and name == "resnet":
-        taps = [t for t in ("relu", "layer1", "layer2", "layer3", "layer4") if t in names]
-    if not taps and name == "vgg":
-        taps = [p.name for p in points if p.kind == "pool" and p.module.startswith("features.")
-                and not p.alias_of and p.io == "output"]
-    if not taps:
-        taps = _resolution_taps(points)
-    return Family(name=name, classifier=_classifier(model, points), taps=tuple(taps),
-                  blocks=blocks)
+    for rule in (*spec.tap_rules, _resolution_taps):
+        taps = rule(model, points, blocks)
+        if taps:
+            break
+    return Family(name=spec.name, classifier=_classifier(model, points), taps=tuple(taps),
+                  blocks=blocks, transformer=spec.transformer)

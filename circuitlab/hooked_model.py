@@ -13,11 +13,10 @@ record is one call away (``hm.point(name)``: unit axis, shape, kind, module).
 >>> x = circuitlab.data.load_image("coffee", hm)
 >>> logits, cache = hm.run_with_cache(x, names="blocks.*", grads=True)
 >>> logits = hm.run_with_hooks(x, fwd_hooks=[("blocks.5", lambda a, name: a * 0)])
->>> hm.ablate(x, hm.each_unit("blocks.5"), method="zero")     # one variant per channel
+>>> hm.ablate(x, hm.each_unit("blocks.5"), ablation="zero")     # one variant per channel
 """
 from __future__ import annotations
 
-import fnmatch
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import pandas as pd
@@ -25,14 +24,15 @@ import torch
 from torch import nn
 
 from .cache import ActivationCache
+from .deprecations import renamed
 from .engine import HookFn, TraceEngine
-from .errors import CircuitlabError, did_you_mean
+from .errors import CircuitlabError
 from .families import Family, detect_family
+from .hook_names import Names, PointTable
 from .hook_points import HookPoint, classifier_aliases, probe, transformer_aliases
 from .interventions import Variant, ablation_values, patch_values, run_variants, variant_masks
 from .preprocessing import DataConfig
 
-Names = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 def _in_chans(model: nn.Module) -> Optional[int]:
     for m in model.modules():
@@ -73,7 +73,7 @@ class HookedModel:
         self.data_config = DataConfig.of(data_config)
         self.labels = list(labels) if labels is not None else None
         self._engine = TraceEngine(model)
-        self._points: Optional[dict[str, HookPoint]] = None
+        self._points: Optional[PointTable] = None
         self._family: Optional[Family] = None
 
     # ------------------------------------------------------------------ basic properties
@@ -109,7 +109,7 @@ class HookedModel:
                 f"device={self.device})")
 
     # ------------------------------------------------------------------ hook points
-    def _ensure_probed(self) -> dict[str, HookPoint]:
+    def _table(self) -> PointTable:
         if self._points is None:
             example = torch.zeros((1, *self.input_size), device=self.device, dtype=self.dtype)
             attn = [m for m in self.model.modules() if hasattr(m, "fused_attn")]
@@ -124,14 +124,14 @@ class HookedModel:
             points += transformer_aliases(self.model, points)
             family = detect_family(self.model, points)
             points += classifier_aliases(points, family.classifier)
-            self._points = {p.name: p for p in points}
+            self._points = PointTable(points, self.name)
             self._family = family
         return self._points
 
     @property
     def hook_points(self) -> dict[str, HookPoint]:
         """Every hook point by name, in forward order."""
-        return self._ensure_probed()
+        return self._table().points
 
     def hook_names(self, pattern: Names = None) -> list[str]:
         """Hook names (module paths, ``path@k`` later calls, ``*.hook_in`` inputs, aliases)."""
@@ -139,57 +139,16 @@ class HookedModel:
 
     def hook_table(self, pattern: Names = None) -> pd.DataFrame:
         """Hook names with kind, output shape (batch 1, default input size) and unit count."""
-        rows = self.resolve(pattern)
-        return pd.DataFrame({
-            "name": pd.Series([p.name for p in rows], dtype="string"),
-            "kind": pd.Categorical([p.kind for p in rows]),
-            "shape": pd.Series(["x".join(map(str, p.shape)) for p in rows], dtype="string"),
-            "units": pd.array([p.n_units for p in rows], dtype="Int64"),
-            "unit_axis": pd.array([p.unit_axis for p in rows], dtype="Int64"),
-            "module": pd.Series([p.module for p in rows], dtype="string"),
-            "io": pd.Categorical([p.io for p in rows]),
-            "alias_of": pd.Series([p.alias_of for p in rows], dtype="string"),
-        })
+        return self._table().table(pattern)
 
     def resolve(self, names: Names = None) -> list[HookPoint]:
-        """Hook points for a name, a glob, a list of them or a predicate, in forward order.
-
-        Without a pattern: every module output plus the aliases (``*.hook_in`` inputs and later
-        calls ``@k`` are listed only when asked for by name or glob).
-        """
-        points = self._ensure_probed()
-        if names is None:
-            chosen = [p for p in points.values()
-                      if p.alias_of is not None or (p.io == "output" and p.call == 0)]
-        elif callable(names):
-            chosen = [p for p in points.values() if names(p.name)]
-        else:
-            wanted = [names] if isinstance(names, str) else list(names)
-            chosen_names: dict[str, None] = {}
-            for w in wanted:
-                if not isinstance(w, str):
-                    raise CircuitlabError(f"hook names must be strings, got {w!r}")
-                if w in points:
-                    chosen_names[w] = None
-                elif any(c in w for c in "*?["):
-                    hits = [n for n in points if fnmatch.fnmatchcase(n, w)]
-                    if not hits:
-                        raise CircuitlabError(f"no hook point of {self.name} matches {w!r}; "
-                                              f"`circuitlab layers --model ...` lists them")
-                    chosen_names.update(dict.fromkeys(hits))
-                else:
-                    self.point(w)  # raises with close-match suggestions
-            chosen = [points[n] for n in chosen_names]
-        return sorted(chosen, key=lambda p: (p.order, p.name))
+        """Hook points for a name, a glob, a list of them or a predicate, in forward order
+        (``hook_names.PointTable.resolve``)."""
+        return self._table().resolve(names)
 
     def point(self, name: str) -> HookPoint:
         """The hook point with exactly this name."""
-        points = self._ensure_probed()
-        if not isinstance(name, str) or name not in points:
-            raise CircuitlabError(f"{self.name} has no hook point {name!r}."
-                                  f"{did_you_mean(str(name), points)} `circuitlab layers "
-                                  f"--model ...` lists them all")
-        return points[name]
+        return self._table().point(name)
 
     def n_units(self, name: str) -> int:
         p = self.point(name)
@@ -200,7 +159,7 @@ class HookedModel:
     # ------------------------------------------------------------------ family knowledge
     @property
     def family(self) -> Family:
-        self._ensure_probed()
+        self._table()
         return self._family
 
     @property
@@ -321,14 +280,15 @@ class HookedModel:
         units = range(self.n_units(name)) if units is None else units
         return [{name: [int(u)]} for u in units]
 
+    @renamed(method="ablation")
     def ablate(self, x: torch.Tensor, variants: Union[Variant, Sequence[Variant]],
-               method: str = "zero", reference: Optional[torch.Tensor] = None,
+               ablation: str = "zero", reference: Optional[torch.Tensor] = None,
                keep: bool = False, batch_size: int = 64, seed: int = 0) -> torch.Tensor:
         """Logits (V, B, classes) with each variant's units ablated, all variants batched.
 
         A variant maps hook names to units (channel / head / neuron indices, a slice or a bool
         mask). ``keep=True`` ablates every *other* unit of each named layer (circuit
-        faithfulness). Methods: ``zero``; ``mean`` (the mean activation over ``reference``
+        faithfulness). ``ablation``: ``zero``; ``mean`` (the mean activation over ``reference``
         images, per position); ``resample`` (a random ``reference`` image's activation per row,
         seeded). The machinery is in ``circuitlab.interventions``.
         """
@@ -337,10 +297,10 @@ class HookedModel:
 
         def reference_acts():
             if reference is None:
-                raise CircuitlabError(f"{method} ablation needs reference images: pass "
+                raise CircuitlabError(f"{ablation} ablation needs reference images: pass "
                                       f"reference=<batch (R, C, H, W)>")
             return self.run_with_cache(reference, names=list(masks))[1]
-        values = ablation_values(method, list(masks), reference_acts, seed)
+        values = ablation_values(ablation, list(masks), reference_acts, seed)
         with torch.no_grad():
             return run_variants(self._run, x, len(variants), masks, values, batch_size)
 

@@ -17,7 +17,7 @@ from .hook_points import HookPoint
 
 Units = Union[int, slice, Sequence[int], torch.Tensor]
 Variant = dict  # hook name -> units
-METHODS = ("zero", "mean", "resample")
+ABLATIONS = ("zero", "mean", "resample")
 
 
 def unit_mask(hp: HookPoint, units: Units) -> torch.Tensor:
@@ -72,18 +72,18 @@ def variant_masks(variants, point: Callable[[str], HookPoint],
     return variants, masks
 
 
-def ablation_values(method: str, names, reference_acts: Callable[[], dict],
+def ablation_values(ablation: str, names, reference_acts: Callable[[], dict],
                     seed: int) -> dict:
     """{name: replacement}: a tensor broadcastable to the rows, or a callable
     ``(rows, start) -> tensor`` drawing per row. ``reference_acts()`` runs the references
     (only for mean and resample)."""
-    if method not in METHODS:
-        raise CircuitlabError(f"unknown ablation method {method!r}; use zero, mean or "
-                              f"resample")
-    if method == "zero":
+    if ablation not in ABLATIONS:
+        raise CircuitlabError(f"unknown ablation {ablation!r}; use one of "
+                              f"{', '.join(ABLATIONS)}")
+    if ablation == "zero":
         return {n: torch.zeros(()) for n in names}
     ref = reference_acts()
-    if method == "mean":
+    if ablation == "mean":
         return {n: ref[n].mean(0, keepdim=True) for n in names}
     gen = torch.Generator().manual_seed(seed)
 

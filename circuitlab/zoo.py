@@ -1,29 +1,26 @@
 """load_model: real offline weights, timm and torchvision by name, checkpoints, any nn.Module.
 
 >>> hm = load_model("efficientnet_lite0")                 # real ImageNet weights, offline
->>> hm = load_model("resnet50")                           # timm; hub weights if reachable
+>>> hm = load_model("resnet50")                           # timm; hub weights (or its cache)
 >>> hm = load_model("torchvision/vgg11", pretrained=False)
 >>> hm = load_model("resnet18", checkpoint="my_run.pt")   # weights_only=True
 >>> hm = load_model(my_module, data_config={"input_size": (3, 32, 32)})
 """
 from __future__ import annotations
 
-import importlib
 import os
-import socket
 import sys
-import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from . import checkpoints, synthetic
-from .errors import CircuitlabError, did_you_mean
+from . import checkpoints, registry, synthetic
+from .errors import CircuitlabError
 from .hooked_model import HookedModel
-from .preprocessing import KEYS, DataConfig
-from .registry import OFFLINE_MODELS, SYNTHETIC_MODELS
+from .preprocessing import DataConfig
+from .registry import SYNTHETIC_MODELS, ArchSource
 
 
 def imagenet_labels() -> list[str]:
@@ -50,143 +47,6 @@ def _num_classes(model: nn.Module) -> Optional[int]:
         if isinstance(m, nn.Linear):
             last = m
     return last.out_features if last is not None else None
-
-
-# ---------------------------------------------------------------------------- offline weights
-def _lite_state_dict(raw: dict, model: nn.Module) -> dict:
-    """Rename EfficientNet-PyTorch (lukemelas-style) keys to timm ``tf_efficientnet_lite*``.
-
-    Blocks are numbered flat there (``_blocks.7``) and per stage in timm (``blocks.3.1``); a
-    block without ``_expand_conv`` is timm's DepthwiseSeparableConv, the rest InvertedResidual.
-    """
-    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-           "_fc": "classifier"}
-    ds = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    ir = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-          "_project_conv": "conv_pwl", "_bn2": "bn3"}
-    flat = [f"blocks.{i}.{j}" for i, stage in enumerate(model.blocks) for j in range(len(stage))]
-    expands = {k.split(".")[1] for k in raw if k.startswith("_blocks.") and "_expand_conv" in k}
-    out = {}
-    for key, value in raw.items():
-        parts = key.split(".")
-        if parts[0] == "_blocks":
-            idx, mod, rest = parts[1], parts[2], ".".join(parts[3:])
-            table = ir if idx in expands else ds
-            out[f"{flat[int(idx)]}.{table[mod]}.{rest}"] = value
-        else:
-            out[f"{top[parts[0]]}.{'.'.join(parts[1:])}"] = value
-    return out
-
-
-def _load_offline(name: str) -> tuple[nn.Module, DataConfig]:
-    import timm
-    spec = OFFLINE_MODELS[name]
-    try:
-        pkg = importlib.import_module(spec.package)
-    except ImportError:
-        raise CircuitlabError(f"{name} needs the package {spec.package.replace('_', '-')}: pip "
-                              f"install {spec.package.replace('_', '-')}") from None
-    path = getattr(pkg, spec.file_class).get_model_file_path()
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    model = timm.create_model(spec.timm_arch, pretrained=False)
-    model.load_state_dict(_lite_state_dict(raw, model), strict=True)
-    return model, _timm_data_config(model)
-
-
-# ---------------------------------------------------------------------------- timm / torchvision
-def _timm_data_config(model: nn.Module) -> DataConfig:
-    from timm.data import resolve_data_config
-    cfg = resolve_data_config({}, model=model)
-    return DataConfig.of({k: cfg[k] for k in KEYS if k in cfg})
-
-
-def _hub_reachable(host: str, timeout: float = 3.0) -> bool:
-    # huggingface_hub retries for ~45 s with no network; ask the resolver once instead.
-    if os.environ.get("CIRCUITLAB_OFFLINE") or os.environ.get("HF_HUB_OFFLINE"):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _torchvision_names() -> list[str]:
-    import torchvision
-    return list(torchvision.models.list_models(module=torchvision.models))
-
-
-def _local_archs() -> dict:
-    """Architectures defined in circuitlab itself (no hub weights exist for them)."""
-    return synthetic.LOCAL_ARCHS
-
-
-def _create(source: str, arch: str, pretrained: Optional[bool], kwargs: dict) -> nn.Module:
-    """Build ``arch``; with pretrained None, try hub weights and fall back to random init."""
-    if source == "circuitlab":
-        if pretrained:
-            raise CircuitlabError(f"{arch} has no pretrained weights; load a checkpoint")
-        return _local_archs()[arch](**kwargs)
-    if source == "timm":
-        import timm
-
-        def build(p):
-            return timm.create_model(arch, pretrained=p, **kwargs)
-        host = "huggingface.co"
-    else:
-        import torchvision
-
-        def build(p):
-            return torchvision.models.get_model(arch, weights="DEFAULT" if p else None, **kwargs)
-        host = "download.pytorch.org"
-    if pretrained is False:
-        return build(False)
-    try:
-        if _hub_reachable(host):
-            return build(True)
-        if source == "timm":  # a copy in the local hub cache still loads offline
-            import huggingface_hub.constants as hf_constants
-            old, hf_constants.HF_HUB_OFFLINE = hf_constants.HF_HUB_OFFLINE, True
-            try:
-                return build(True)
-            finally:
-                hf_constants.HF_HUB_OFFLINE = old
-        return build(True)  # torchvision looks in its cache before downloading
-    except Exception as e:  # no network, no cached copy, or no pretrained weights exist
-        if pretrained:
-            raise CircuitlabError(f"could not load pretrained weights for {arch} "
-                                  f"({type(e).__name__}); check the network or pass "
-                                  f"pretrained=False") from None
-        warnings.warn(f"no pretrained weights for {arch} could be loaded ({type(e).__name__}); "
-                      f"using a random initialisation. Pass a checkpoint= for real weights.",
-                      stacklevel=3)
-        return build(False)
-
-
-def resolve_name(name: str) -> tuple[str, str]:
-    """(source, arch) for a model name: 'offline', 'timm' or 'torchvision'."""
-    import timm
-    if name in OFFLINE_MODELS:
-        return "offline", name
-    if name in _local_archs():
-        return "circuitlab", name
-    if "/" in name:
-        source, arch = name.split("/", 1)
-        if source == "timm" and timm.is_model(arch):
-            return "timm", arch
-        if source == "torchvision" and arch in _torchvision_names():
-            return "torchvision", arch
-    elif timm.is_model(name):
-        return "timm", name
-    elif name in _torchvision_names():
-        return "torchvision", name
-    # a name both timm and torchvision know (resnet18) is suggested once
-    choices = list(dict.fromkeys(list(OFFLINE_MODELS) + list(SYNTHETIC_MODELS) +
-                                 list(_local_archs()) + timm.list_models() +
-                                 _torchvision_names()))
-    raise CircuitlabError(f"unknown model {name!r}.{did_you_mean(name, choices)} "
-                          f"`circuitlab models` lists the offline ones; any timm or "
-                          f"torchvision classifier name works too")
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -262,17 +122,18 @@ def load_model(name_or_module: Union[str, os.PathLike, nn.Module], checkpoint=No
     """A HookedModel for a name, a circuitlab checkpoint file, or an ``nn.Module``.
 
     Names: ``efficientnet_lite0/1/2`` (real ImageNet weights from their PyPI packages, exact),
-    any timm name (``resnet50``, ``vit_small_patch16_224``; ``timm/`` prefix optional) or
-    torchvision name (``torchvision/resnet18``). ``pretrained=None`` tries hub weights and
-    falls back to a random init with a warning; ``checkpoint`` loads a state_dict with
+    the benchmark's ``synthetic-*`` models, any timm name (``resnet50``,
+    ``vit_small_patch16_224``; ``timm/`` prefix optional) or torchvision name
+    (``torchvision/resnet18``); ``registry.SOURCES`` declares them. A name loads with real
+    weights (the hub, or its local cache) or not at all: offline without a cached copy it
+    is refused, since a random model's explanation is not an explanation; ``pretrained=False``
+    asks for a random initialisation on purpose. ``checkpoint`` loads a state_dict with
     ``weights_only=True`` (the class count is read from it). Extra keyword arguments go to the
     architecture (``img_size=32``, ``depth=4``, ...).
     """
-    meta: dict = {}
-    kwargs: dict = {}
     if isinstance(name_or_module, nn.Module):
-        model, source, name = name_or_module, "module", type(name_or_module).__name__
-        cfg = DataConfig()
+        model, name, source = name_or_module, type(name_or_module).__name__, "module"
+        cfg, kwargs, meta = DataConfig(), {}, {}
     else:
         name = os.fspath(name_or_module)
         if name in SYNTHETIC_MODELS:
@@ -281,57 +142,67 @@ def load_model(name_or_module: Union[str, os.PathLike, nn.Module], checkpoint=No
                                       f"other weights pass the checkpoint file itself as the "
                                       f"model (load_model('file.pt'), --model file.pt)")
             return _synthetic(name, device)
-        if name.endswith((".pt", ".pth")) or Path(name).is_file():
-            meta = checkpoints.read(name)
-            if checkpoints.kind_of(meta) != "model" or not meta.get("arch"):
-                raise CircuitlabError(f"{name!r} is not a circuitlab checkpoint (no arch "
-                                      f"recorded); use load_model(ARCH, checkpoint={name!r})")
-            checkpoint, name = name, meta["arch"]
-            arch_kwargs = {**meta.get("arch_kwargs", {}), **arch_kwargs}
-        source, arch = resolve_name(name)
-        state = None
-        if checkpoint is not None and not meta:
-            meta = checkpoints.read(checkpoint)
-        if meta:
-            state = _state_dict_of(meta)
-        if source == "offline" and state is None:
-            if num_classes not in (None, 1000) or arch_kwargs:
-                raise CircuitlabError(f"{name} ships with fixed ImageNet weights; use "
-                                      f"tf_{name} to build a modified architecture")
-            model, cfg = _load_offline(name)
-        else:
-            if source == "offline":
-                source, arch = "timm", OFFLINE_MODELS[name].timm_arch
-            kwargs = dict(arch_kwargs)
-            if num_classes is not None:
-                kwargs["num_classes"] = num_classes
-            try:
-                model = _create(source, arch, False if state is not None else pretrained,
-                                kwargs)
-                found = _classes_in_state(state, model) if state is not None else None
-                if "num_classes" not in kwargs and found not in (None, _num_classes(model)):
-                    kwargs["num_classes"] = found  # a fine-tuned head: size it from the file
-                    model = _create(source, arch, False, kwargs)
-            except TypeError as e:
-                raise CircuitlabError(f"{name} does not accept these arguments: {e}") from None
-            cfg = _timm_data_config(model) if source == "timm" else DataConfig()
-            if "img_size" in kwargs or "in_chans" in kwargs:  # the pretrained cfg lags behind
-                size = kwargs.get("img_size", cfg.input_size[1:])
-                size = (size, size) if isinstance(size, int) else tuple(size)
-                cfg = cfg.replace(input_size=(kwargs.get("in_chans", cfg.input_size[0]), *size))
-            if state is not None:
-                _load_state(model, state, repr(os.fspath(checkpoint)))
-        if meta.get("data_config"):
-            cfg = DataConfig.of(meta["data_config"])
-        if labels is None and meta.get("labels"):
-            labels = meta["labels"]
+        model, name, source, cfg, kwargs, meta = _from_name(
+            name, checkpoint, pretrained is not False, num_classes, arch_kwargs)
     if data_config:
         cfg = DataConfig.of({**cfg, **data_config})
+    labels = labels if labels is not None else meta.get("labels")
     classes = _num_classes(model)
     hm = HookedModel(model, name=name, data_config=cfg, source=source,
                      labels=_labels_for(classes, labels) if classes else labels,
                      arch=name, arch_kwargs=kwargs)
     return _to_device(hm, device)
+
+
+def _from_name(name: str, checkpoint, pretrained: bool, num_classes: Optional[int],
+               arch_kwargs: dict) -> tuple:
+    """(model, name, source, data config, architecture arguments, checkpoint contents) for
+    a registered name or a checkpoint file."""
+    meta: dict = {}
+    if name.endswith((".pt", ".pth")) or Path(name).is_file():
+        meta = checkpoints.read(name)
+        if checkpoints.kind_of(meta) != "model" or not meta.get("arch"):
+            raise CircuitlabError(f"{name!r} is not a circuitlab checkpoint (no arch "
+                                  f"recorded); use load_model(ARCH, checkpoint={name!r})")
+        checkpoint, name = name, meta["arch"]
+        arch_kwargs = {**meta.get("arch_kwargs", {}), **arch_kwargs}
+    elif checkpoint is not None:
+        meta = checkpoints.read(checkpoint)
+    source, arch = registry.resolve(name)
+    state = _state_dict_of(meta) if meta else None
+    kwargs = dict(arch_kwargs, **({} if num_classes is None else {"num_classes": num_classes}))
+    model = _build(source, arch, pretrained and state is None, kwargs, state)
+    if state is not None:
+        _load_state(model, state, repr(os.fspath(checkpoint)))
+    return model, name, source.source, _data_config(source, model, kwargs, meta), kwargs, meta
+
+
+def _build(source: ArchSource, arch: str, pretrained: bool, kwargs: dict,
+           state: Optional[dict]) -> nn.Module:
+    """The architecture; a fine-tuned head in ``state`` sizes the classifier (and is
+    recorded in ``kwargs``, so that a saved checkpoint rebuilds it)."""
+    try:
+        model = source.build(arch, pretrained, kwargs)
+        found = _classes_in_state(state, model) if state is not None else None
+        if "num_classes" not in kwargs and found not in (None, _num_classes(model)):
+            kwargs["num_classes"] = found
+            model = source.build(arch, False, kwargs)
+    except TypeError as e:
+        raise CircuitlabError(f"{arch} does not accept these arguments: {e}") from None
+    return model
+
+
+def _data_config(source: ArchSource, model: nn.Module, kwargs: dict, meta: dict) -> DataConfig:
+    """The source's preprocessing, sized to the architecture's arguments; a checkpoint's
+    recorded one wins."""
+    if meta.get("data_config"):
+        return DataConfig.of(meta["data_config"])
+    cfg = source.data_config(model)
+    if "img_size" in kwargs or "in_chans" in kwargs:  # the pretrained cfg lags behind
+        size = kwargs.get("img_size", cfg.input_size[1:])
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        cfg = cfg.replace(input_size=(kwargs.get("in_chans", cfg.input_size[0]), *size))
+    return cfg
 
 
 def _to_device(hm: HookedModel, device) -> HookedModel:

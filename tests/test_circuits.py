@@ -127,7 +127,7 @@ def test_faithfulness_equals_hand_written_ablation(chain):
     hm, x = chain
     c = read_circuit(hm, x, layers=["a", "b"], select_by="energy", k=2)
     refs = torch.randn(6, 3, 8, 8)
-    df = faithfulness(hm, x, c, method="mean", reference=refs, n_random=2)
+    df = faithfulness(hm, x, c, ablation="mean", reference=refs, n_random=2)
     y = c.meta["target"]
     ua, ub = c.units["a"], c.units["b"]
     with torch.no_grad():
@@ -203,7 +203,7 @@ def test_patch_units_exact_by_hand_and_attribution_exact_where_linear(chain):
     assert df["attribution"].to_numpy() == pytest.approx(df["exact"].to_numpy(), rel=1e-4,
                                                           abs=1e-5)
     assert agreement(df)["pearson"] == pytest.approx(1.0, abs=1e-6)
-    ab = ablate_units(hm, clean, "a", method="zero")
+    ab = ablate_units(hm, clean, "a", ablation="zero")
     with torch.no_grad():
         a = hm.model.a(clean)
         a[:, 1] = 0
@@ -319,7 +319,7 @@ def test_learned_selection_finds_the_units_the_logit_needs():
     x = torch.rand(1, 3, 4, 4) + 0.5
     assert int(hm(x).argmax()) == 1
     kw = dict(layers=["a"], reference=-torch.rand(3, 3, 4, 4), steps=40)
-    c = read_circuit(hm, x, select_by="learned", budget=0.25, method="zero", **kw)
+    c = read_circuit(hm, x, select_by="learned", budget=0.25, ablation="zero", **kw)
     assert c.units == {"a": [2]}
     assert c.meta["budget"] == 0.25
     # energy: the loud one
@@ -331,7 +331,7 @@ def test_learned_selection_finds_the_units_the_logit_needs():
     with pytest.raises(CircuitlabError, match="other classes"):        # no contrast to keep
         read_circuit(hm, x, select_by="learned", layers=["a"], reference=x.repeat(2, 1, 1, 1),
                      steps=40)
-    val = faithfulness(hm, x, c, method="zero", reference=kw["reference"], n_random=3)
+    val = faithfulness(hm, x, c, ablation="zero", reference=kw["reference"], n_random=3)
     keep = val[val["test"] == "keep"].iloc[0]
     assert keep["contrast_fraction"] == pytest.approx(1.0, abs=1e-5)  # channel 2 is all of it
 
@@ -349,7 +349,7 @@ def test_units_needed_one_layer_at_a_time_by_hand():
     x = torch.rand(1, 3, 4, 4)
     assert int(hm(x).argmax()) == 1
     a = m.a(x).mean((2, 3))[0].detach()
-    df = units_needed(hm, x, {"a": [2, 0, 1, 3]}, fractions=(0.25, 0.5, 1.0), method="zero",
+    df = units_needed(hm, x, {"a": [2, 0, 1, 3]}, fractions=(0.25, 0.5, 1.0), ablation="zero",
                       target=1)
     want = [3 * a[2] / (3 * a[2] + a[3]), 3 * a[2] / (3 * a[2] + a[3]), 1.0]
     assert df["logit_fraction"].tolist() == pytest.approx([float(w) for w in want], rel=1e-5)

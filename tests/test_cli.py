@@ -36,13 +36,14 @@ def test_predict_folder_text(capsys, tmp_path):
 
 
 def test_layers_and_models(capsys):
-    code, out, err = run(capsys, "layers", "--model", "resnet18", "--no-pretrained", "--json")
+    code, out, err = run(capsys, "layers", "--model", "resnet18", "--random-weights",
+                         "--json")
     assert code == 0, err
     data = json.loads(out)
     assert data["taps"] == ["act1", "layer1", "layer2", "layer3", "layer4"]
     names = {h["name"]: h for h in data["hooks"]}
     assert names["layer3"]["shape"] == "1x256x14x14" and names["layer3"]["units"] == 256
-    code, out, _ = run(capsys, "layers", "--model", "resnet18", "--no-pretrained",
+    code, out, _ = run(capsys, "layers", "--model", "resnet18", "--no-pretrained",  # old name
                        "--kind", "block")
     assert code == 0 and "layer4.1" in out and "conv1" not in out.split("\n", 3)[-1]
     code, out, _ = run(capsys, "models", "--json")
@@ -52,7 +53,7 @@ def test_layers_and_models(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["predict", "--model", "resnet_18"], "unknown model 'resnet_18'. Did you mean"),
     (["predict", "--image", "/no/such/file.png"], "no image file or sample"),
-    (["layers", "--model", "resnet18", "--no-pretrained", "--pattern", "zzz*"],
+    (["layers", "--model", "resnet18", "--random-weights", "--pattern", "zzz*"],
      "no hook point"),
     (["predict", "--model", "resnet18", "--checkpoint", "/no/ckpt.pt"], "does not exist"),
     (["explain", "--out", "/tmp/never-written", "--steps", "0"], "--steps must be at least 1"),

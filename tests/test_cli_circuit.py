@@ -68,8 +68,9 @@ def test_cli_ablate_and_patch_write_csv(tmp_path, capsys):
     assert main(["explain", *common, "--out", str(tmp_path / "e"), "--steps", "2"]) == 0
     capsys.readouterr()
     assert main(["ablate", *common, "--layer", "layer3", "--out", str(tmp_path / "a.csv"),
-                 "--method", "mean", "--reference", "synthetic", "--json"]) == 0
+                 "--ablation", "mean", "--reference", "synthetic", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
+    assert res["ablation"] == "mean"
     df = pd.read_csv(tmp_path / "a.csv")
     assert res["units"] == 64 == len(df) and {"logit_change", "top1_kept"} <= set(df.columns)
     argv = ["patch", *common, "--explanation", str(tmp_path / "e"), "--layer", "layer4",

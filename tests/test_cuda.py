@@ -42,9 +42,9 @@ def test_cache_grads_and_interventions_match_cpu(key):
     layer = cpu.taps[-1] if key != "vit" else "blocks.1.attn.hook_z"
     v = cpu.each_unit(layer, range(3))
     ref = batch_for(cpu, 4, seed=2)
-    for method in ("zero", "mean", "resample"):
-        a = cpu.ablate(x, v, method=method, reference=ref, seed=3)
-        b = gpu.ablate(x, v, method=method, reference=ref, seed=3)
+    for ablation in ("zero", "mean", "resample"):
+        a = cpu.ablate(x, v, ablation=ablation, reference=ref, seed=3)
+        b = gpu.ablate(x, v, ablation=ablation, reference=ref, seed=3)
         torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gpu.patch(x, ref[:2], v).cpu(), cpu.patch(x, ref[:2], v),
                                rtol=1e-4, atol=1e-4)

@@ -36,8 +36,20 @@ def test_family_knowledge(key):
 
 
 def test_vit_taps_follow_the_paper_for_twelve_blocks():
-    from circuitlab.families import _vit_taps
-    assert _vit_taps([f"blocks.{i}" for i in range(12)]) == ["blocks.3", "blocks.7", "blocks.11"]
+    from circuitlab.families import FAMILIES
+    vit = next(f for f in FAMILIES if f.transformer)
+    rule = vit.tap_rules[0]
+    assert rule(None, [], [f"blocks.{i}" for i in range(12)]) == ["blocks.3", "blocks.7",
+                                                                  "blocks.11"]
+
+
+def test_families_are_recognised_from_the_declared_table():
+    from circuitlab.families import FAMILIES, GENERIC, family_of
+    for spec in FAMILIES:
+        for fragment in spec.fragments:
+            model = type(f"My{fragment.title()}Net", (), {})()
+            assert family_of(model) in FAMILIES[:FAMILIES.index(spec) + 1]
+    assert family_of(object()) is GENERIC and not GENERIC.transformer
 
 
 def test_generic_module_gets_classifier_and_resolution_taps():

@@ -31,7 +31,7 @@ def test_zero_ablation_each_channel_equals_hand_written(small_resnet):
     hm = small_resnet
     x = batch_for(hm)
     units = [0, 5, 17, 63]
-    out = hm.ablate(x, hm.each_unit("layer1", units), method="zero", batch_size=4)
+    out = hm.ablate(x, hm.each_unit("layer1", units), ablation="zero", batch_size=4)
     assert out.shape == (4, 2, hm.model.num_classes)
     for i, c in enumerate(units):
         ref = _forward_with(hm, x, "layer1", _zero_channel(c))
@@ -45,7 +45,7 @@ def test_mean_ablation_keep_only_circuit(small_resnet):
     hm = small_resnet
     x, ref_imgs = batch_for(hm, 1), batch_for(hm, 5, seed=1)
     keep = [1, 2, 3, 40]
-    out = hm.ablate(x, {"layer3": keep, "layer2": slice(0, 10)}, method="mean",
+    out = hm.ablate(x, {"layer3": keep, "layer2": slice(0, 10)}, ablation="mean",
                     reference=ref_imgs, keep=True)
     with torch.no_grad():
         _, cache = hm.run_with_cache(ref_imgs, names=["layer2", "layer3"])
@@ -86,10 +86,10 @@ def test_resample_from_one_reference_is_patching(small_resnet):
     hm = small_resnet
     x, ref = batch_for(hm, 2), batch_for(hm, 1, seed=3)
     v = hm.each_unit("layer3", [0, 7])
-    torch.testing.assert_close(hm.ablate(x, v, method="resample", reference=ref),
+    torch.testing.assert_close(hm.ablate(x, v, ablation="resample", reference=ref),
                                hm.patch(x, ref, v), rtol=1e-5, atol=1e-5)
-    a = hm.ablate(x, v, method="resample", reference=batch_for(hm, 6, seed=4), seed=1)
-    b = hm.ablate(x, v, method="resample", reference=batch_for(hm, 6, seed=4), seed=1)
+    a = hm.ablate(x, v, ablation="resample", reference=batch_for(hm, 6, seed=4), seed=1)
+    b = hm.ablate(x, v, ablation="resample", reference=batch_for(hm, 6, seed=4), seed=1)
     torch.testing.assert_close(a, b, rtol=0, atol=0)  # seeded
 
 
@@ -97,7 +97,7 @@ def test_vit_head_and_neuron_ablation(small_vit):
     hm = small_vit
     x = batch_for(hm)
     heads = hm.model.blocks[2].attn.num_heads
-    out = hm.ablate(x, hm.each_unit("blocks.2.attn.hook_z"), method="zero")
+    out = hm.ablate(x, hm.each_unit("blocks.2.attn.hook_z"), ablation="zero")
     assert out.shape[0] == heads
     d = 192 // heads
     for h in range(heads):
@@ -108,7 +108,7 @@ def test_vit_head_and_neuron_ablation(small_vit):
         ref = _forward_with(hm, x, "blocks.2.attn.proj", fn, pre=True)
         torch.testing.assert_close(out[h], ref, rtol=1e-5, atol=1e-5)
     neurons = [0, 100, 767]
-    out = hm.ablate(x, {"blocks.1.mlp.hook_post": neurons}, method="zero")
+    out = hm.ablate(x, {"blocks.1.mlp.hook_post": neurons}, ablation="zero")
 
     def zero_neurons(o):
         o = o.clone()
@@ -117,7 +117,7 @@ def test_vit_head_and_neuron_ablation(small_vit):
     torch.testing.assert_close(out[0], _forward_with(hm, x, "blocks.1.mlp.act", zero_neurons),
                                rtol=1e-5, atol=1e-5)
     # attention-pattern heads (unit axis 1)
-    out = hm.ablate(x, {"blocks.0.attn.hook_pattern": [1]}, method="zero")
+    out = hm.ablate(x, {"blocks.0.attn.hook_pattern": [1]}, ablation="zero")
 
     def zero_head(o):
         o = o.clone()
@@ -158,9 +158,9 @@ def test_bad_intervention_input(small_resnet):
     with pytest.raises(CircuitlabError, match="has 64 units"):
         hm.ablate(x, {"layer1": [64]})
     with pytest.raises(CircuitlabError, match="reference images"):
-        hm.ablate(x, {"layer1": [0]}, method="mean")
-    with pytest.raises(CircuitlabError, match="unknown ablation method"):
-        hm.ablate(x, {"layer1": [0]}, method="median")
+        hm.ablate(x, {"layer1": [0]}, ablation="mean")
+    with pytest.raises(CircuitlabError, match="unknown ablation 'median'"):
+        hm.ablate(x, {"layer1": [0]}, ablation="median")
     with pytest.raises(CircuitlabError, match="Did you mean"):
         hm.ablate(x, {"layer_1": [0]})
     with pytest.raises(CircuitlabError, match="source batch"):

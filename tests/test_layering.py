@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # only. A new module needs a row: placing it is deciding where it sits in the flow.
 LAYERS = [
     ("errors",),
-    ("files", "preprocessing", "kernels"),       # leaves
-    ("checkpoints", "backgrounds", "cache", "hook_points", "engine"),
-    ("families", "interventions"),
+    ("files", "preprocessing", "kernels", "deprecations"),  # leaves
+    ("checkpoints", "backgrounds", "cache", "hook_points", "engine", "sources"),
+    ("families", "interventions", "hook_names"),
     ("hooked_model",),                           # hooks
     ("synthetic",),                              # the benchmark: its data, models and cache
     ("registry",),                               # which names load what
@@ -28,7 +28,7 @@ LAYERS = [
     ("cli",),
 ]
 RANK = {unit: i for i, row in enumerate(LAYERS) for unit in row}
-LEAVES = ("files", "preprocessing", "kernels")
+LEAVES = ("files", "preprocessing", "kernels", "deprecations")
 
 
 def _modules() -> dict:

@@ -90,7 +90,7 @@ def test_read_circuit_defaults_to_it_and_says_so(evidence):
     with pytest.raises(CircuitlabError, match="other classes"):
         read_circuit(hm, x, reference=x.repeat(2, 1, 1, 1), layers=["a"])
     with pytest.raises(CircuitlabError, match="'mean' or 'zero'"):
-        read_circuit(hm, x, reference=refs, layers=["a"], method="resample")
+        read_circuit(hm, x, reference=refs, layers=["a"], ablation="resample")
 
 
 def test_refinement_never_goes_below_the_true_minimum(evidence):

@@ -1,4 +1,6 @@
 """load_model: real offline weights (exact), hub fallback, checkpoints, bad names."""
+import warnings
+
 import pytest
 import torch
 
@@ -28,13 +30,25 @@ def test_real_lite0_classifies_coffee_as_espresso():
     assert hm.labels[967] == "espresso" and len(hm.labels) == 1000
 
 
-def test_hub_fallback_warns_and_builds_random_init(monkeypatch):
+@pytest.mark.parametrize("name", ["resnet18", "torchvision/resnet18", "synthetic_cnn"])
+def test_a_name_without_loadable_weights_is_refused_not_randomised(monkeypatch, tmp_path, name):
+    # issue 20: offline, a hub name used to become a random model with one warning
     monkeypatch.setenv("CIRCUITLAB_OFFLINE", "1")
-    with pytest.warns(UserWarning, match="random initialisation"):
-        hm = load_model("resnet18")
-    assert hm.source == "timm" and hm.name == "resnet18"
-    with pytest.raises(CircuitlabError, match="pretrained=False"):
-        load_model("resnet18", pretrained=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))          # no cached torchvision weights
+    for pretrained in (None, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                     # refused, not warned about
+            with pytest.raises(CircuitlabError, match="pretrained=False .*--random-weights"):
+                load_model(name, pretrained=pretrained)
+    hm = load_model(name, pretrained=False)                    # asked for on purpose
+    assert hm.name == name and hm.source in ("timm", "torchvision", "circuitlab")
+
+
+def test_offline_weights_refuse_a_modified_architecture():
+    with pytest.raises(CircuitlabError, match="tf_efficientnet_lite0"):
+        load_model("efficientnet_lite0", num_classes=10)
+    hm = load_model("efficientnet_lite0", pretrained=False, num_classes=10)   # random, asked
+    assert hm.source == "offline" and hm.model.classifier.out_features == 10
 
 
 def test_unknown_model_name_suggests():

@@ -31,8 +31,8 @@ class FeatureAblated(Ablated):
     rankings = ("iterative", "attribution", "random")
 
     def __init__(self, hm: HookedModel, layers: Sequence[str], reference: torch.Tensor,
-                 method: str, basis: dict):
-        if method not in ("mean", "zero"):
+                 ablation: str, basis: dict):
+        if ablation not in ("mean", "zero"):
             raise CircuitlabError("feature circuits ablate with 'mean' or 'zero'")
         missing = [n for n in layers if n not in basis]
         if missing:
@@ -47,7 +47,7 @@ class FeatureAblated(Ablated):
         self.values, self.err_values = {}, {}
         for n in self.layers:
             units, err = self.encode(n, rc[n])
-            zero = method == "zero"
+            zero = ablation == "zero"
             self.values[n] = torch.zeros_like(units[:1]) if zero else units.mean(0, keepdim=True)
             self.values[n][:, -1] = 0.0                              # c = 0: error ablated
             self.err_values[n] = torch.zeros_like(err[:1]) if zero else err.mean(0, keepdim=True)

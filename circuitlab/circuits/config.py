@@ -4,13 +4,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
+from ..deprecations import renamed
 from ..errors import CircuitlabError
+from ..interventions import ABLATIONS
 from .ranking import RANKINGS
 
 SELECTIONS = ("faithful", "energy", "attribution", "learned")
 EDGES = ("auto", "weight", "effective", "attribution", "none")
 UNITS = ("auto", "components", "channels")
-ABLATIONS = ("mean", "zero", "resample")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class ReadoutConfig:
       (a Lite0 circuit of 60 % of the channels chosen so keeps 0.11 of the contrast).
     - ``attribution``: the same with |activation x gradient|.
     - ``learned``: ``budget`` of all tapped units chosen together by gates optimised for
-      ``steps`` under ``method`` ablation of the rest (``circuits.learned``).
+      ``steps`` under ``ablation`` of the rest (``circuits.learned``).
 
     Edges (``edges``): ``weight`` / ``effective`` / ``auto`` join every pair of chosen units
     of consecutive taps (descriptive scores). ``attribution`` makes the circuit an edge
@@ -54,7 +55,7 @@ class ReadoutConfig:
     ig_steps: int = 8                       # rank_by eap-ig: interpolation steps
     budget: float = 0.1                     # learned: fraction of all tapped units
     steps: int = 300                        # learned: optimisation steps
-    method: str = "mean"                    # ablation of the units outside the circuit
+    ablation: str = "mean"                  # of the units outside the circuit: mean, zero, resample
     edges: str = "auto"
     gradient: bool = False
     top_classes: int = 3
@@ -66,7 +67,7 @@ class ReadoutConfig:
                                      ("edges", self.edges, EDGES),
                                      ("units", self.units, UNITS),
                                      ("rank_by", self.rank_by, RANKINGS),
-                                     ("method", self.method, ABLATIONS)):
+                                     ("ablation", self.ablation, ABLATIONS)):
             if value not in allowed:
                 raise CircuitlabError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
                                       f"got {value!r}")
@@ -95,6 +96,7 @@ class ReadoutConfig:
         if self.refine_steps < 0 or 0 < self.refine_steps < 10:
             raise CircuitlabError("refine_steps is 0 (no refinement) or at least 10")
 
+    @renamed(method="ablation")
     def replace(self, **changes) -> "ReadoutConfig":
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
         if unknown:
@@ -103,3 +105,7 @@ class ReadoutConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# ``method`` was the ablation's old name (it also named the saliency method)
+ReadoutConfig.__init__ = renamed(method="ablation")(ReadoutConfig.__init__)

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
-from .config import ABLATIONS
+from ..interventions import ABLATIONS
 from .learned import learn_units
 from .ranking import RANKINGS, rank_units
 from .search import prepare

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..deprecations import renamed
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 
@@ -29,8 +30,9 @@ from ..hooked_model import HookedModel
 CONTRAST_IMAGES = 8   # references run beside the image every step (the contrast's estimate)
 
 
+@renamed(method="ablation")
 def learn_units(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], budget: float = 0.1,
-                *, target: Optional[int] = None, method: str = "mean",
+                *, target: Optional[int] = None, ablation: str = "mean",
                 reference: Optional[torch.Tensor] = None, steps: int = 300, lr: float = 0.1,
                 soft_fraction: float = 0.2, contrast_images: int = CONTRAST_IMAGES,
                 seed: int = 0, init: Optional[dict] = None) -> dict:
@@ -42,7 +44,7 @@ def learn_units(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], budget:
     budget then shrinks from its size instead of from all units."""
     if not 0 < budget <= 1:
         raise CircuitlabError("budget must lie in (0, 1]: the fraction of the tapped units")
-    if method not in ("mean", "zero"):
+    if ablation not in ("mean", "zero"):
         raise CircuitlabError("learned circuits ablate with 'mean' or 'zero'")
     if reference is None or len(reference) == 0:
         raise CircuitlabError("learned circuits need reference images (the mean ablation and "
@@ -59,7 +61,7 @@ def learn_units(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], budget:
     batch = torch.cat([x, reference[:contrast_images]])
     with torch.no_grad():
         logits_ref, rc = hm.run_with_cache(reference, names=layers)
-        ablated = {n: rc[n].mean(0, keepdim=True) if method == "mean" else None
+        ablated = {n: rc[n].mean(0, keepdim=True) if ablation == "mean" else None
                    for n in layers}
         logits_x = hm(x)[0]          # the references' clean logits come from the run above
         y = int(logits_x.argmax()) if target is None else int(target)

@@ -12,6 +12,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
+from ..deprecations import renamed
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 
@@ -46,7 +47,8 @@ def patch_units(hm: HookedModel, clean: torch.Tensor, corrupt: torch.Tensor, lay
                          "attribution": attr.detach().cpu().numpy()})
 
 
-def ablate_units(hm: HookedModel, x: torch.Tensor, layer: str, method: str = "mean",
+@renamed(method="ablation")
+def ablate_units(hm: HookedModel, x: torch.Tensor, layer: str, ablation: str = "mean",
                  reference: Optional[torch.Tensor] = None, target: Optional[int] = None,
                  batch_size: int = 64) -> pd.DataFrame:
     """Effect of ablating each unit of ``layer`` alone on image ``x`` (one image).
@@ -59,7 +61,7 @@ def ablate_units(hm: HookedModel, x: torch.Tensor, layer: str, method: str = "me
     with torch.no_grad():
         base = hm(x)[0]
         y = int(base.argmax()) if target is None else int(target)
-        out = hm.ablate(x, hm.each_unit(layer), method=method, reference=reference,
+        out = hm.ablate(x, hm.each_unit(layer), ablation=ablation, reference=reference,
                         batch_size=batch_size)[:, 0]
     n = len(out)
     return pd.DataFrame({"layer": pd.array([layer] * n, dtype="string"), "unit": range(n),

@@ -45,15 +45,15 @@ class Ablated:
     rankings = RANKINGS         # what can rank its units
 
     def __init__(self, hm: HookedModel, layers: Sequence[str], reference: torch.Tensor,
-                 method: str):
-        if method not in ("mean", "zero"):
+                 ablation: str):
+        if ablation not in ("mean", "zero"):
             raise CircuitlabError("the faithful readout ablates with 'mean' or 'zero'")
         self.hm, self.layers = hm, list(layers)
         self.axes = {n: hm.point(n).unit_axis for n in self.layers}
         self.sizes = {n: hm.n_units(n) for n in self.layers}
         with torch.no_grad():
             self.ref_logits, rc = hm.run_with_cache(reference, names=self.layers)
-        self.values = {n: rc[n].mean(0, keepdim=True) if method == "mean"
+        self.values = {n: rc[n].mean(0, keepdim=True) if ablation == "mean"
                        else torch.zeros_like(rc[n][:1]) for n in self.layers}
 
     def resampled(self, images: torch.Tensor) -> list["Ablated"]:

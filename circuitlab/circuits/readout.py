@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..deprecations import renamed
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from . import edges as E
@@ -79,6 +80,7 @@ def node_layers(hm: HookedModel, layers: Optional[Sequence[str]] = None,
     return layers
 
 
+@renamed(method="ablation")
 def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.Tensor] = None,
                  target: Optional[int] = None, *, config: Optional[ReadoutConfig] = None,
                  reference: Optional[torch.Tensor] = None, **settings) -> Circuit:
@@ -177,12 +179,12 @@ def _choose_units(r: _Reading, reference: Optional[torch.Tensor]) -> None:
     elif cfg.select_by == "faithful":
         r.search = smallest_faithful(
             hm, r.inp, r.layers, reference, target=r.target, faithfulness=cfg.faithfulness,
-            method=cfg.method, prune=cfg.prune, tolerance=cfg.tolerance,
+            ablation=cfg.ablation, prune=cfg.prune, tolerance=cfg.tolerance,
             refine_steps=cfg.refine_steps, rank_by=cfg.rank_by, ig_steps=cfg.ig_steps)
         picked_by = r.search.units
     elif cfg.select_by == "learned":
         picked_by = learn_units(hm, r.inp, r.layers, cfg.budget, target=r.target,
-                                method=cfg.method, reference=reference, steps=cfg.steps)
+                                ablation=cfg.ablation, reference=reference, steps=cfg.steps)
     for name in r.layers:
         hp = hm.point(name)
         a, g = hp.per_unit(r.cache[name])[0], hp.per_unit(r.cache.grad(name))[0]   # (U, P)
@@ -301,7 +303,7 @@ def _edge_rows(r: _Reading, plan: dict) -> list:
 def _edge_circuit(r: _Reading, reference) -> dict:
     """The smallest faithful edge circuit over every unit of the tapped layers
     (``edge_circuit``); its units are the ends of its edges."""
-    s = prepare(r.hm, r.inp, r.layers, reference, r.target, r.cfg.method)
+    s = prepare(r.hm, r.inp, r.layers, reference, r.target, r.cfg.ablation)
     every = {n: list(range(r.hm.n_units(n))) for n in r.layers}
     r.edge_search = smallest_edge_circuit(s, every, r.cfg.faithfulness, r.cfg.tolerance)
     units = {n: set() for n in r.layers}
@@ -325,11 +327,11 @@ def _meta(r: _Reading) -> dict:
             "select_by": cfg.select_by, "gradient": bool(cfg.gradient),
             "layers": ",".join(r.layers), "classes": r.classes}
     if cfg.select_by == "learned":
-        meta.update(budget=float(cfg.budget), method=cfg.method)
+        meta.update(budget=float(cfg.budget), ablation=cfg.ablation)
     if r.search is not None:   # scalars, so graph exports carry them too
-        meta.update(method=cfg.method, rank_by=cfg.rank_by,
+        meta.update(ablation=cfg.ablation, rank_by=cfg.rank_by,
                     **{f"search_{k}": v for k, v in r.search.summary().items()})
     if r.edge_search is not None:
-        meta.update(method=cfg.method, **{f"edge_search_{k}": v
+        meta.update(ablation=cfg.ablation, **{f"edge_search_{k}": v
                                           for k, v in r.edge_search.summary().items()})
     return meta

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..deprecations import renamed
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from .learned import CONTRAST_IMAGES, learn_units
@@ -96,8 +97,9 @@ class Setup:
         return self.probe(self.ablated.keep_masks(self.ablated.top(order, n)))
 
 
+@renamed(method="ablation")
 def prepare(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], reference: torch.Tensor,
-            target: Optional[int] = None, method: str = "mean",
+            target: Optional[int] = None, ablation: str = "mean",
             basis: Optional[dict] = None) -> Setup:
     """Check the inputs and set up the ablated network and the contrast of one image.
     ``basis`` ({layer: SparseDictionary}) makes the units dictionary features and error
@@ -110,8 +112,8 @@ def prepare(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], reference: 
                               "ablation and the contrast): pass reference=<batch (R, C, H, "
                               "W)>, or select_by='energy' for the paper's descriptive readout")
     reference = hm.check_input(reference.to(x.device))
-    ablated = Ablated(hm, layers, reference, method) if basis is None else \
-        FeatureAblated(hm, layers, reference, method, basis)
+    ablated = Ablated(hm, layers, reference, ablation) if basis is None else \
+        FeatureAblated(hm, layers, reference, ablation, basis)
     with torch.no_grad():
         clean = hm(x)[0]
     y = int(clean.argmax()) if target is None else int(target)
@@ -161,9 +163,10 @@ def bracket(evaluate, total: int, threshold: float, tolerance: float,
     return hi, probes, ok
 
 
+@renamed(method="ablation")
 def smallest_faithful(hm: HookedModel, x: torch.Tensor, layers: Sequence[str],
                       reference: torch.Tensor, *, target: Optional[int] = None,
-                      faithfulness: float = 0.8, method: str = "mean", prune: float = 0.1,
+                      faithfulness: float = 0.8, ablation: str = "mean", prune: float = 0.1,
                       tolerance: float = 0.01, refine_steps: int = 0, shrink: float = 0.9,
                       rank_by: str = "iterative", ig_steps: int = 8) -> SizeSearch:
     """The fewest top-ranked units of ``layers`` whose circuit keeps ``faithfulness`` of the
@@ -171,7 +174,7 @@ def smallest_faithful(hm: HookedModel, x: torch.Tensor, layers: Sequence[str],
 
     ``reference`` images give the mean ablation and the contrast, all of them, as
     ``validate.faithfulness`` uses them: the contrast found here is the one it reports."""
-    s = prepare(hm, x, layers, reference, target, method)
+    s = prepare(hm, x, layers, reference, target, ablation)
     ablated = s.ablated
     order = rank_units(ablated, s.x, s.target, rank_by, prune=prune, steps=ig_steps)
     total = len(order)
@@ -184,12 +187,12 @@ def smallest_faithful(hm: HookedModel, x: torch.Tensor, layers: Sequence[str],
                         {"forward_backward": forward_backward(rank_by, total, prune, ig_steps),
                          "forward": len(s.batch) + (len(probes) - 1) * len(s.batch)})
     if refine_steps and ok:
-        result = _refine(s, result, refine_steps, shrink, method)
+        result = _refine(s, result, refine_steps, shrink, ablation)
     return result
 
 
 def _refine(s: Setup, found: SizeSearch, steps: int, shrink: float,
-            method: str) -> SizeSearch:
+            ablation: str) -> SizeSearch:
     """Step 3 of the module docstring: the smallest learned circuit that passed."""
     ablated, batch, y = s.ablated, s.batch, s.target
     x, reference = batch[:1], batch[1:]
@@ -199,7 +202,7 @@ def _refine(s: Setup, found: SizeSearch, steps: int, shrink: float,
         if n < 1:
             break
         units = learn_units(ablated.hm, x, ablated.layers, n / found.total, target=y,
-                            method=method, reference=reference, steps=steps, init=best.units)
+                            ablation=ablation, reference=reference, steps=steps, init=best.units)
         probe = s.probe(ablated.keep_masks(units))
         best.probes.append((n, probe[0], probe[3]))
         best.passes["forward_backward"] += steps * (1 + min(CONTRAST_IMAGES, len(reference)))

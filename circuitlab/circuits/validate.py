@@ -1,6 +1,6 @@
 """Causal tests of a circuit: keep only it, remove only it, compare with random circuits.
 
->>> faithfulness(hm, x, circuit, method="mean", reference=refs)
+>>> faithfulness(hm, x, circuit, ablation="mean", reference=refs)
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
+from ..deprecations import renamed
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from .circuit import Circuit
@@ -36,13 +37,14 @@ def _effects(logits: torch.Tensor, base: torch.Tensor, y: int,
 
 
 @torch.no_grad()
-def faithfulness(hm: HookedModel, x: torch.Tensor, circuit: Circuit, *, method: str = "mean",
+@renamed(method="ablation")
+def faithfulness(hm: HookedModel, x: torch.Tensor, circuit: Circuit, *, ablation: str = "mean",
                  reference: Optional[torch.Tensor] = None, n_random: int = 8,
                  seed: int = 0) -> pd.DataFrame:
     """One row per test on image ``x`` (1, C, H, W), target = the circuit's target class.
 
     - ``keep``: every unit of the circuit's layers except the circuit's is ablated
-      (``method``: zero, mean or resample over ``reference``);
+      (``ablation``: zero, mean or resample over ``reference``);
     - ``remove``: only the circuit's units are ablated (necessity);
     - ``random_keep``: random circuits of the same size per layer, kept (``n_random`` draws).
 
@@ -62,10 +64,10 @@ def faithfulness(hm: HookedModel, x: torch.Tensor, circuit: Circuit, *, method: 
     g = torch.Generator().manual_seed(seed)
     randoms = _random_circuits(hm, {layer: len(u) for layer, u in units.items()}, n_random, g)
     nothing = {layer: [] for layer in units}
-    kept = hm.ablate(x, [units, nothing] + randoms, method=method, reference=reference,
+    kept = hm.ablate(x, [units, nothing] + randoms, ablation=ablation, reference=reference,
                      keep=True)[:, 0]
     empty = kept[1]
-    removed = hm.ablate(x, [units], method=method, reference=reference)[:, 0]
+    removed = hm.ablate(x, [units], ablation=ablation, reference=reference)[:, 0]
     n_units = sum(len(u) for u in units.values())
     tests = [("keep", 0, kept[0]), ("remove", 0, removed[0])] + [
         ("random_keep", i, lg) for i, lg in enumerate(kept[2:])]
@@ -75,7 +77,7 @@ def faithfulness(hm: HookedModel, x: torch.Tensor, circuit: Circuit, *, method: 
         # the same interventions on the reference images: how much of the clean network's
         # image-vs-reference contrast each variant keeps (0 for a circuit that ignores its
         # input, however much of the image's logit it keeps)
-        c = _contrast(hm, base, y, reference, method, [
+        c = _contrast(hm, base, y, reference, ablation, [
             ([kept[0, y]] + [lg[y] for lg in kept[2:]], [units] + randoms, True),
             ([removed[0, y]], [units], False)])
         df["contrast_fraction"] = [c[0], c[-1]] + c[1:-1]      # keep, remove, random draws
@@ -103,7 +105,7 @@ def summarize(table: pd.DataFrame) -> dict:
 
 
 def _contrast(hm: HookedModel, base: torch.Tensor, y: int, reference: torch.Tensor,
-              method: str, groups) -> list[float]:
+              ablation: str, groups) -> list[float]:
     """(z(x) - mean z(reference)) under each intervention over the same for the clean
     network: the part of the image-specific evidence kept. ``groups``: (the target logits of
     x under some variants, the variants, keep) each; the variants run on the references."""
@@ -111,15 +113,16 @@ def _contrast(hm: HookedModel, base: torch.Tensor, y: int, reference: torch.Tens
     clean = float(base[y] - hm(ref)[:, y].mean())
     out = []
     for zx, variants, keep in groups:
-        zr = hm.ablate(ref, variants, method=method, reference=reference,
+        zr = hm.ablate(ref, variants, ablation=ablation, reference=reference,
                        keep=keep)[..., y].mean(1)                          # (V,)
         out += [float(a - b) / clean if clean else float("nan") for a, b in zip(zx, zr)]
     return out
 
 
 @torch.no_grad()
+@renamed(method="ablation")
 def size_curve(hm: HookedModel, x: torch.Tensor, ranking: dict, fractions=(0.02, 0.05, 0.1,
-               0.2, 0.4), *, method: str = "mean", reference: Optional[torch.Tensor] = None,
+               0.2, 0.4), *, ablation: str = "mean", reference: Optional[torch.Tensor] = None,
                n_random: int = 4, seed: int = 0, target: Optional[int] = None,
                label: str = "circuit") -> pd.DataFrame:
     """Faithfulness (keep only) as the circuit grows: for each fraction f of every layer's
@@ -140,7 +143,7 @@ def size_curve(hm: HookedModel, x: torch.Tensor, ranking: dict, fractions=(0.02,
         variants += _random_circuits(hm, sizes, n_random, g)
         tags += [(label, f, sum(sizes.values()))] + [("random", f, sum(sizes.values()))] * \
             n_random
-    logits = hm.ablate(x, variants, method=method, reference=reference, keep=True)[:, 0]
+    logits = hm.ablate(x, variants, ablation=ablation, reference=reference, keep=True)[:, 0]
     rows = [{"circuit": t, "fraction": f, "units": n, **_effects(lg, base, y)}
             for (t, f, n), lg in zip(tags, logits)]
     df = pd.DataFrame(rows)
@@ -149,9 +152,10 @@ def size_curve(hm: HookedModel, x: torch.Tensor, ranking: dict, fractions=(0.02,
 
 
 @torch.no_grad()
+@renamed(method="ablation")
 def units_needed(hm: HookedModel, x: torch.Tensor, ranking: dict,
                  fractions=(0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0), *,
-                 threshold: float = 0.8, method: str = "mean",
+                 threshold: float = 0.8, ablation: str = "mean",
                  reference: Optional[torch.Tensor] = None,
                  target: Optional[int] = None) -> pd.DataFrame:
     """How much of one layer alone carries the decision: for each layer of ``ranking``
@@ -175,11 +179,11 @@ def units_needed(hm: HookedModel, x: torch.Tensor, ranking: dict,
             k = max(1, round(f * n))
             variants.append({layer: list(order[:k])})
             tags.append((layer, f, k))
-    logits = hm.ablate(x, variants, method=method, reference=reference, keep=True)[:, 0]
+    logits = hm.ablate(x, variants, ablation=ablation, reference=reference, keep=True)[:, 0]
     df = pd.DataFrame([{"layer": layer, "fraction": f, "units": k, **_effects(lg, base, y)}
                        for (layer, f, k), lg in zip(tags, logits)])
     df["meets"] = (df["logit_fraction"] >= threshold) & df["top1_kept"]
     if reference is not None:
-        df["contrast_fraction"] = _contrast(hm, base, y, reference, method,
+        df["contrast_fraction"] = _contrast(hm, base, y, reference, ablation,
                                             [([lg[y] for lg in logits], variants, True)])
     return df

@@ -7,7 +7,6 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from pathlib import Path
 
 from ..errors import CircuitlabError
@@ -58,8 +57,35 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="state_dict file to load into --model "
                                         "(read with weights_only=True)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
-    p.add_argument("--no-pretrained", action="store_true",
-                   help="do not try to download hub weights (random init unless --checkpoint)")
+    p.add_argument("--random-weights", "--no-pretrained", dest="random_weights",
+                   action="store_true",
+                   help="build a hub name with random weights on purpose (a name whose "
+                        "weights cannot be loaded is refused otherwise)")
+
+
+# the ablations circuitlab.interventions.ABLATIONS declares (literal here so that --help
+# needs no torch; a test holds the two equal)
+ABLATIONS = ("zero", "mean", "resample")
+
+
+class _RenamedFlag(argparse.Action):
+    """An old flag name, accepted for one release with one warning line."""
+
+    def __init__(self, *args, new: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"circuitlab: warning: {option_string} is now {self.new}; the old name goes in "
+              f"the next release", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_ablation(p: argparse.ArgumentParser, help: str) -> None:
+    """--ablation (and its old name --method, which also named the saliency method)."""
+    p.add_argument("--ablation", choices=ABLATIONS, default="mean", help=help)
+    p.add_argument("--method", dest="ablation", choices=ABLATIONS, action=_RenamedFlag,
+                   new="--ablation", help=argparse.SUPPRESS)
 
 
 def add_image_arg(p: argparse.ArgumentParser) -> None:
@@ -84,16 +110,10 @@ def add_seed(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------- running
 def load(args):
-    """The model the flags name; hub-weight warnings become one stderr line each."""
+    """The model the flags name."""
     from ..zoo import load_model
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        hm = load_model(args.model, checkpoint=args.checkpoint, device=args.device,
-                        pretrained=False if args.no_pretrained else None)
-    for w in caught:
-        if "pretrained" in str(w.message) or "random" in str(w.message):
-            print(f"circuitlab: warning: {w.message}", file=sys.stderr)
-    return hm
+    return load_model(args.model, checkpoint=args.checkpoint, device=args.device,
+                      pretrained=False if args.random_weights else None)
 
 
 def emit(args, payload, table) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import CircuitlabError
 from ..files import refuse_overwrite, write_text
-from ._common import (add_image_arg, add_model_args, add_outputs, add_seed, count, emit,
+from ._common import (add_ablation, add_image_arg, add_model_args, add_outputs, add_seed, count, emit,
                       fraction, load, mask_from, positive_int, reference_images)
 
 OUTPUTS = ("nodes.csv", "edges.csv", "nodes.parquet", "edges.parquet", "circuit.graphml",
@@ -34,7 +34,7 @@ def _result(args, hm, circuit, summary, area) -> dict:
         "read_on": meta["read_on"], "explanation_area": area,
         "units": summary["units"], "tapped_units": n_tapped,
         "unit_fraction": summary["units"] / n_tapped,
-        "edges": len(circuit.edges), "method": args.method, "select": args.select,
+        "edges": len(circuit.edges), "ablation": args.ablation, "select": args.select,
         "size_search": {k[len("search_"):]: v for k, v in meta.items()
                         if k.startswith("search_")} or None,
         "edge_search": {k[len("edge_search_"):]: v for k, v in meta.items()
@@ -61,7 +61,7 @@ def _line(args, result: dict) -> str:
     return (f"{args.image}: {result['label']} circuit of {result['units']} units "
             f"({100 * result['unit_fraction']:.1f} % of {result['tapped_units']}), "
             f"{how}{result['edges']} edges, read on the {result['read_on']}\n"
-            f"keep only the circuit ({args.method} ablation): logit x "
+            f"keep only the circuit ({args.ablation} ablation): logit x "
             f"{f['logit_fraction']:.2f}, contrast kept "
             f"{f.get('contrast_fraction', float('nan')):.2f}, top-1 kept {f['top1_kept']}; "
             f"random circuits: contrast kept {rf.get('contrast_fraction', float('nan')):.2f}; "
@@ -82,18 +82,18 @@ def cmd_circuit(args) -> int:
     config = ReadoutConfig(  # checks the settings before anything loads
         k=args.k, mass=args.mass, select_by=args.select, faithfulness=args.faithfulness,
         refine_steps=args.refine, edges=args.edges, gradient=args.gradient, units=args.units,
-        budget=args.budget, method=args.method, steps=args.steps, rank_by=args.rank_by)
+        budget=args.budget, ablation=args.ablation, steps=args.steps, rank_by=args.rank_by)
     hm = load(args)
     t0 = time.perf_counter()
     x = data.load_image(args.image, hm)
     explanation, area = _explanation(args, hm, x)
     refs = reference_images(args, hm, str(args.image)).to(x.device)
     circuit = read_circuit(hm, x, explanation, config=config, reference=refs)
-    val = faithfulness(hm, x, circuit, method=args.method, reference=refs, seed=args.seed)
+    val = faithfulness(hm, x, circuit, ablation=args.ablation, reference=refs, seed=args.seed)
     result = _result(args, hm, circuit, summarize(val), area)
     if explanation is not None:  # the same readout on the full image, for comparison
         image_circuit = read_circuit(hm, x, None, config=config, reference=refs)
-        iv = summarize(faithfulness(hm, x, image_circuit, method=args.method, reference=refs,
+        iv = summarize(faithfulness(hm, x, image_circuit, ablation=args.ablation, reference=refs,
                                     n_random=0))
         d = circuit.diff(image_circuit)
         result["image_circuit"] = {"logit_fraction": iv["keep"]["logit_fraction"],
@@ -122,15 +122,15 @@ def cmd_ablate(args) -> int:
     from ..circuits import ablate_units
     hm, x = _unit_experiment(args)
     refs = reference_images(args, hm, str(args.image)).to(x.device) \
-        if args.method != "zero" else None
-    df = ablate_units(hm, x, args.layer, method=args.method, reference=refs)
+        if args.ablation != "zero" else None
+    df = ablate_units(hm, x, args.layer, ablation=args.ablation, reference=refs)
     write_text(args.out, df.to_csv(index=False))
     worst = df.nsmallest(5, "logit_change")
     flips = int((~df["top1_kept"]).sum())
-    emit(args, {"model": hm.name, "layer": args.layer, "method": args.method,
+    emit(args, {"model": hm.name, "layer": args.layer, "ablation": args.ablation,
                 "units": len(df), "flips": flips, "csv": str(args.out),
                 "top": worst.to_dict("records")},
-         f"{args.layer}: {len(df)} units ablated one at a time ({args.method}); {flips} flip "
+         f"{args.layer}: {len(df)} units ablated one at a time ({args.ablation}); {flips} flip "
          f"top-1. Largest logit drops:\n{worst.to_string(index=False)}\nwrote {args.out}")
     return 0
 
@@ -180,7 +180,7 @@ def _register_circuit(sub) -> None:
                    "keeps --faithfulness of the image-vs-reference contrast with top-1 kept; "
                    "energy (the paper's readout: descriptive, not faithful), attribution, or "
                    "learned: --budget of all tapped units chosen together by optimised gates "
-                   "under --method ablation of the rest")
+                   "under --ablation of the rest")
     p.add_argument("--faithfulness", type=float, default=0.8,
                    help="--select faithful: contrast the circuit must keep (default 0.8)")
     p.add_argument("--rank-by", choices=["iterative", "attribution", "eap-ig", "energy",
@@ -210,8 +210,8 @@ def _register_circuit(sub) -> None:
     p.add_argument("--units", choices=["auto", "components", "channels"], default="auto",
                    help="ViTs: attention heads and MLP neurons (components, the default for "
                         "ViTs) or residual channels of the tapped blocks")
-    p.add_argument("--method", choices=["mean", "zero", "resample"], default="mean",
-                   help="ablation for the validation (default mean)")
+    add_ablation(p, "of the units outside the circuit, in the search and the validation: "
+                    "mean over the reference images (default), zero, or resample")
     _add_reference(p)
     add_seed(p)
     add_outputs(p, "output folder", "replace existing output files")
@@ -226,7 +226,7 @@ def register(sub) -> None:
     add_model_args(p)
     add_image_arg(p)
     p.add_argument("--layer", "-l", required=True, help="hook name (see `circuitlab layers`)")
-    p.add_argument("--method", choices=["mean", "zero", "resample"], default="mean")
+    add_ablation(p, "mean over the reference images (default), zero, or resample")
     _add_reference(p)
     add_outputs(p, "CSV file to write", "replace an existing --out")
     p.set_defaults(func=cmd_ablate)

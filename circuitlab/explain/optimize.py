@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backgrounds import gaussian_blur
+from ..deprecations import renamed
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from .certify import certify, masked_predictions
@@ -63,17 +63,18 @@ class Explanation:
         return m * (1 + soft) + 0.5 * density + 1e-3 * soft
 
 
+@renamed(generator="mask_net")
 def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = None, *,
             preset_name: str = "default", steps: Optional[int] = None, seed: int = 0,
             mask_net: Optional[torch.nn.Module] = None, minimal: bool = False,
             confidence: float = 1.0, target=None,
-            progress: Optional[Callable[[int, dict], None]] = None,
-            generator: Optional[torch.nn.Module] = None) -> Explanation:
+            progress: Optional[Callable[[int, dict], None]] = None) -> Explanation:
     """Minimal mask for each image of ``x`` (B, C, H, W), trained from scratch (per-image mode).
 
     ``mask_net``: a mask network to train instead of the one ``config.generator`` names
     (``generator=`` is its old name, kept for one release). ``target``: the class (or one per
-    image) whose decision to explain; default the model's top-1 on each image. ``minimal``: the mask then goes through ``minimize`` (the smallest
+    image) whose decision to explain; default the model's top-1 on each image. ``minimal``: the
+    mask then goes through ``minimize`` (the smallest
     area budget at which the decision holds at ``confidence`` times the image's p_target,
     then pruned region by region and certified); ``search`` and ``certificates`` say how.
 
@@ -96,11 +97,6 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     b = x.shape[0]
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
-    if generator is not None:
-        warnings.warn("explain(generator=...) is now explain(mask_net=...); 'generator' names "
-                      "the kind of mask network in ExplainConfig", DeprecationWarning,
-                      stacklevel=2)
-        mask_net = mask_net if mask_net is not None else generator
     net = mask_net if mask_net is not None else _mask_net(hm, x, cfg, seed)
     net = net.to(x.device).train()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
