@@ -62,15 +62,25 @@ def arguments(doc: str, quick: str, models: Optional[Sequence[str]] = None,
     return p
 
 
-def start(prog: str, out: Path, outputs: Sequence[str], force: bool) -> Optional[int]:
+QUICK_NOTE = ("A --quick smoke run (few images, few steps): these numbers check that the "
+              "analysis runs; they are not results. docs/results.md holds the measured ones.")
+
+
+def start(prog: str, out: Path, outputs: Sequence[str], force: bool,
+          quick: bool = False) -> Optional[int]:
     """Refuse to replace outputs (exit status 2), else quiet warnings, seed torch and create
-    the output folder; None means go on."""
+    the output folder, marking a --quick run's as such (WARNING.txt, which the report shows
+    above the section); None means go on."""
     refused = refuse_clash(prog, out, outputs, force)
     if refused is not None:
         return refused
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
+    if quick:
+        write_text(out / "WARNING.txt", QUICK_NOTE + "\n")
+    else:
+        (out / "WARNING.txt").unlink(missing_ok=True)
     return None
 
 

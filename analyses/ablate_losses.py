@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         return bad
     if args.images < 1:
         return fail(PROG, "--images must be positive")
-    stop = start(PROG, out, OUTPUTS, args.force)
+    stop = start(PROG, out, OUTPUTS, args.force, args.quick)
     if stop is not None:
         return stop
     rows, examples = [], {}

@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     if args.quick:
         names, fractions, args.images, args.learned_steps = ["synthetic-cnn"], \
             (0.2, 0.6, 0.8), 1, 10
-    stop = start(prog, out, OUTPUTS, args.force or args.resume)
+    stop = start(prog, out, OUTPUTS, args.force or args.resume, args.quick)
     if stop is not None:
         return stop
     models = {name: cl.load_model(name) for name in names}

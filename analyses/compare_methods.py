@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         kept = pd.read_csv(out / "compare.csv")
         kept = kept[~(kept["model"].isin(names) & kept["method"].isin(only))]
     # --update replaces rows of its own compare.csv: no clash to refuse there
-    stop = start(PROG, out, OUTPUTS, args.force or args.update)
+    stop = start(PROG, out, OUTPUTS, args.force or args.update, args.quick)
     if stop is not None:
         return stop
     rows = []

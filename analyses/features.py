@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     fractions = FRACTIONS
     if args.quick:
         names, args.images, args.steps, fractions = ["synthetic-cnn"], 1, 100, (0.1, 0.4, 1.0)
-    stop = start(prog, out, OUTPUTS, args.force or args.resume)
+    stop = start(prog, out, OUTPUTS, args.force or args.resume, args.quick)
     if stop is not None:
         return stop
     models = {name: cl.load_model(name) for name in names}

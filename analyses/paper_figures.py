@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         return fail(PROG, f"--images is 1 to {len(PHOTOS)}")
     if args.steps is not None and args.steps < 1:
         return fail(PROG, "--steps must be positive")
-    stop = start(PROG, out, OUTPUTS, args.force)
+    stop = start(PROG, out, OUTPUTS, args.force, args.quick)
     if stop is not None:
         return stop
     hm = cl.load_model("efficientnet_lite0")

@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     if sorted(set(names) - set(MODELS)) or not 1 <= args.images <= 3:
         return fail(PROG, f"models are {', '.join(MODELS)} and --images is 1 to 3")
-    stop = start(PROG, out, OUTPUTS, args.force)
+    stop = start(PROG, out, OUTPUTS, args.force, args.quick)
     if stop is not None:
         return stop
     frames = []

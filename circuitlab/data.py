@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -23,6 +24,8 @@ from .preprocessing import DataConfig, denormalize, make_transform, normalize
 __all__ = ["SAMPLES", "IMAGE_SUFFIXES", "available_samples", "to_rgb", "open_image",
            "image_files", "load_image", "make_transform", "normalize", "denormalize"]
 
+# an image whose short side is under 1/TINY of the model's input is warned about
+TINY = 8
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 # name -> (package, how to get an RGB uint8 array). Photos that ship inside installed wheels.
@@ -99,6 +102,10 @@ def open_image(path_or_sample: Union[str, os.PathLike]) -> Image.Image:
             with Image.open(path) as img:
                 img.load()
                 return to_rgb(img)
+        except Image.DecompressionBombError as e:
+            raise CircuitlabError(f"{src!r} is too large to decode safely ({e.args[0][:60]}"
+                                  f"...); shrink it first, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                                  f"if you trust it") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise CircuitlabError(f"cannot read {src!r} as an image ({type(e).__name__}); "
                                   f"is it a PNG or JPEG file?") from None
@@ -129,7 +136,8 @@ def image_files(folder: Union[str, os.PathLike]) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise CircuitlabError(f"{str(folder)!r} is not a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise CircuitlabError(f"folder {str(folder)!r} holds no image files "
                               f"({', '.join(IMAGE_SUFFIXES)})")
@@ -145,4 +153,9 @@ def load_image(path_or_sample: Union[str, os.PathLike, Image.Image],
     """
     img = path_or_sample if isinstance(path_or_sample, Image.Image) else open_image(
         path_or_sample)
-    return make_transform(DataConfig.of(model_or_config))(to_rgb(img)).unsqueeze(0)
+    cfg = DataConfig.of(model_or_config)
+    if min(img.size) < min(cfg.input_size[1:]) // TINY:
+        warnings.warn(f"the image is {img.size[0]}x{img.size[1]} pixels, upsampled to "
+                      f"{cfg.input_size[2]}x{cfg.input_size[1]}: there is little to explain "
+                      f"in it", stacklevel=2)
+    return make_transform(cfg)(to_rgb(img)).unsqueeze(0)

@@ -6,10 +6,15 @@ the analyses and the benchmarks goes through these functions.
 >>> refuse_overwrite([out / "mask.png", out / "metrics.json"], force=False)
 >>> write_text(out / "metrics.json", json.dumps(result))
 >>> write_atomic(out / "mask.png", lambda f: image.save(f, format="PNG"))
+>>> with locked(out), staged(out, OUTPUTS) as tmp:   # one writer; the result swapped in whole
+...     write_text(tmp / "metrics.json", json.dumps(result))
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Union
@@ -66,3 +71,67 @@ def write_atomic(path: PathLike, write: Callable) -> None:
 def write_text(path: PathLike, text: str) -> None:
     """``text`` (UTF-8) to ``path`` atomically: CSV tables, JSON reports, Markdown, HTML."""
     write_atomic(path, lambda f: f.write(text.encode()))
+
+
+# ---------------------------------------------------------------------------- whole results
+@contextlib.contextmanager
+def locked(target: PathLike):
+    """Hold ``target`` (an output file or folder) for one run: a second run that would write
+    it refuses with one line while this one lives; a lock left by a run that died is taken
+    over. The lock is a file beside the target: ``.<name>.circuitlab-lock``."""
+    target = Path(target)
+    lock = target.parent / f".{target.name}.circuitlab-lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = lock.read_text(errors="replace").split() if lock.exists() else []
+            if len(owner) == 2 and _alive(*owner):
+                raise CircuitlabError(f"{target} is being written by another circuitlab run "
+                                      f"(process {owner[1]} on {owner[0]}); wait for it or "
+                                      f"choose another --out") from None
+            lock.unlink(missing_ok=True)   # its run died: take over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    try:
+        yield target
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(host: str, pid: str) -> bool:
+    if host != socket.gethostname():
+        return True                         # another machine's run: assume it lives
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def staged(target: PathLike, outputs: Iterable[str]):
+    """A temporary folder to write one result into; on success its files replace the result
+    in ``target`` as a whole (old ``outputs`` the new result lacks are removed, other files
+    are left alone); on failure ``target`` is untouched. A rerun with --force therefore never
+    leaves a folder mixing new files with old ones."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        yield tmp
+        target.mkdir(parents=True, exist_ok=True)
+        made = {p.name for p in tmp.iterdir()}
+        for name in outputs:
+            if name not in made:
+                (target / name).unlink(missing_ok=True)
+        for name in sorted(made):
+            os.replace(tmp / name, target / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,8 @@ record is one call away (``hm.point(name)``: unit axis, shape, kind, module).
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import pandas as pd
@@ -41,6 +43,19 @@ def _in_chans(model: nn.Module) -> Optional[int]:
         if isinstance(m, nn.Linear):
             return None
     return None
+
+
+# a cache above this many bytes is warned about (it is easy to ask for every hook point)
+CACHE_WARN_BYTES = 2 * 2 ** 30
+
+
+def _warn_if_large(points: Sequence[HookPoint], x: torch.Tensor, grads: bool) -> None:
+    per_image = sum(math.prod(p.shape[1:]) for p in points if p.shape)
+    size = per_image * x.shape[0] * x.element_size() * (2 if grads else 1)
+    if size > CACHE_WARN_BYTES:
+        warnings.warn(f"caching {len(points)} hook points of a batch of {x.shape[0]} holds "
+                      f"about {size / 2 ** 30:.1f} GiB; pass names= (e.g. hm.taps) to cache "
+                      f"only what you need", stacklevel=3)
 
 
 class HookedModel:
@@ -184,6 +199,8 @@ class HookedModel:
                                   f"{tuple(x.shape)}; add the batch axis with x[None]")
         if x.dim() != 4:
             raise CircuitlabError(f"expected a batch (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise CircuitlabError("the batch is empty (B = 0); pass at least one image")
         if x.shape[1] != self.in_chans:
             raise CircuitlabError(f"{self.name} takes {self.in_chans}-channel images, got "
                                   f"{x.shape[1]} channels (shape {tuple(x.shape)}); "
@@ -222,6 +239,7 @@ class HookedModel:
         """
         x = self.check_input(x)
         points = self.resolve(names)
+        _warn_if_large(points, x, grads)
         if not grads:
             logits, raw = self._run(x, saves=points)
             acts = {p.name: p.view(raw[p.name]) if p.view else raw[p.name] for p in points}

@@ -36,6 +36,7 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 tr:nth-child(even) td{background:#fafafa}
 img{max-width:100%;border:1px solid #eee;margin:.5em 0}
 .missing{color:#a00}.note{color:#555;font-size:.92em}code{background:#f3f3f3;padding:0 3px}
+.warning{background:#fff3cd;border:1px solid #e0b000;padding:.5em .8em;font-weight:600}
 """
 
 # Marks figures that failed to decode, so a headless browser can check the page in one read.
@@ -115,7 +116,8 @@ def _sections(src: Path, sections: Optional[Sequence[Section]]) -> list:
 def render(src: Union[str, os.PathLike], sections: Optional[Sequence[Section]] = None
            ) -> tuple[str, list[str]]:
     """(HTML text, the sections found) from a folder holding one subfolder per analysis;
-    ``sections``: (folder, title, blurb) in page order, default every subfolder."""
+    ``sections``: (folder, title, blurb) in page order, default every subfolder. A
+    section's ``WARNING.txt`` is shown above its tables."""
     src = Path(src)
     if not src.is_dir():
         raise CircuitlabError(f"{src} is not a folder of analysis outputs (one subfolder "
@@ -132,6 +134,9 @@ def render(src: Union[str, os.PathLike], sections: Optional[Sequence[Section]] =
                          f'<code>{html.escape(str(d))}</code></p>')
             continue
         found.append(folder)
+        if (d / "WARNING.txt").is_file():   # e.g. a smoke run's numbers: said before them
+            parts.append(f'<p class="warning">{html.escape((d / "WARNING.txt").read_text())}'
+                         f'</p>')
         parts += [markdown_to_html(p.read_text()) for p in mds]
         parts += [_figure(p) for p in pngs if not p.name.endswith(".tmp.png")]
         parts += [_view(p) for p in sorted(d.glob("*.html")) if ".tmp" not in p.name]

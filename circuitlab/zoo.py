@@ -64,17 +64,17 @@ def _state_dict_of(obj: dict) -> dict:
 
 
 def _load_state(model: nn.Module, state: dict, where: str) -> None:
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here"
+             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
         raise CircuitlabError(
-            f"checkpoint {where} does not fit the architecture: {len(result.missing_keys)} "
-            f"missing keys (e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} "
-            f"unexpected (e.g. {result.unexpected_keys[:3]}); check the model name")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CircuitlabError(f"checkpoint {where} does not fit the architecture: "
-                              f"{str(e).splitlines()[-1].strip()[:300]}") from None
+            f"checkpoint {where} does not fit the architecture: {len(missing)} missing keys "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+            f"{len(wrong)} of another shape (e.g. {wrong[:1]}); check the model name")
+    model.load_state_dict(state, strict=True)
 
 
 def _classes_in_state(state: dict, model: nn.Module) -> Optional[int]:

@@ -62,3 +62,20 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A random synthetic CNN saved as a checkpoint, and two benchmark images beside it
+    (shape0.png, shape1.png)."""
+    import numpy as np
+    from PIL import Image
+
+    from circuitlab import HookedModel, save_checkpoint, synthetic
+    torch.manual_seed(0)
+    hm = HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG,
+                     labels=list(synthetic.CLASSES), arch="synthetic_cnn")
+    path = save_checkpoint(hm, tmp_path / "cnn.pt")
+    data = synthetic.make_dataset(2, seed=0)
+    for i in range(2):
+        arr = (data.images[i].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"shape{i}.png")
+    return path

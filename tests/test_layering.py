@@ -21,7 +21,7 @@ LAYERS = [
     ("synthetic",),                              # the benchmark: its data, models and cache
     ("registry",),                               # which names load what
     ("data", "zoo"),                             # images in; models by name
-    ("metrics", "features"),                     # feature dictionaries on taps
+    ("metrics", "features", "runs"),             # feature dictionaries on taps; folder runs
     ("explain", "baselines"),                    # masks
     ("circuits",),                               # circuits
     ("report",),                                 # reports

@@ -185,6 +185,11 @@ def _choose_units(r: _Reading, reference: Optional[torch.Tensor]) -> None:
     elif cfg.select_by == "learned":
         picked_by = learn_units(hm, r.inp, r.layers, cfg.budget, target=r.target,
                                 ablation=cfg.ablation, reference=reference, steps=cfg.steps)
+    elif cfg.k is not None and cfg.k > max(hm.n_units(n) for n in r.layers):
+        widest = max(r.layers, key=hm.n_units)
+        raise CircuitlabError(f"k={cfg.k} is more units than any tapped layer has (the widest, "
+                              f"{widest}, has {hm.n_units(widest)}): every unit would be the "
+                              f"circuit; choose a k below the layers' widths")
     for name in r.layers:
         hp = hm.point(name)
         a, g = hp.per_unit(r.cache[name])[0], hp.per_unit(r.cache.grad(name))[0]   # (U, P)

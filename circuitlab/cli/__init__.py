@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from ..errors import CircuitlabError
-from . import circuit, explain, models, report, saliency, train
+from . import circuit, explain, models, report, saliency, train, units
 
-GROUPS = (models, explain, train, circuit, saliency, report)   # the order of `--help`
+GROUPS = (models, explain, train, circuit, units, saliency, report)   # the order of `--help`
 
 
 class _UsageError(Exception):
@@ -59,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as the CLI's other messages are: one line, no source excerpt."""
+    print(f"circuitlab: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -70,7 +76,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line
+            return args.func(args)
     except CircuitlabError as e:
         if args.debug:
             raise

@@ -100,6 +100,21 @@ def add_outputs(p: argparse.ArgumentParser, out_help: str, force_help: str) -> N
     add_json(p)
 
 
+def add_reference(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reference", help="folder of images for mean / resample ablation, or "
+                                       "'synthetic' (default: the offline sample photos)")
+
+
+def add_batch_args(p: argparse.ArgumentParser) -> None:
+    """How a folder run goes: images per batch, decoding processes."""
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="folder runs: images optimised together (default 4); each keeps its "
+                        "own mask, early stop and result")
+    p.add_argument("--workers", type=count, default=None,
+                   help="folder runs: processes decoding images (default: half the cores, "
+                        "at most 4)")
+
+
 def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -114,6 +129,43 @@ def load(args):
     from ..zoo import load_model
     return load_model(args.model, checkpoint=args.checkpoint, device=args.device,
                       pretrained=False if args.random_weights else None)
+
+
+def target_index(hm, target):
+    """--target as a class index: an index, or a label of the model (exact, then unique
+    case-insensitive prefix); None stays None (the top-1)."""
+    from ..errors import did_you_mean
+    if target is None:
+        return None
+    n = len(hm.labels) if hm.labels else None
+    if target.isdigit():
+        if n is not None and int(target) >= n:
+            raise CircuitlabError(f"--target {target}: {hm.name} has classes 0 .. {n - 1}")
+        return int(target)
+    labels = [str(label) for label in hm.labels or []]
+    if target in labels:
+        return labels.index(target)
+    hits = [i for i, label in enumerate(labels) if label.lower().startswith(target.lower())]
+    if len(hits) == 1:
+        return hits[0]
+    raise CircuitlabError(f"--target {target!r} is no class of {hm.name}"
+                          f"{' (several labels start so)' if hits else ''}."
+                          f"{did_you_mean(target, labels)} Give a label or a class index")
+
+
+def provenance(args, hm) -> dict:
+    """How a result was made, for its metrics.json: seed, threads, device, versions (masks
+    differ between thread counts by float rounding)."""
+    import platform
+
+    import timm
+    import torch
+
+    from .. import __version__
+    return {"seed": getattr(args, "seed", None), "threads": torch.get_num_threads(),
+            "device": str(hm.device), "versions": {
+                "circuitlab": __version__, "torch": torch.__version__,
+                "timm": timm.__version__, "python": platform.python_version()}}
 
 
 def emit(args, payload, table) -> None:

@@ -1,14 +1,16 @@
-"""`circuitlab circuit`, `ablate` and `patch`: the circuit behind a decision, tested by
-ablation against random circuits; per-unit effects of one layer as CSV."""
+"""`circuitlab circuit`: the circuit behind a decision (one image or a folder), tested by
+ablation against random circuits."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from ..errors import CircuitlabError
-from ..files import refuse_overwrite, write_text
-from ._common import (add_ablation, add_image_arg, add_model_args, add_outputs, add_seed, count, emit,
-                      fraction, load, mask_from, positive_int, reference_images)
+from ..files import locked, refuse_overwrite, staged, write_text
+from ._common import (add_ablation, add_batch_args, add_image_arg, add_model_args,
+                      add_outputs, add_reference, add_seed, count, emit, fraction, load,
+                      mask_from, positive_int, provenance, reference_images)
+from ._folder import run_folder
 
 OUTPUTS = ("nodes.csv", "edges.csv", "nodes.parquet", "edges.parquet", "circuit.graphml",
            "circuit.json", "circuit.png", "circuit.html", "validation.json")
@@ -58,110 +60,101 @@ def _line(args, result: dict) -> str:
         f"edge circuit: {e['edges']} of {e['total']} edges between its taps "
         f"({100 * e['fraction']:.1f} %) keep contrast {e['contrast']:.2f}, top-1 kept "
         f"{e['top1_kept']}; random edges of that size: contrast {e['random_contrast']:.2f}\n")
-    return (f"{args.image}: {result['label']} circuit of {result['units']} units "
+    return (f"{result['image']}: {result['label']} circuit of {result['units']} units "
             f"({100 * result['unit_fraction']:.1f} % of {result['tapped_units']}), "
             f"{how}{result['edges']} edges, read on the {result['read_on']}\n"
             f"keep only the circuit ({args.ablation} ablation): logit x "
             f"{f['logit_fraction']:.2f}, contrast kept "
             f"{f.get('contrast_fraction', float('nan')):.2f}, top-1 kept {f['top1_kept']}; "
             f"random circuits: contrast kept {rf.get('contrast_fraction', float('nan')):.2f}; "
-            f"remove it: top-1 kept {result['necessity']['top1_kept']}\n{edge}"
-            f"wrote {args.out}")
+            f"remove it: top-1 kept {result['necessity']['top1_kept']}"
+            + (f"\n{edge.rstrip()}" if edge else ""))
 
 
-def cmd_circuit(args) -> int:
-    import time
+def _short(row: dict) -> str:
+    """One line per image of a folder run, from its results-table row."""
+    return (f"{row['image']}: {row['label']} circuit of {row['units']} units "
+            f"({100 * row['unit_fraction']:.1f} %), contrast kept "
+            f"{row.get('faithfulness.contrast_fraction', float('nan')):.2f} (random "
+            f"{row.get('random_faithfulness.contrast_fraction', float('nan')):.2f}), top-1 "
+            f"kept {row.get('faithfulness.top1_kept')}")
 
-    from .. import data
-    from ..circuits import ReadoutConfig, faithfulness, read_circuit, summarize
-    from ..circuits.drawing import unit_crops
-    out = Path(args.out)
-    refuse_overwrite([out / n for n in OUTPUTS], args.force)
+
+def _config(args):
+    """The readout's settings, checked before anything loads."""
+    from ..circuits import ReadoutConfig
     if args.explain and args.explanation:
         raise CircuitlabError("pass --explain or --explanation DIR, not both")
-    config = ReadoutConfig(  # checks the settings before anything loads
+    return ReadoutConfig(
         k=args.k, mass=args.mass, select_by=args.select, faithfulness=args.faithfulness,
         refine_steps=args.refine, edges=args.edges, gradient=args.gradient, units=args.units,
         budget=args.budget, ablation=args.ablation, steps=args.steps, rank_by=args.rank_by)
-    hm = load(args)
+
+
+def _circuit_one(hm, x, image, out: Path, args, refs) -> dict:
+    """One image's circuit, validated, its files written into ``out``."""
+    import time
+
+    from ..circuits import faithfulness, read_circuit, summarize
+    from ..circuits.drawing import unit_crops
     t0 = time.perf_counter()
-    x = data.load_image(args.image, hm)
+    config = args.readout
     explanation, area = _explanation(args, hm, x)
-    refs = reference_images(args, hm, str(args.image)).to(x.device)
     circuit = read_circuit(hm, x, explanation, config=config, reference=refs)
     val = faithfulness(hm, x, circuit, ablation=args.ablation, reference=refs, seed=args.seed)
     result = _result(args, hm, circuit, summarize(val), area)
+    result["image"] = str(image)
     if explanation is not None:  # the same readout on the full image, for comparison
         image_circuit = read_circuit(hm, x, None, config=config, reference=refs)
-        iv = summarize(faithfulness(hm, x, image_circuit, ablation=args.ablation, reference=refs,
-                                    n_random=0))
+        iv = summarize(faithfulness(hm, x, image_circuit, ablation=args.ablation,
+                                    reference=refs, n_random=0))
         d = circuit.diff(image_circuit)
         result["image_circuit"] = {"logit_fraction": iv["keep"]["logit_fraction"],
                                    "top1_kept": iv["keep"]["top1_kept"],
                                    "shared_units": int((d["in"] == "both").sum())}
-    result["seconds"] = time.perf_counter() - t0
+    result.update(seconds=time.perf_counter() - t0, **provenance(args, hm))
     circuit.save(out)
     circuit.plot(out / "circuit.png")
     circuit.to_html(out / "circuit.html", crops=unit_crops(hm, x, circuit))
     write_text(out / "validation.json", json.dumps(result, indent=2) + "\n")
-    emit(args, result, _line(args, result))
-    return 0
+    return result
 
 
-def _unit_experiment(args):
-    """(hm, x) for ablate / patch, after refusing to replace --out and checking --layer."""
+def _circuit_batch(hm, items: list, args) -> None:
+    refs = args.refs_of(hm)
+    for image, x, publish in items:
+        publish(image, lambda tmp, image=image, x=x: _circuit_one(hm, x, image, tmp, args,
+                                                                   refs.to(x.device)))
+
+
+def cmd_circuit(args) -> int:
     from .. import data
-    refuse_overwrite([args.out], args.force)
-    hm = load(args)
-    x = data.load_image(args.image, hm)
-    hm.point(args.layer)
-    return hm, x
+    args.readout = _config(args)
+    if args.explanation and Path(args.image).is_dir():
+        raise CircuitlabError("--explanation names one image's explanation; for a folder use "
+                              "--explain")
+    cached = {}
 
-
-def cmd_ablate(args) -> int:
-    from ..circuits import ablate_units
-    hm, x = _unit_experiment(args)
-    refs = reference_images(args, hm, str(args.image)).to(x.device) \
-        if args.ablation != "zero" else None
-    df = ablate_units(hm, x, args.layer, ablation=args.ablation, reference=refs)
-    write_text(args.out, df.to_csv(index=False))
-    worst = df.nsmallest(5, "logit_change")
-    flips = int((~df["top1_kept"]).sum())
-    emit(args, {"model": hm.name, "layer": args.layer, "ablation": args.ablation,
-                "units": len(df), "flips": flips, "csv": str(args.out),
-                "top": worst.to_dict("records")},
-         f"{args.layer}: {len(df)} units ablated one at a time ({args.ablation}); {flips} flip "
-         f"top-1. Largest logit drops:\n{worst.to_string(index=False)}\nwrote {args.out}")
+    def refs_of(hm):   # one reference set per run
+        if "refs" not in cached:
+            cached["refs"] = reference_images(args, hm, str(args.image))
+        return cached["refs"]
+    args.refs_of = refs_of
+    if Path(args.image).is_dir():
+        return run_folder(args, "circuit", OUTPUTS, OUTPUTS, _circuit_batch,
+                          lambda rows: "\n".join(_short(r) for r in rows))
+    out = Path(args.out)
+    refuse_overwrite([out / n for n in OUTPUTS], args.force)
+    with locked(out):
+        hm = load(args)
+        x = data.load_image(args.image, hm)
+        with staged(out, OUTPUTS) as tmp:
+            result = _circuit_one(hm, x, args.image, tmp, args, refs_of(hm).to(x.device))
+    emit(args, result, _line(args, result) + f"\nwrote {args.out}")
     return 0
 
 
-def cmd_patch(args) -> int:
-    from ..circuits import agreement, patch_units
-    hm, x = _unit_experiment(args)
-    m = mask_from(args.explanation, hm).to(x.device)
-    e, c = m * x, (1 - m) * x
-    target = int(hm(x).argmax(-1))
-    clean, corrupt = (e, c) if args.direction == "into-complement" else (c, e)
-    df = patch_units(hm, clean, corrupt, args.layer, target=target)
-    write_text(args.out, df.to_csv(index=False))
-    agree = agreement(df)
-    top = df.reindex(df["exact"].abs().sort_values(ascending=False).index).head(5)
-    emit(args, {"model": hm.name, "layer": args.layer, "direction": args.direction,
-                "units": len(df), "agreement": agree, "csv": str(args.out),
-                "top": top.to_dict("records")},
-         f"{args.layer}: {len(df)} units patched {args.direction} (target "
-         f"{hm.label(target)}); attribution patching vs exact: pearson "
-         f"{agree['pearson']:.2f}, spearman {agree['spearman']:.2f}. Largest effects:\n"
-         f"{top.to_string(index=False)}\nwrote {args.out}")
-    return 0
-
-
-def _add_reference(p) -> None:
-    p.add_argument("--reference", help="folder of images for mean / resample ablation, or "
-                                       "'synthetic' (default: the offline sample photos)")
-
-
-def _register_circuit(sub) -> None:
+def register(sub) -> None:
     p = sub.add_parser("circuit", help="read and validate the circuit behind a decision",
                        description="Read the channel-level circuit of an image's decision "
                                    "(on its minimal explanation with --explain or "
@@ -212,35 +205,11 @@ def _register_circuit(sub) -> None:
                         "ViTs) or residual channels of the tapped blocks")
     add_ablation(p, "of the units outside the circuit, in the search and the validation: "
                     "mean over the reference images (default), zero, or resample")
-    _add_reference(p)
+    add_reference(p)
     add_seed(p)
-    add_outputs(p, "output folder", "replace existing output files")
+    add_batch_args(p)
+    add_outputs(p, "output folder (a folder of images: one sub-folder per image and "
+                   "results.csv)", "replace existing output files (a folder run: redo every "
+                   "image instead of resuming)")
     p.set_defaults(func=cmd_circuit)
 
-
-def register(sub) -> None:
-    _register_circuit(sub)
-    p = sub.add_parser("ablate", help="ablate each unit of a layer, write CSV",
-                       description="Ablate every unit of --layer on its own (batched) and "
-                                   "write the change of the top-1 logit per unit as CSV.")
-    add_model_args(p)
-    add_image_arg(p)
-    p.add_argument("--layer", "-l", required=True, help="hook name (see `circuitlab layers`)")
-    add_ablation(p, "mean over the reference images (default), zero, or resample")
-    _add_reference(p)
-    add_outputs(p, "CSV file to write", "replace an existing --out")
-    p.set_defaults(func=cmd_ablate)
-
-    p = sub.add_parser("patch", help="patch each unit between explanation and complement",
-                       description="Patch every unit of --layer from the explanation run "
-                                   "into the complement run (or back), exactly and by "
-                                   "attribution patching, and write both per unit as CSV.")
-    add_model_args(p)
-    add_image_arg(p)
-    p.add_argument("--explanation", required=True,
-                   help="folder written by `circuitlab explain` (its mask.png)")
-    p.add_argument("--layer", "-l", required=True, help="hook name (see `circuitlab layers`)")
-    p.add_argument("--direction", choices=["into-complement", "into-explanation"],
-                   default="into-complement")
-    add_outputs(p, "CSV file to write", "replace an existing --out")
-    p.set_defaults(func=cmd_patch)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import warnings
 from pathlib import Path
 
 from ..errors import CircuitlabError
-from ..files import refuse_overwrite, write_text
-from ._common import (add_image_arg, add_model_args, add_outputs, add_seed, count, emit,
-                      fraction, load, overlay, positive_int, ratio, save_mask_pngs, save_png)
+from ..files import locked, refuse_overwrite, staged, write_text
+from ._common import (add_batch_args, add_image_arg, add_model_args, add_outputs, add_seed,
+                      count, emit, fraction, load, overlay, positive_int, provenance, ratio,
+                      save_mask_pngs, save_png, target_index)
+from ._folder import run_folder
 
 OUTPUTS = ("mask.png", "explanation.png", "overlay.png", "metrics.json")
 MAX_REASONS = 10
@@ -19,22 +21,32 @@ _REASON_COLOURS = ((0.9, 0.2, 0.1), (0.1, 0.5, 0.95), (0.1, 0.8, 0.2), (0.95, 0.
                    (0.7, 0.2, 0.9))
 
 
-def _explain_one(hm, image, out: Path, args) -> dict:
+def _first_pass(hm, x, args):
+    """The free masks of a batch: optimised together (per-image mode) or one forward of the
+    explainer (amortized)."""
+    from ..explain import explain
+    if args.mode == "amortized":
+        if args.target is not None:
+            raise CircuitlabError("--target belongs to per-image mode: the explainer explains "
+                                  "the top-1")
+        return args.explainer_obj.explain(hm, x, refine=args.refine, seed=args.seed)
+    return explain(hm, x, preset_name=args.preset, steps=args.steps, seed=args.seed,
+                   target=target_index(hm, args.target))
+
+
+def _finish_one(hm, x, free, image, out: Path, args, shared_seconds: float) -> dict:
+    """One image from its free mask: --area / --minimal / --reasons, metrics, files.
+    ``shared_seconds``: its share of the batch's first pass."""
     import time
 
     import numpy as np
 
     from .. import data, metrics
-    from ..explain import explain, explain_at_area, minimize
+    from ..explain import explain_at_area, minimize
     from ..explain.reasons import reasons_of_one
     t0 = time.perf_counter()
-    x = data.load_image(image, hm)
-    if args.mode == "amortized":
-        ex = args.explainer_obj.explain(hm, x, refine=args.refine, seed=args.seed)
-    else:
-        ex = explain(hm, x, preset_name=args.preset, steps=args.steps, seed=args.seed)
-    free, free_area = ex, float(ex.area[0])
-    mask, cert = ex.mask, None
+    ex, free_area, cert = free, float(free.area[0]), None
+    mask = ex.mask
     if args.area is not None:  # pared down from the free mask to exactly this area
         ex = explain_at_area(hm, x, args.area, base=ex, steps=args.steps, seed=args.seed)
         mask = ex.mask
@@ -43,13 +55,12 @@ def _explain_one(hm, image, out: Path, args) -> dict:
         cert, mask = ex.certificates[0], ex.mask
     found = reasons_of_one(hm, x, args.reasons, int(ex.target[0]), None, args.seed,
                            args.minimal, first=free) if args.reasons > 1 else None
-    seconds = time.perf_counter() - t0
     result = {
         "image": str(image), "model": hm.name, "mode": args.mode,
         "preset": args.preset if args.mode == "per-image" else None, "steps": ex.steps,
         "area_budget": args.area, "free_area": free_area,
         **metrics.mask_report(hm, x, mask, mask, ex.target, seed=args.seed),
-        "seconds": seconds,
+        "seconds": shared_seconds + time.perf_counter() - t0, **provenance(args, hm),
     }
     if cert is not None:
         result.update(minimal_area=float(cert.mask.mean()), area_search=ex.search[0],
@@ -62,6 +73,20 @@ def _explain_one(hm, image, out: Path, args) -> dict:
     save_png(out / "explanation.png", (e_rgb * 255).round().astype(np.uint8))
     write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _explain_batch(hm, items: list, args):
+    """``items``: [(image, x (1, C, H, W), publish)] explained together; ``publish(image,
+    work)`` writes one image's result as a whole."""
+    import time
+
+    import torch
+    t0 = time.perf_counter()
+    free = _first_pass(hm, torch.cat([x for _, x, _ in items]), args)
+    share = (time.perf_counter() - t0) / len(items)
+    for i, (image, x, publish) in enumerate(items):
+        publish(image, lambda tmp, i=i, image=image, x=x: _finish_one(
+            hm, x, free.row(i), image, tmp, args, share))
 
 
 def _save_reasons(out: Path, hm, x, found) -> list:
@@ -107,31 +132,44 @@ def _check(args) -> tuple:
 
 
 def cmd_explain(args) -> int:
-    from tqdm.auto import tqdm
-
     from .. import data
     names = _check(args)
-    src = Path(args.image)
-    images = data.image_files(src) if src.is_dir() else [args.image]
-    out = Path(args.out)
-    targets = [out / Path(str(i)).stem for i in images] if src.is_dir() else [out]
-    refuse_overwrite([t / n for t in targets for n in names], args.force)
     if args.mode == "amortized":
         from ..explain import Explainer
-        args.explainer_obj = Explainer.load(args.explainer)
-    hm = load(args)
-    results = [_explain_one(hm, img, t, args) for img, t in
-               tqdm(list(zip(images, targets)), desc="explain", unit="img", file=sys.stderr,
-                    disable=len(images) < 2 or None)]
-    lines = [f"{r['image']}: {r['label']} kept={r['top1_kept']} area="
-             f"{r['area_fraction']:.3f} regions={r['regions']} conf "
-             f"{r['confidence_image']:.3f} -> {r['confidence_explanation']:.3f} "
-             f"necessity_drop={r['necessity_drop']:.2f}"
-             + (f" locally_minimal={r['locally_minimal']}" if "locally_minimal" in r else "")
-             + f" ({r['seconds']:.1f} s)" for r in results]
-    lines.append(f"wrote {out}")
-    emit(args, results if src.is_dir() else results[0], "\n".join(lines))
+        args.explainer_obj = ex = Explainer.load(args.explainer)
+        if ex.step == 0:
+            raise CircuitlabError(f"{args.explainer} was never trained (step 0); finish it "
+                                  f"with `circuitlab train-explainer ... --resume`")
+        if ex.step < ex.config.steps:
+            warnings.warn(f"{args.explainer} is unfinished: trained {ex.step} of "
+                          f"{ex.config.steps} steps; its masks are not yet what training "
+                          f"aims at (--resume it to finish)")
+    if Path(args.image).is_dir():
+        return run_folder(args, "explain", names, OUTPUTS, _explain_batch, _summary)
+    out = Path(args.out)
+    refuse_overwrite([out / n for n in names], args.force)
+    with locked(out):
+        hm = load(args)
+        x = data.load_image(args.image, hm)
+        results = []
+        _explain_batch(hm, [(args.image, x, lambda image, work: _publish_one(
+            out, names, work, results))], args)
+    emit(args, results[0], _summary(results) + f"\nwrote {out}")
     return 0
+
+
+def _publish_one(out: Path, names, work, results: list) -> None:
+    with staged(out, names) as tmp:
+        results.append(work(tmp))
+
+
+def _summary(results: list) -> str:
+    return "\n".join(
+        f"{r['image']}: {r['label']} kept={r['top1_kept']} area={r['area_fraction']:.3f} "
+        f"regions={r['regions']} conf {r['confidence_image']:.3f} -> "
+        f"{r['confidence_explanation']:.3f} necessity_drop={r['necessity_drop']:.2f}"
+        + (f" locally_minimal={r['locally_minimal']}" if "locally_minimal" in r else "")
+        + f" ({r['seconds']:.1f} s)" for r in results)
 
 
 def register(sub) -> None:
@@ -149,6 +187,9 @@ def register(sub) -> None:
                                        "train-explainer` (amortized mode)")
     p.add_argument("--refine", type=count, default=0,
                    help="amortized mode: per-image steps from the explainer's mask (default 0)")
+    p.add_argument("--target", default=None, metavar="CLASS",
+                   help="the class whose decision to explain: an index or a label (default: "
+                        "the model's top-1 on each image)")
     p.add_argument("--preset", choices=["default", "paper"], default="default")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="optimisation steps (preset's by default)")
@@ -170,5 +211,7 @@ def register(sub) -> None:
                    help="with --minimal: the decision holds when the label is kept with "
                         "p_target >= R x the image's (default 1; 0: the label alone)")
     add_seed(p)
-    add_outputs(p, "output folder", "replace existing output files")
+    add_batch_args(p)
+    add_outputs(p, "output folder", "replace existing output files (a folder run: redo "
+                                    "every image instead of resuming)")
     p.set_defaults(func=cmd_explain)

@@ -35,6 +35,7 @@ from .config import ExplainConfig, amortized_preset, preset
 from .generator import MaskGrid, MaskUNet
 from .optimize import Explanation, explain
 
+
 class Explainer:
     """A trained amortized mask generator for one classifier (name and input size recorded)."""
 

@@ -94,8 +94,10 @@ class MaskGrid(nn.Module):
 
     def __init__(self, shape: tuple, init_std: float = 1.0, seed: int = 0):
         super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.logits = nn.Parameter(init_std * torch.randn(shape, generator=g))
+        # every image of the batch starts from the draw ``seed`` gives one image, so an
+        # image's mask does not depend on the batch it is explained in
+        one = torch.randn(tuple(shape[1:]), generator=torch.Generator().manual_seed(seed))
+        self.logits = nn.Parameter(init_std * one.expand(tuple(shape)).clone())
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor) -> "MaskGrid":

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +48,11 @@ class StepOutput:
     mask: torch.Tensor         # hard mask at input resolution
     logits_e: torch.Tensor     # f(m x)
     logits_c: Optional[torch.Tensor]   # f((1 - m) x) when the necessity term is on
+    rows: Optional[torch.Tensor] = None  # which images of the objective's batch these are
 
     @torch.no_grad()
     def kept(self, target: torch.Tensor) -> torch.Tensor:
+        """Top-1 kept, per image; ``target``: the targets of these rows."""
         return self.logits_e.argmax(-1) == target
 
 
@@ -63,10 +65,16 @@ class Objective:
     """
 
     def __init__(self, hm: HookedModel, x: torch.Tensor, cfg: ExplainConfig,
-                 rng: Optional[torch.Generator] = None,
+                 rng: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
                  target: Optional[torch.Tensor] = None):
         self.hm, self.x, self.cfg = hm, x, cfg
-        self.rng = rng or torch.Generator().manual_seed(0)
+        # one generator per image (its noise backgrounds and their order do not depend on
+        # the batch), or one shared by the batch, drawn from image by image
+        rng = rng or torch.Generator().manual_seed(0)
+        self.rngs = [rng] * x.shape[0] if isinstance(rng, torch.Generator) else list(rng)
+        if len(self.rngs) != x.shape[0]:
+            raise CircuitlabError(f"rng: one generator per image, {x.shape[0]}; got "
+                                  f"{len(self.rngs)}")
         points, self.alphas, self.kinds, self.cdims = resolve_taps(hm, cfg)
         self.names = [p.name for p in points]
         with torch.no_grad():
@@ -79,8 +87,10 @@ class Objective:
         self.p_x = self.logits_x.softmax(-1).gather(1, self.target[:, None]).squeeze(1)
         self.acts_x = [cache_x[n] for n in self.names]
         self.k = min(cfg.backgrounds_per_step, len(cfg.backgrounds)) if cfg.rob else 0
-        self.backgrounds = make_backgrounds(x, hm.data_config, cfg.backgrounds, self.rng) \
-            if self.k else None
+        # (kinds, B, C, H, W)
+        self.backgrounds = torch.stack([
+            make_backgrounds(x[i:i + 1], hm.data_config, cfg.backgrounds, self.rngs[i])
+            for i in range(x.shape[0])], 1) if self.k else None
 
     def area_target(self, step: int) -> float:
         c = self.cfg
@@ -97,9 +107,13 @@ class Objective:
     def at_budget(self, step: int) -> bool:
         return (step - 1) >= self.cfg.budget_warmup * (self.cfg.steps - 1)
 
-    def __call__(self, p: torch.Tensor, step: int = 1):
-        """(loss, {term: value}, StepOutput) for keep probabilities ``p`` (B, 1, h, w)."""
-        cfg, x = self.cfg, self.x
+    def __call__(self, p: torch.Tensor, step: int = 1, rows: Optional[Sequence[int]] = None):
+        """(loss, {term: value}, StepOutput) for keep probabilities ``p`` (B, 1, h, w) of the
+        images ``rows`` of x (default all): every term is a mean over those images."""
+        cfg = self.cfg
+        rows = list(range(self.x.shape[0])) if rows is None else [int(i) for i in rows]
+        sel = torch.tensor(rows, device=self.x.device)
+        x, target, logits_x = self.x[sel], self.target[sel], self.logits_x[sel]
         b = x.shape[0]
         m_low = binarize_ste(p) if cfg.area_budget is None else \
             keep_top_ste(p, self.budget_at(step))
@@ -107,10 +121,10 @@ class Objective:
         parts = [m * x]
         if self.k:
             nb = len(cfg.backgrounds)
-            pick = torch.randperm(nb, generator=self.rng)[:self.k]
-            r = self.backgrounds.view(nb, b, *x.shape[1:])[pick].reshape(self.k * b,
-                                                                          *x.shape[1:])
-            mk = m.repeat(self.k, 1, 1, 1)
+            r = torch.stack([self.backgrounds[torch.randperm(nb, generator=self.rngs[i])
+                                              [:self.k], i] for i in rows], 1)
+            r = r.reshape(self.k * b, *x.shape[1:])                 # background j of image i
+            mk = m.repeat(self.k, 1, 1, 1)                          # at row j * b + i
             parts.append(mk * x.repeat(self.k, 1, 1, 1) + (1 - mk) * r)
         if cfg.nec:
             parts.append((1 - m) * x)
@@ -119,34 +133,37 @@ class Objective:
         # lambda_act rides in the alphas and comes back out as a division, so the gradient
         # reaching the fused kernel is exactly 1 and its backward moves no memory
         lam = cfg.act if cfg.act else 1.0
-        act = losses.activation_matching(self.acts_x, [cache[n][:b] for n in self.names],
+        act = losses.activation_matching([a[sel] for a in self.acts_x],
+                                         [cache[n][:b] for n in self.names],
                                          [a * lam for a in self.alphas], self.kinds,
                                          self.cdims) / lam
         terms = {
             "act": act,
-            "ce": losses.class_ce(logits_e, self.target),
-            "kl": losses.logit_kl(self.logits_x, logits_e, cfg.temperature),
+            "ce": losses.class_ce(logits_e, target),
+            "kl": losses.logit_kl(logits_x, logits_e, cfg.temperature),
             "area": losses.area(p) if cfg.area_mode == "mean" else
             losses.area_rank(p, self.area_target(step)),
             "bin": losses.binarization(p),
             "tv": losses.total_variation(p, cfg.tv_neighbours),
         }
         if self.k:
-            terms["rob"] = losses.class_ce(logits[b:b + self.k * b], self.target.repeat(self.k))
+            terms["rob"] = losses.class_ce(logits[b:b + self.k * b], target.repeat(self.k))
         logits_c = None
         if cfg.nec:
             logits_c = logits[-b:]
-            terms["nec"] = losses.necessity_hinge(self.logits_x, logits_c, self.target,
+            terms["nec"] = losses.necessity_hinge(logits_x, logits_c, target,
                                                   cfg.necessity_mode, cfg.necessity_margin)
         if cfg.area_budget is not None:  # the budget fixes the area; nothing to trade it for
             del terms["area"]
         loss = sum(getattr(cfg, name) * value for name, value in terms.items())
-        return loss, terms, StepOutput(m_low, m, logits_e, logits_c)
+        return loss, terms, StepOutput(m_low, m, logits_e, logits_c, sel)
 
     @torch.no_grad()
     def necessity_met(self, out: StepOutput) -> torch.Tensor:
-        """Per image: the complement lowers p_target by at least the necessity margin."""
+        """Per image of ``out``: the complement lowers p_target by at least the necessity
+        margin."""
         if out.logits_c is None:
-            return torch.ones(self.x.shape[0], dtype=torch.bool)
-        pc = out.logits_c.softmax(-1).gather(1, self.target[:, None]).squeeze(1)
-        return (pc <= (1 - self.cfg.necessity_margin) * self.p_x).cpu()
+            return torch.ones(out.logits_e.shape[0], dtype=torch.bool)
+        rows = out.rows if out.rows is not None else slice(None)
+        pc = out.logits_c.softmax(-1).gather(1, self.target[rows, None]).squeeze(1)
+        return (pc <= (1 - self.cfg.necessity_margin) * self.p_x[rows]).cpu()

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 import pandas as pd
@@ -39,10 +39,18 @@ class Explanation:
     #                                        whole image, or under a budget the surest mask)
     certificates: Optional[list] = None    # minimal=True: per image, its regions' check
     search: Optional[list] = None          # minimal=True: per image, the area budgets tried
+    stopped: Optional[torch.Tensor] = None  # per image: the step its optimisation stopped at
 
     @property
     def area(self) -> torch.Tensor:
         return self.mask.flatten(1).mean(1)
+
+    def row(self, i: int) -> "Explanation":
+        """Image ``i`` alone, as a batch of one."""
+        def one(v):
+            return v[i:i + 1] if isinstance(v, torch.Tensor) else \
+                [v[i]] if isinstance(v, list) else v
+        return Explanation(**{f.name: one(getattr(self, f.name)) for f in fields(self)})
 
     def ranking(self) -> torch.Tensor:
         """The explanation as a saliency map (B, 1, H, W), to compare with other methods at
@@ -74,12 +82,18 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     ``mask_net``: a mask network to train instead of the one ``config.generator`` names
     (``generator=`` is its old name, kept for one release). ``target``: the class (or one per
     image) whose decision to explain; default the model's top-1 on each image. ``minimal``: the
-    mask then goes through ``minimize`` (the smallest
-    area budget at which the decision holds at ``confidence`` times the image's p_target,
-    then pruned region by region and certified); ``search`` and ``certificates`` say how.
+    mask then goes through ``minimize`` (the smallest area budget at which the decision holds
+    at ``confidence`` times the image's p_target, then pruned region by region and
+    certified); ``search`` and ``certificates`` say how. The global torch RNG is left as it
+    was.
 
-    Early stop (after ``min_steps``) once the mask is binary, the label is kept and the area has
-    not shrunk for ``patience`` steps. Per image, the smallest label-keeping mask seen is
+    Early stop, per image (after ``min_steps``): once its mask is binary, keeps the label and
+    has not shrunk for ``patience`` steps, the image leaves the batch (``stopped`` says when).
+    Each image's mask starts from the same draw of ``seed``, draws its own noise backgrounds
+    and gets the gradient of its own loss, so with the grid mask networks an image's mask does
+    not depend on the batch it is explained in, up to float rounding (batched convolutions
+    round differently; docs/results.md measures it). A U-Net is one network shared by the
+    batch. Per image, the smallest label-keeping mask seen is
     returned, preferring masks whose complement loses the label; an image for which no step
     kept the label gets the whole image (mask of ones).
 
@@ -88,78 +102,119 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     with the highest target probability, or failing that, the highest target probability
     (``Explanation.found`` says which); no early stop.
     """
+    x = hm.check_input(x)
     cfg = config or preset(preset_name, hm.family.name, min(x.shape[-2:]))
     if minimal and cfg.area_budget is not None:
         raise CircuitlabError("minimal=True searches the area itself; drop area_budget")
     if steps is not None:
         cfg = cfg.replace(steps=int(steps), min_steps=min(cfg.min_steps, int(steps)))
-    x = hm.check_input(x)
+    # the caller's global RNG is left as it was; a U-Net's initial weights come from ``seed``
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        ex = _optimise(hm, x, cfg, seed, mask_net, target, progress)
+    return minimize(hm, x, ex, confidence=confidence, seed=seed) if minimal else ex
+
+
+def _optimise(hm, x, cfg: ExplainConfig, seed: int, mask_net, target, progress) -> Explanation:
+    """The optimisation loop of ``explain``: the images of x leave it one by one as they
+    converge, so a batch costs what its unfinished images cost."""
     b = x.shape[0]
-    torch.manual_seed(seed)
-    rng = torch.Generator().manual_seed(seed)
     net = mask_net if mask_net is not None else _mask_net(hm, x, cfg, seed)
     net = net.to(x.device).train()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-
     # only the U-Net looks at the image; the grid ignores its input
     x_gen = F.avg_pool2d(x, cfg.input_scale) if cfg.generator == "unet" and \
         cfg.input_scale > 1 else x
-    objective = Objective(hm, x, cfg, rng, target)
-    target = objective.target
-
-    budget = cfg.area_budget is not None
-    rows, best_area = [], torch.full((b,), float("inf"))
-    best_conf = torch.full((b,), -1.0)
-    best_kept = torch.zeros(b, dtype=torch.bool)
-    best_nec = torch.zeros(b, dtype=torch.bool)
-    best_mask = torch.ones(b, 1, *x.shape[-2:])
-    best_soft = None
-    t0 = time.perf_counter()
-    step = 0
+    # one generator per image: its noise backgrounds do not depend on the batch
+    objective = Objective(hm, x, cfg, [torch.Generator().manual_seed(seed) for _ in range(b)],
+                          target)
+    best = _Best(objective, x.shape[-2:], cfg.area_budget is not None)
+    rows, active, step, t0 = [], list(range(b)), 0, time.perf_counter()
     for step in range(1, cfg.steps + 1):
-        p = torch.sigmoid(net(x_gen))                               # (B, 1, h, w)
-        loss, terms, out = objective(p, step)
+        idx = torch.tensor(active, device=x.device)
+        p = torch.sigmoid(net(x_gen))[idx]                          # (active, 1, h, w)
+        loss, terms, out = objective(p, step, rows=active)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # the terms are means over the active images: scaled back to a sum, each image's
+        # gradient is that of its own loss, whichever batch it is in
+        (loss * len(active)).backward()
         opt.step()
-
-        with torch.no_grad():
-            kept = out.kept(target).cpu()
-            hard_area = out.m_low.flatten(1).mean(1).cpu()
-            nec_ok = objective.necessity_met(out)
-            conf = out.logits_e.softmax(-1).gather(1, target[:, None]).squeeze(1).cpu()
-            if budget:
-                # at the budget: kept beats lost, then the more confident
-                better = torch.zeros_like(kept) if not objective.at_budget(step) else \
-                    (kept & ~best_kept) | ((kept == best_kept) & (conf > best_conf))
-            else:
-                # the smallest label-keeping mask, preferring ones whose complement loses it
-                better = kept & ((nec_ok & ~best_nec) |
-                                 ((nec_ok == best_nec) & (hard_area < best_area)))
-            if best_soft is None:  # rows that never keep the label keep the whole image
-                best_soft = torch.ones_like(p, device="cpu")
-            if better.any():
-                best_area = torch.where(better, hard_area, best_area)
-                best_nec = best_nec | (better & nec_ok)
-                best_conf = torch.where(better, conf, best_conf)
-                best_kept = best_kept | (better & kept)
-                best_mask[better] = out.mask[better].detach().cpu()
-                best_soft[better] = p[better].detach().cpu()
         row = {"step": step, "loss": float(loss.detach()),
                **{n: float(v.detach()) for n, v in terms.items()},
-               "area": float(hard_area.mean()), "kept": float(kept.float().mean())}
+               **best.update(active, step, p.detach(), out), "images": len(active)}
         rows.append(row)
         if progress:
             progress(step, row)
         # under a budget every step may still raise the confidence: no early stop
-        if not budget and step >= cfg.min_steps and _converged(rows, cfg):
-            break
-    mask = best_mask.to(x.device)
-    ex = Explanation(mask=mask, soft=best_soft, explanation=mask * x, target=target,
-                     history=pd.DataFrame(rows), steps=step,
-                     seconds=time.perf_counter() - t0, config=cfg,
-                     found=best_kept if budget else torch.isfinite(best_area))
-    return minimize(hm, x, ex, confidence=confidence, seed=seed) if minimal else ex
+        if not best.budget and step >= cfg.min_steps:
+            active = [i for i in active if not best.converged(i, cfg)]
+            if not active:
+                break
+    mask = best.mask.to(x.device)
+    return Explanation(mask=mask, soft=best.soft, explanation=mask * x, target=objective.target,
+                       history=pd.DataFrame(rows), steps=step,
+                       seconds=time.perf_counter() - t0, config=cfg,
+                       found=best.kept if best.budget else torch.isfinite(best.area),
+                       stopped=best.stopped)
+
+
+class _Best:
+    """Per image: the best mask so far and its numbers, and its own recent steps (early
+    stop is decided per image)."""
+
+    def __init__(self, objective: Objective, size, budget: bool):
+        b = objective.x.shape[0]
+        self.objective, self.budget = objective, budget
+        self.area = torch.full((b,), float("inf"))
+        self.conf = torch.full((b,), -1.0)
+        self.kept = torch.zeros(b, dtype=torch.bool)
+        self.nec = torch.zeros(b, dtype=torch.bool)
+        self.mask = torch.ones(b, 1, *size)
+        self.soft = None            # rows that never keep the label keep the whole image
+        self.stopped = torch.zeros(b, dtype=torch.long)
+        self.recent = [[] for _ in range(b)]
+
+    @torch.no_grad()
+    def update(self, active: list, step: int, p: torch.Tensor, out) -> dict:
+        """Take the better masks of this step; the step's means over ``active`` for the
+        history."""
+        obj, rows = self.objective, torch.tensor(active)
+        kept = out.kept(obj.target[out.rows]).cpu()
+        area = out.m_low.flatten(1).mean(1).cpu()
+        nec_ok = obj.necessity_met(out)
+        conf = out.logits_e.softmax(-1).gather(1, obj.target[out.rows, None]).squeeze(1).cpu()
+        if self.budget:  # at the budget: kept beats lost, then the more confident
+            old_kept, old_conf = self.kept[rows], self.conf[rows]
+            better = torch.zeros_like(kept) if not obj.at_budget(step) else \
+                (kept & ~old_kept) | ((kept == old_kept) & (conf > old_conf))
+        else:  # the smallest label-keeping mask, preferring ones whose complement loses it
+            old_nec, old_area = self.nec[rows], self.area[rows]
+            better = kept & ((nec_ok & ~old_nec) | ((nec_ok == old_nec) & (area < old_area)))
+        if self.soft is None:
+            self.soft = torch.ones(self.mask.shape[0], *p.shape[1:])
+        won = rows[better]
+        self.area[won], self.conf[won] = area[better], conf[better]
+        self.nec[won] |= nec_ok[better]
+        self.kept[won] |= kept[better]
+        self.mask[won] = out.mask[better].detach().cpu().to(self.mask.dtype)
+        self.soft[won] = p[better].cpu()
+        binary = (p * (1 - p)).flatten(1).mean(1).cpu()
+        for j, i in enumerate(active):
+            self.recent[i] = (self.recent[i] + [(float(binary[j]), bool(kept[j]),
+                                                 float(area[j]))])[-50:]
+            self.stopped[i] = step
+        return {"area": float(area.mean()), "kept": float(kept.float().mean())}
+
+    def converged(self, i: int, cfg: ExplainConfig) -> bool:
+        """Image ``i``'s mask is binary, keeps the label and stopped shrinking for
+        ``patience`` steps."""
+        last = self.recent[i][-cfg.patience:]
+        if len(last) < cfg.patience:
+            return False
+        binary = last[-1][0] < 0.01
+        kept = all(k for _, k, _ in last)
+        flat = last[0][2] - last[-1][2] < 0.002
+        return binary and kept and flat
 
 
 def _mask_net(hm: HookedModel, x: torch.Tensor, cfg: ExplainConfig, seed: int):
@@ -274,13 +329,3 @@ def _halve_while_held(hm, x, mask, soft, target, floor, p_image, steps, min_area
             break
         mask, soft, p_mask, area = cand.mask, cand.soft, float(p[0]), area / 2
     return mask, soft, p_mask, trail
-
-
-def _converged(rows, cfg: ExplainConfig) -> bool:
-    last = rows[-cfg.patience:]
-    if len(last) < cfg.patience:
-        return False
-    binary = last[-1]["bin"] < 0.01
-    kept = all(r["kept"] == 1.0 for r in last)
-    flat = last[0]["area"] - last[-1]["area"] < 0.002
-    return binary and kept and flat

@@ -1,0 +1,111 @@
+"""Folder runs as a user leaves them unattended: outputs that cannot collide, a bad file
+skipped and reported, one results table, resume, settings checked, a lock, whole results."""
+import json
+import os
+import shutil
+
+import pandas as pd
+import pytest
+
+from circuitlab.cli import main
+from circuitlab.errors import CircuitlabError
+from circuitlab.files import locked, staged, write_text
+from circuitlab.runs import folder_names
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def folder(tmp_path, tiny_checkpoint):
+    """cat.png and cat.jpg (one image twice), a corrupt file, a sub-folder named like an
+    image, and the checkpoint."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    shutil.copy(tmp_path / "shape0.png", d / "cat.png")
+    from PIL import Image
+    Image.open(tmp_path / "shape1.png").save(d / "cat.jpg", quality=95)
+    (d / "broken.png").write_bytes(b"\x89PNG not really")
+    (d / "sub.png").mkdir()
+    return d, tiny_checkpoint
+
+
+def test_folder_names_keep_the_extension_and_never_collide(tmp_path):
+    names = folder_names([tmp_path / "cat.png", tmp_path / "cat.jpg", tmp_path / "Cat.PNG",
+                          tmp_path / "cat_png"])
+    assert list(names.values()) == ["cat_png", "cat_jpg", "Cat_PNG-2", "cat_png-3"]
+
+
+def test_a_folder_run_skips_a_bad_file_resumes_and_checks_settings(capsys, tmp_path, folder):
+    d, model = folder
+    out = tmp_path / "out"
+    argv = ["explain", "--model", str(model), "--image", str(d), "--out", str(out),
+            "--steps", "2", "--no-minimal", "--batch-size", "2", "--workers", "0"]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 1, err                                   # one image failed, the others ran
+    assert "broken.png: failed: cannot read" in stdout and "2 done" in stdout
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {
+        "cat_png", "cat_jpg", "results.csv", "results.parquet", "run.json"}
+    table = pd.read_csv(out / "results.csv")
+    assert list(table["image"].map(os.path.basename)) == ["broken.png", "cat.jpg", "cat.png"]
+    assert list(table["status"]) == ["failed", "ok", "ok"]
+    assert pd.read_parquet(out / "results.parquet")["area_fraction"].notna().sum() == 2
+    metrics = json.loads((out / "cat_png" / "metrics.json").read_text())
+    assert table.set_index("output").loc["cat_png", "area_fraction"] == metrics["area_fraction"]
+    stamp = (out / "cat_png" / "mask.png").stat().st_mtime_ns
+    code, stdout, _ = run(capsys, *argv)                    # resume: only the failure again
+    assert code == 1 and "0 done, 2 already done earlier, 1 failed" in stdout
+    assert (out / "cat_png" / "mask.png").stat().st_mtime_ns == stamp
+    code, _, err = run(capsys, *[("3" if a == "2" and argv[i - 1] == "--steps" else a)
+                                 for i, a in enumerate(argv)])
+    assert code == 2 and "other settings (steps 2 -> 3)" in err
+    (d / "broken.png").unlink()
+    code, stdout, _ = run(capsys, *argv, "--force")         # redo everything
+    assert code == 0 and "2 done, 0 already" in stdout
+    assert (out / "cat_png" / "mask.png").stat().st_mtime_ns != stamp
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(capsys, tmp_path, folder):
+    d, model = folder
+    out = tmp_path / "out"
+    argv = ["explain", "--model", str(model), "--image", str(d / "cat.png"), "--out",
+            str(out), "--steps", "2", "--no-minimal"]
+    with locked(out):                                       # another run (this process) lives
+        code, _, err = run(capsys, *argv)
+    assert code == 2 and "being written by another circuitlab run" in err
+    assert not out.exists()
+    import socket
+    (tmp_path / ".out.circuitlab-lock").write_text(f"{socket.gethostname()} 999999999")
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    assert not (tmp_path / ".out.circuitlab-lock").exists()
+
+
+def test_a_result_is_replaced_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    for name in ("nodes.csv", "validation.json", "reason_3.png", "mine.txt"):
+        write_text(out / name, "old")
+    with pytest.raises(RuntimeError):
+        with staged(out, ("nodes.csv", "validation.json", "reason_3.png")) as tmp:
+            write_text(tmp / "nodes.csv", "new")
+            raise RuntimeError("the run fails half-way")
+    assert (out / "nodes.csv").read_text() == "old"         # no mix of new and old
+    with staged(out, ("nodes.csv", "validation.json", "reason_3.png")) as tmp:
+        write_text(tmp / "nodes.csv", "new")
+        write_text(tmp / "validation.json", "new")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "nodes.csv": "new", "validation.json": "new", "mine.txt": "old"}   # stale one gone
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]                  # nothing left over
+
+
+def test_the_lock_refuses_while_held_and_is_released(tmp_path):
+    with locked(tmp_path / "x"):
+        with pytest.raises(CircuitlabError, match="being written"):
+            with locked(tmp_path / "x"):
+                pass
+    with locked(tmp_path / "x"):
+        pass
