@@ -8,7 +8,8 @@ of the classifier alone (batch 1, and the batch a step actually runs: e, backgro
 complement), the quality numbers of the explanations issue, per image and amortized
 (a U-Net distilled from per-image masks of ``--train`` synthetic images, alone and with 10
 refinement steps), and on the benchmark's two-object variant how often every sufficient
-reason is found (``--only reasons``). Lite0 amortized speed is measured with an untrained
+reason is found (``--only reasons``), and Lite0 photos explained one at a time vs in a batch
+(``--only batch``: seconds per image, same masks). Lite0 amortized speed is measured with an untrained
 U-Net of the same shape: no ImageNet training set is available offline. Prints tables, writes CSV (default
 benchmarks/results/explain.csv).
 """
@@ -161,13 +162,35 @@ def amortized_speed(reps=10):
     return pd.DataFrame(rows)
 
 
+def batched(steps, names, batch):
+    """The free masks of Lite0 photos one at a time vs ``batch`` at a time (what a folder run
+    with --batch-size does): seconds per image, and how many masks are the same."""
+    hm = cl.load_model("efficientnet_lite0")
+    x = torch.cat([cl.data.load_image(n, hm) for n in names])
+    t = time.perf_counter()
+    alone = [explain(hm, x[i:i + 1], steps=steps) for i in range(len(x))]
+    one = (time.perf_counter() - t) / len(x)
+    t = time.perf_counter()
+    together = [explain(hm, x[i:i + batch], steps=steps) for i in range(0, len(x), batch)]
+    many = (time.perf_counter() - t) / len(x)
+    masks = torch.cat([ex.mask for ex in together])
+    rows = []
+    for i, ex in enumerate(alone):
+        a, b = ex.mask[0].bool(), masks[i].bool()
+        rows.append({"image": names[i], "batch": batch, "s_per_image_alone": one,
+                     "s_per_image_batched": many, "speedup": one / many,
+                     "same_mask": bool(torch.equal(a, b)),
+                     "iou": float((a & b).sum() / (a | b).sum().clamp_min(1))})
+    return pd.DataFrame(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--train", type=int, default=512, help="synthetic images the amortized "
                                                            "explainer is distilled from")
     p.add_argument("--train-steps", type=int, default=600)
-    p.add_argument("--only", choices=["photos", "synthetic", "speed", "reasons"],
+    p.add_argument("--only", choices=["photos", "synthetic", "speed", "reasons", "batch"],
                    action="append",
                    help="run only these parts (repeatable; default all)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "explain.csv"))
@@ -175,7 +198,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     steps = 5 if args.quick else None
-    parts = set(args.only or ["photos", "synthetic", "speed", "reasons"])
+    parts = set(args.only or ["photos", "synthetic", "speed", "reasons", "batch"])
     empty = pd.DataFrame()
     ph = photos(steps, ["coffee"] if args.quick else ["coffee", "chelsea", "rocket"]) \
         if "photos" in parts else empty
@@ -188,7 +211,11 @@ def main(argv=None) -> int:
     rs = pd.DataFrame([r for k in kinds for r in reasons_found(k, 2 if args.quick else 32,
                                                                 steps)]) \
         if "reasons" in parts else empty
+    bt = batched(steps, ["coffee", "chelsea"] if args.quick else
+                 ["coffee", "chelsea", "rocket", "astronaut"], 2 if args.quick else 4) \
+        if "batch" in parts else empty
     tables = [("photos", "EfficientNet-Lite0, per-image mode, default preset", ph),
+              ("batch", "EfficientNet-Lite0 free masks, one at a time vs batched", bt),
               ("synthetic", "synthetic ground-truth benchmark, default preset: per image and "
                             "amortized", q),
               ("amortized_speed", "EfficientNet-Lite0 at 224, amortized explainer speed "

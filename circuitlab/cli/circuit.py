@@ -9,7 +9,8 @@ from ..errors import CircuitlabError
 from ..files import locked, refuse_overwrite, staged, write_text
 from ._common import (add_ablation, add_batch_args, add_image_arg, add_model_args,
                       add_outputs, add_reference, add_seed, count, emit, fraction, load,
-                      mask_from, positive_int, provenance, reference_images)
+                      mask_from, positive_int, provenance, reference_images, target_index)
+from .classes import cmd_class_circuit
 from ._folder import run_folder
 
 OUTPUTS = ("nodes.csv", "edges.csv", "nodes.parquet", "edges.parquet", "circuit.graphml",
@@ -100,12 +101,13 @@ def _circuit_one(hm, x, image, out: Path, args, refs) -> dict:
     t0 = time.perf_counter()
     config = args.readout
     explanation, area = _explanation(args, hm, x)
-    circuit = read_circuit(hm, x, explanation, config=config, reference=refs)
+    target = target_index(hm, args.target)
+    circuit = read_circuit(hm, x, explanation, target, config=config, reference=refs)
     val = faithfulness(hm, x, circuit, ablation=args.ablation, reference=refs, seed=args.seed)
     result = _result(args, hm, circuit, summarize(val), area)
     result["image"] = str(image)
     if explanation is not None:  # the same readout on the full image, for comparison
-        image_circuit = read_circuit(hm, x, None, config=config, reference=refs)
+        image_circuit = read_circuit(hm, x, None, target, config=config, reference=refs)
         iv = summarize(faithfulness(hm, x, image_circuit, ablation=args.ablation,
                                     reference=refs, n_random=0))
         d = circuit.diff(image_circuit)
@@ -140,6 +142,8 @@ def cmd_circuit(args) -> int:
             cached["refs"] = reference_images(args, hm, str(args.image))
         return cached["refs"]
     args.refs_of = refs_of
+    if Path(args.image).is_dir() and args.target is not None:
+        return cmd_class_circuit(args)
     if Path(args.image).is_dir():
         return run_folder(args, "circuit", OUTPUTS, OUTPUTS, _circuit_batch,
                           lambda rows: "\n".join(_short(r) for r in rows))
@@ -203,6 +207,15 @@ def register(sub) -> None:
     p.add_argument("--units", choices=["auto", "components", "channels"], default="auto",
                    help="ViTs: attention heads and MLP neurons (components, the default for "
                         "ViTs) or residual channels of the tapped blocks")
+    p.add_argument("--target", default=None, metavar="CLASS",
+                   help="the class whose circuit to read (index or label; default the top-1); "
+                        "with a folder of that class's images: the class circuit, validated "
+                        "on held-out images")
+    p.add_argument("--held-out", type=fraction, default=0.25,
+                   help="class circuit: fraction of the images kept to test it (default 0.25)")
+    p.add_argument("--min-share", type=fraction, default=0.5,
+                   help="class circuit: keep units chosen on at least this fraction of the "
+                        "images (default 0.5)")
     add_ablation(p, "of the units outside the circuit, in the search and the validation: "
                     "mean over the reference images (default), zero, or resample")
     add_reference(p)
