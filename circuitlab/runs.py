@@ -10,7 +10,8 @@ others still run. With ``world`` > 1 (torchrun) each rank takes every world-th p
 and writes its own table, which ``merge`` joins.
 
 >>> run = FolderRun(out, image_files(folder), "explain", settings, OUTPUTS)
->>> for image in run.start(): run.publish(image, lambda tmp: work(image, tmp))
+>>> for image in run.shard(run.start()): run.publish(image, lambda tmp: work(image, tmp))
+>>> run.merge()
 """
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ class FolderRun:
         self.command, self.settings, self.force = command, dict(settings), force
         self.outputs, self.required = tuple(outputs), tuple(required or outputs)
         self.rank, self.world = rank, world
-        self.rows: dict = {}
+        self.rows: dict = {}      # what this rank writes
+        self.known: dict = {}     # what every rank sees as done or failed
 
     @property
     def table(self) -> str:
@@ -108,21 +110,27 @@ class FolderRun:
                                   f"or pass --force to redo it")
 
     def start(self) -> list:
-        """The images this rank still has to do; writes the run's settings (rank 0)."""
+        """The images still to do (``shard`` splits them); writes the run's settings (rank 0). Every
+        rank sees the same done set (the run's table and every rank's, as an interrupted
+        run left them), so every rank shards the same pending list."""
         self.check()
-        self.rows = {} if self.force else self._read(self.out / f"{self.table}.csv")
-        if self.world > 1 and not self.force:   # done by any rank of an earlier run
-            done = self._read(self.out / "results.csv")
-            self.rows = {**done, **self.rows}
+        known = {} if self.force else self._read_all()
+        self.known = known
+        # one process keeps every row in results; a rank rewrites its own shard's table
+        self.rows = dict(known) if self.world == 1 else {} if self.force else \
+            self._read(self.out / f"{self.table}.csv")
         if self.rank == 0:
             write_text(self.out / MANIFEST, json.dumps(
                 {"command": self.command, "settings": self.settings,
                  "circuitlab": __version__, "torch": torch.__version__}, indent=2) + "\n")
-        todo = [i for i in self.images if self.force or not self.done(i)]
-        return todo[self.rank::self.world]
+        return [i for i in self.images if self.force or not self.done(i)]
+
+    def shard(self, pending: Sequence[Path]) -> list:
+        """This rank's part of the pending images: every world-th, from its rank on."""
+        return list(pending)[self.rank::self.world]
 
     def done(self, image: Path) -> bool:
-        row = self.rows.get(str(image))
+        row = self.known.get(str(image))
         return bool(row) and row.get("status") == "ok" and all(
             (self.folder(image) / n).exists() for n in self.required)
 
@@ -152,21 +160,32 @@ class FolderRun:
                 and Path(r["image"]) in self.names]
 
     def merge(self) -> pd.DataFrame:
-        """Rank 0, after every rank finished: the ranks' tables joined into ``results``."""
-        rows = self._read(self.out / "results.csv")
-        for r in range(self.world):
-            rows.update(self._read(self.out / f"results.rank{r}.csv"))
+        """Rank 0 (or the one process), after every rank finished: the run's table and the
+        ranks' joined into ``results``, the ranks' removed."""
+        rows = self._read_all()
+        if self.world == 1:
+            rows.update(self.rows)
         df = self._write("results", rows.values())
-        for r in range(self.world):
-            (self.out / f"results.rank{r}.csv").unlink(missing_ok=True)
-            (self.out / f"results.rank{r}.parquet").unlink(missing_ok=True)
+        for path in self._rank_tables():
+            path.unlink(missing_ok=True)
+            path.with_suffix(".parquet").unlink(missing_ok=True)
+        self.rows = rows
         return df
+
+    def _rank_tables(self) -> list:
+        return sorted(self.out.glob("results.rank*.csv"))
+
+    def _read_all(self) -> dict:
+        rows = self._read(self.out / "results.csv")
+        for path in self._rank_tables():
+            rows.update(self._read(path))
+        return rows
 
     def _read(self, path: Path) -> dict:
         if not path.is_file():
             return {}
         df = pd.read_csv(path, keep_default_na=False, na_values=[""])
-        return {r["image"]: {k: v for k, v in r.items() if not _missing(v)}
+        return {r["image"]: {k: None if _missing(v) else v for k, v in r.items()}
                 for r in df.to_dict("records")}
 
     def _write(self, table: str, rows: Iterable[dict]) -> pd.DataFrame:

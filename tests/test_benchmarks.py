@@ -34,7 +34,9 @@ def test_explain_benchmark_smoke(tmp_path):
     r = _run("benchmarks/explain.py", "--quick", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     df = pd.read_csv(out)
-    assert set(df["table"]) == {"photos", "synthetic", "amortized_speed", "reasons"}
+    assert set(df["table"]) == {"photos", "synthetic", "amortized_speed", "reasons", "batch"}
+    batch = df[df["table"] == "batch"]
+    assert batch["iou"].between(0, 1).all() and (batch["speedup"] > 0).all()
     modes = set(df.loc[df["table"] == "synthetic", "mode"])
     assert modes == {"per-image", "amortized", "amortized+10"}
     reasons = df[df["table"] == "reasons"]

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # only. A new module needs a row: placing it is deciding where it sits in the flow.
 LAYERS = [
     ("errors",),
-    ("files", "preprocessing", "kernels", "deprecations"),  # leaves
+    ("files", "preprocessing", "kernels", "deprecations", "distributed"),  # leaves
     ("checkpoints", "backgrounds", "cache", "hook_points", "engine", "sources"),
     ("families", "interventions", "hook_names"),
     ("hooked_model",),                           # hooks
@@ -26,9 +26,10 @@ LAYERS = [
     ("circuits",),                               # circuits
     ("report",),                                 # reports
     ("cli",),
+    ("__main__",),                               # python -m circuitlab, torchrun -m circuitlab
 ]
 RANK = {unit: i for i, row in enumerate(LAYERS) for unit in row}
-LEAVES = ("files", "preprocessing", "kernels", "deprecations")
+LEAVES = ("files", "preprocessing", "kernels", "deprecations", "distributed")
 
 
 def _modules() -> dict:

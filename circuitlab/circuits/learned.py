@@ -18,7 +18,7 @@ The contrast is zero for any circuit that ignores its input.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -35,8 +35,10 @@ def learn_units(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], budget:
                 *, target: Optional[int] = None, ablation: str = "mean",
                 reference: Optional[torch.Tensor] = None, steps: int = 300, lr: float = 0.1,
                 soft_fraction: float = 0.2, contrast_images: int = CONTRAST_IMAGES,
-                seed: int = 0, init: Optional[dict] = None) -> dict:
+                seed: int = 0, init: Optional[dict] = None,
+                progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """{layer: [units]} holding ``budget`` of all units of ``layers`` (at least one).
+    ``progress(step, steps)`` is called after every step.
 
     ``reference`` images define the mean ablation and the contrast (the first
     ``contrast_images`` of them run beside x every step). ``init`` ({layer: [units]}, a
@@ -105,6 +107,8 @@ def learn_units(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], budget:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if progress:
+            progress(step + 1, steps)
     masks = _top(theta, layers, keep_n)
     return {n: torch.nonzero(masks[n]).flatten().tolist() for n in layers}
 

@@ -25,7 +25,7 @@ come from one batched backward where the taps cut the network (``effective``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -83,13 +83,15 @@ def node_layers(hm: HookedModel, layers: Optional[Sequence[str]] = None,
 @renamed(method="ablation")
 def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.Tensor] = None,
                  target: Optional[int] = None, *, config: Optional[ReadoutConfig] = None,
-                 reference: Optional[torch.Tensor] = None, **settings) -> Circuit:
+                 reference: Optional[torch.Tensor] = None,
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 **settings) -> Circuit:
     """The circuit of one image: read on ``explanation`` when given (the paper), else on x.
 
     ``config`` (a ``ReadoutConfig``) and keyword ``settings`` (its fields: ``select_by``,
     ``faithfulness``, ``k``, ``mass``, ``edges``, ``units``, ``layers``, ...) say how.
     ``reference`` images define the mean ablation and the contrast of the faithful and
-    learned selections.
+    learned selections; ``progress(step, steps)`` follows the learned selection's steps.
 
     ``units``: ``"components"`` reads a transformer's tapped blocks as attention heads and
     MLP neurons (``blocks.i.attn.hook_z``, ``blocks.i.mlp.hook_post``) joined by virtual
@@ -98,7 +100,7 @@ def read_circuit(hm: HookedModel, x: torch.Tensor, explanation: Optional[torch.T
     when ``layers`` is not given, channels otherwise."""
     cfg = (config or ReadoutConfig()).replace(**settings)
     r = _start(hm, x, explanation, target, cfg)
-    _choose_units(r, reference)
+    _choose_units(r, reference, progress)
     head_rows, class_rows = _class_links(r)
     if cfg.edges == "attribution":
         edge_rows = _edge_circuit_rows(r)
@@ -170,7 +172,7 @@ def _start(hm, x, explanation, target, cfg: ReadoutConfig) -> _Reading:
                     cache, int(target), fc if isinstance(fc, nn.Linear) else None)
 
 
-def _choose_units(r: _Reading, reference: Optional[torch.Tensor]) -> None:
+def _choose_units(r: _Reading, reference: Optional[torch.Tensor], progress=None) -> None:
     """The units of each layer (strongest first) and their node rows."""
     cfg, hm = r.cfg, r.hm
     picked_by = None
@@ -184,7 +186,8 @@ def _choose_units(r: _Reading, reference: Optional[torch.Tensor]) -> None:
         picked_by = r.search.units
     elif cfg.select_by == "learned":
         picked_by = learn_units(hm, r.inp, r.layers, cfg.budget, target=r.target,
-                                ablation=cfg.ablation, reference=reference, steps=cfg.steps)
+                                ablation=cfg.ablation, reference=reference, steps=cfg.steps,
+                                progress=progress)
     elif cfg.k is not None and cfg.k > max(hm.n_units(n) for n in r.layers):
         widest = max(r.layers, key=hm.n_units)
         raise CircuitlabError(f"k={cfg.k} is more units than any tapped layer has (the widest, "

@@ -4,6 +4,7 @@ output."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -166,6 +167,16 @@ def provenance(args, hm) -> dict:
             "device": str(hm.device), "versions": {
                 "circuitlab": __version__, "torch": torch.__version__,
                 "timm": timm.__version__, "python": platform.python_version()}}
+
+
+@contextlib.contextmanager
+def steps_bar(desc: str, total: int, show: bool = True):
+    """A progress bar over optimisation steps on stderr (shown on a terminal only); yields
+    the callback ``(step, *_)`` that moves it."""
+    from tqdm.auto import tqdm
+    with tqdm(total=total, desc=desc, unit="step", file=sys.stderr,
+              disable=None if show else True, leave=False) as bar:
+        yield lambda step, *_: bar.update(step - bar.n)
 
 
 def emit(args, payload, table) -> None:

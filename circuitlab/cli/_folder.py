@@ -4,7 +4,6 @@ table, resume, a lock, and the failures listed at the end (``circuitlab.runs``).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Callable
 
 from ..files import locked
@@ -12,7 +11,7 @@ from ._common import emit, load
 
 # flags that change how a run goes, not what it finds: a rerun may change them and resume
 _HOW = {"out", "force", "json", "image", "func", "batch_size", "workers", "debug", "device",
-        "explainer_obj"}
+        "explainer_obj", "one_image"}
 
 
 def settings(args) -> dict:
@@ -24,41 +23,62 @@ def settings(args) -> dict:
 def run_folder(args, command: str, outputs, required, work: Callable,
                summary: Callable) -> int:
     """``work(hm, [(image, x, publish)], args)`` on batches of the pending images;
-    ``publish(image, write)`` runs ``write(folder)`` into the image's sub-folder.
+    ``publish(image, write)`` runs ``write(folder)`` into the image's sub-folder. Under
+    torchrun each rank takes its shard and rank 0 merges the tables and reports.
     Exit status 1 when some image failed (the others are done), 0 otherwise."""
-    from tqdm.auto import tqdm
-
     from .. import data
-    from ..runs import FolderRun, batches, default_workers
+    from ..distributed import barrier, local_device, process_group, rank_and_world
+    from ..runs import FolderRun
     images = data.image_files(args.image)
-    run = FolderRun(args.out, images, command, settings(args), outputs, required, args.force)
+    rank, world = rank_and_world()
+    args.device = local_device(args.device)
+    run = FolderRun(args.out, images, command, settings(args), outputs, required, args.force,
+                    rank, world)
     run.check()                                  # before the model loads
-    with locked(run.out):
-        todo = run.start()
-        skipped = len(images) - len(todo)
-        hm = load(args) if todo else None
-        workers = default_workers() if args.workers is None else args.workers
-        with tqdm(total=len(todo), desc=command, unit="img", file=sys.stderr,
-                  disable=len(todo) < 2 or None) as bar:
-            for batch in (batches(todo, hm.data_config, args.batch_size, workers,
-                                  pin_memory=hm.device.type == "cuda") if todo else ()):
-                items = []
-                for i, x, error in batch:
-                    if x is None:
-                        run.record(todo[i], error=error)
-                    else:
-                        items.append((todo[i], x[None].to(hm.device, non_blocking=True),
-                                      run.publish))
-                if items:
-                    work(hm, items, args)
-                bar.update(len(batch))
+    with process_group(args.device), locked(run.out if world == 1 else
+                                            run.out / f"rank{rank}"):
+        pending = run.start()
+        todo = run.shard(pending)
+        _work_through(run, todo, command, work, args)
+        barrier()
+        if rank == 0:
+            run.merge()
+    if rank != 0:
+        return 1 if run.failed() else 0
     rows = [run.rows[str(i)] for i in images if str(i) in run.rows]
-    failed = run.failed()
+    done_now = {str(i) for i in pending}
+    failed = [r for r in rows if r["status"] == "failed" and r["image"] in done_now]
     lines = [summary([r]) if r["status"] == "ok" else f"{r['image']}: failed: {r['error']}"
-             for r in rows if Path(r["image"]) in set(todo)]
-    lines.append(f"{len(todo) - len(failed)} done, {skipped} already done earlier, "
-                 f"{len(failed)} failed; wrote {run.out} (results.csv)")
-    emit(args, {"out": str(run.out), "done": len(todo) - len(failed), "skipped": skipped,
+             for r in rows if r["image"] in done_now]
+    lines.append(f"{len(pending) - len(failed)} done, {len(images) - len(pending)} already "
+                 f"done earlier, {len(failed)} failed; wrote {run.out} (results.csv)")
+    emit(args, {"out": str(run.out), "done": len(pending) - len(failed),
+                "skipped": len(images) - len(pending),
                 "failed": [{"image": r["image"], "error": r["error"]} for r in failed],
                 "results": rows}, "\n".join(lines))
     return 1 if failed else 0
+
+
+def _work_through(run, todo: list, command: str, work: Callable, args) -> None:
+    """This process's images, in batches from the DataLoader, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    from ..runs import batches, default_workers
+    if not todo:
+        return
+    hm = load(args)
+    workers = default_workers() if args.workers is None else args.workers
+    with tqdm(total=len(todo), desc=command, unit="img", file=sys.stderr,
+              disable=len(todo) < 2 or None) as bar:
+        for batch in batches(todo, hm.data_config, args.batch_size, workers,
+                             pin_memory=hm.device.type == "cuda"):
+            items = []
+            for i, x, error in batch:
+                if x is None:
+                    run.record(todo[i], error=error)
+                else:
+                    items.append((todo[i], x[None].to(hm.device, non_blocking=True),
+                                  run.publish))
+            if items:
+                work(hm, items, args)
+            bar.update(len(batch))

@@ -9,7 +9,8 @@ from ..errors import CircuitlabError
 from ..files import locked, refuse_overwrite, staged, write_text
 from ._common import (add_ablation, add_batch_args, add_image_arg, add_model_args,
                       add_outputs, add_reference, add_seed, count, emit, fraction, load,
-                      mask_from, positive_int, provenance, reference_images, target_index)
+                      mask_from, positive_int, provenance, reference_images, steps_bar,
+                      target_index)
 from .classes import cmd_class_circuit
 from ._folder import run_folder
 
@@ -102,7 +103,11 @@ def _circuit_one(hm, x, image, out: Path, args, refs) -> dict:
     config = args.readout
     explanation, area = _explanation(args, hm, x)
     target = target_index(hm, args.target)
-    circuit = read_circuit(hm, x, explanation, target, config=config, reference=refs)
+    with steps_bar("learned gates", config.steps,
+                   show=config.select_by == "learned" and getattr(args, "one_image", False)
+                   ) as progress:
+        circuit = read_circuit(hm, x, explanation, target, config=config, reference=refs,
+                               progress=progress)
     val = faithfulness(hm, x, circuit, ablation=args.ablation, reference=refs, seed=args.seed)
     result = _result(args, hm, circuit, summarize(val), area)
     result["image"] = str(image)
@@ -149,6 +154,7 @@ def cmd_circuit(args) -> int:
                           lambda rows: "\n".join(_short(r) for r in rows))
     out = Path(args.out)
     refuse_overwrite([out / n for n in OUTPUTS], args.force)
+    args.one_image = True
     with locked(out):
         hm = load(args)
         x = data.load_image(args.image, hm)

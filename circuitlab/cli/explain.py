@@ -11,7 +11,7 @@ from ..errors import CircuitlabError
 from ..files import locked, refuse_overwrite, staged, write_text
 from ._common import (add_batch_args, add_image_arg, add_model_args, add_outputs, add_seed,
                       count, emit, fraction, load, overlay, positive_int, provenance, ratio,
-                      save_mask_pngs, save_png, target_index)
+                      save_mask_pngs, save_png, steps_bar, target_index)
 from ._folder import run_folder
 
 OUTPUTS = ("mask.png", "explanation.png", "overlay.png", "metrics.json")
@@ -30,8 +30,11 @@ def _first_pass(hm, x, args):
             raise CircuitlabError("--target belongs to per-image mode: the explainer explains "
                                   "the top-1")
         return args.explainer_obj.explain(hm, x, refine=args.refine, seed=args.seed)
-    return explain(hm, x, preset_name=args.preset, steps=args.steps, seed=args.seed,
-                   target=target_index(hm, args.target))
+    from ..explain import preset
+    total = args.steps or preset(args.preset, hm.family.name, min(x.shape[-2:])).steps
+    with steps_bar("explain", total, show=getattr(args, "one_image", False)) as progress:
+        return explain(hm, x, preset_name=args.preset, steps=args.steps, seed=args.seed,
+                       target=target_index(hm, args.target), progress=progress)
 
 
 def _finish_one(hm, x, free, image, out: Path, args, shared_seconds: float) -> dict:
@@ -148,6 +151,7 @@ def cmd_explain(args) -> int:
         return run_folder(args, "explain", names, OUTPUTS, _explain_batch, _summary)
     out = Path(args.out)
     refuse_overwrite([out / n for n in names], args.force)
+    args.one_image = True      # a bar over its steps (a folder run has one over images)
     with locked(out):
         hm = load(args)
         x = data.load_image(args.image, hm)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CircuitlabError
-from ..files import refuse_overwrite
+from ..files import locked, refuse_overwrite
 from ._common import add_model_args, add_outputs, add_seed, emit, load, positive_int
 
 
@@ -55,6 +55,7 @@ def _progress_bars():
 def cmd_train_explainer(args) -> int:
     import time
 
+    from ..distributed import local_device, process_group, rank_and_world
     from ..explain import train_explainer
     out = Path(args.out)
     if out.exists() and not (args.force or args.resume):
@@ -63,15 +64,21 @@ def cmd_train_explainer(args) -> int:
     if args.resume and not out.exists():
         raise CircuitlabError(f"--resume: {str(out)!r} does not exist yet")
     refuse_overwrite([out], force=True)   # a folder, a path under a file, unwritable: now
-    hm = load(args)
-    images = _training_images(args, hm)
-    bars, progress = _progress_bars()
-    t0 = time.perf_counter()
-    ex = train_explainer(hm, images, steps=args.steps, batch_size=args.batch_size,
-                         teacher_steps=args.teacher_steps, seed=args.seed, checkpoint=out,
-                         resume=args.resume, overwrite=args.force, progress=progress)
-    for bar in bars.values():
-        bar.close()
+    rank, world = rank_and_world()
+    args.device = local_device(args.device)
+    with process_group(args.device), locked(out if world == 1 else
+                                            out.with_name(f"{out.name}.rank{rank}")):
+        hm = load(args)
+        images = _training_images(args, hm).to(hm.device)
+        bars, progress = _progress_bars() if rank == 0 else ({}, None)
+        t0 = time.perf_counter()
+        ex = train_explainer(hm, images, steps=args.steps, batch_size=args.batch_size,
+                             teacher_steps=args.teacher_steps, seed=args.seed, checkpoint=out,
+                             resume=args.resume, overwrite=args.force, progress=progress)
+        for bar in bars.values():
+            bar.close()
+    if rank != 0:
+        return 0
     result = {"model": hm.name, "explainer": str(out), "images": len(images),
               "steps": ex.step, "final_loss": ex.history[-1]["loss"] if ex.history else None,
               "seconds": time.perf_counter() - t0}
@@ -97,7 +104,9 @@ def register(sub) -> None:
                    help="U-Net training steps (default 600)")
     p.add_argument("--teacher-steps", type=positive_int, default=None,
                    help="per-image steps for the teacher masks (the preset's by default)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="global batch (default 32); under torchrun each of N processes takes "
+                        "1/N of it, so it must divide by N")
     add_seed(p)
     p.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")
     add_outputs(p, "explainer checkpoint file to write", "start over, replacing --out")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import checkpoints
+from ..distributed import active, gather_objects, mean
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from .config import ExplainConfig, amortized_preset, preset
@@ -141,15 +142,24 @@ def teacher_masks(hm: HookedModel, images: torch.Tensor, size: tuple, *, steps=N
     holds the first masks of an interrupted run."""
     out = [done] if done is not None and len(done) else []
     start = len(done) if done is not None else 0
+    rank, world = active()
+    if world > 1:   # each process a share of the chunks (same seeds), then all of them
+        mine = {i: _teacher_chunk(hm, images, i, batch_size, size, steps, seed)
+                for i in range(start, len(images), batch_size)[rank::world]}
+        found = {i: m for part in gather_objects(mine) for i, m in part.items()}
+        return torch.cat(out + [found[i] for i in sorted(found)])
     for i in range(start, len(images), batch_size):
-        ex = explain(hm, images[i:i + batch_size], steps=steps, seed=seed + i)
-        m = F.interpolate(ex.mask.cpu(), size=size, mode="area") > 0.5
-        out.append(m.to(torch.uint8))
+        out.append(_teacher_chunk(hm, images, i, batch_size, size, steps, seed))
         if on_chunk:
             on_chunk(torch.cat(out))
         if progress:
             progress(min(i + batch_size, len(images)), len(images))
     return torch.cat(out)
+
+
+def _teacher_chunk(hm, images, i, batch_size, size, steps, seed) -> torch.Tensor:
+    ex = explain(hm, images[i:i + batch_size], steps=steps, seed=seed + i)
+    return (F.interpolate(ex.mask.cpu(), size=size, mode="area") > 0.5).to(torch.uint8)
 
 
 def train_explainer(hm: HookedModel, images: torch.Tensor,
@@ -202,7 +212,7 @@ def train_explainer(hm: HookedModel, images: torch.Tensor,
                 opt.load_state_dict(state["optimizer"])
 
     def save():
-        if checkpoint is not None:
+        if checkpoint is not None and active()[0] == 0:   # one writer
             state["optimizer"] = opt.state_dict()
             explainer.save(checkpoint, overwrite=True, training=state)
 
@@ -219,16 +229,25 @@ def train_explainer(hm: HookedModel, images: torch.Tensor,
         state["teacher"] = teacher
     target_all = teacher.float()
     net.train()
+    rank, world = active()
+    if world > 1 and batch_size % world:
+        raise CircuitlabError(f"batch_size {batch_size} does not split over {world} "
+                              f"processes; use a multiple of {world}")
+    # under torchrun: DistributedDataParallel, each process a 1/world share of every global
+    # batch; averaging the shares' gradients is the gradient of the global batch's loss
+    forward = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     for step in range(explainer.step + 1, cfg.steps + 1):
         idx, flip = _batch(len(images), batch_size, seed, step)
+        idx, flip = idx[rank::world], flip[rank::world]
         xb, yb = images[idx], target_all[idx].to(images.device)
         f = flip.to(images.device)[:, None, None, None]
         xb, yb = torch.where(f, xb.flip(-1), xb), torch.where(f, yb.flip(-1), yb)
-        loss = _distill_loss(explainer.logits(xb), yb)
+        xg = F.avg_pool2d(xb, cfg.input_scale) if cfg.input_scale > 1 else xb
+        loss = _distill_loss(forward(xg), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        row = {"step": step, "loss": float(loss.detach())}
+        row = {"step": step, "loss": mean(loss)}
         explainer.history.append(row)
         explainer.step = step
         if progress:
