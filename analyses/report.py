@@ -17,7 +17,7 @@ from pathlib import Path
 from circuitlab.errors import CircuitlabError
 from circuitlab.report import build_report
 
-from _common import fail, refuse_clash
+from _common import QUICK_NOTE, fail, refuse_clash
 
 PROG = "analyses/report.py"
 HERE = Path(__file__).resolve().parent
@@ -73,7 +73,10 @@ def main(argv=None) -> int:
         if args.run:
             src = out / "analyses"
             run_all(src, args.quick, log=lambda s: print(s, file=sys.stderr))
-        found = build_report(src, out / "report.html", sections=SECTIONS)
+        quick = args.run and args.quick
+        found = build_report(src, out / "report.html", sections=SECTIONS,
+                             title="circuitlab report" + (" (quick smoke run)" if quick else ""),
+                             note=QUICK_NOTE if quick else None)
     except (RuntimeError, CircuitlabError) as e:   # one line, as every analysis fails
         return fail(PROG, str(e))
     print(f"wrote {out / 'report.html'} ({len(found)} of {len(SECTIONS)} analyses from {src})")

@@ -1,12 +1,36 @@
-"""ActivationCache: what one ``run_with_cache`` recorded, indexed like a dict."""
+"""ActivationCache: what one ``run_with_cache`` recorded, indexed like a dict; the estimate
+that warns before a cache grows large, and the move of saved tensors to another device."""
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping
 from typing import Iterator, Optional
 
 import torch
 
 from .errors import CircuitlabError, did_you_mean
+
+# a cache above this many bytes is warned about (it is easy to ask for every hook point)
+CACHE_WARN_BYTES = 2 * 2 ** 30
+
+
+def warn_if_large(points, x: torch.Tensor, grads: bool) -> None:
+    """Warn when caching ``points`` (hook points: their ``shape`` at batch 1) for ``x``
+    would hold more than CACHE_WARN_BYTES."""
+    per_image = sum(math.prod(p.shape[1:]) for p in points if p.shape)
+    size = per_image * x.shape[0] * x.element_size() * (2 if grads else 1)
+    if size > CACHE_WARN_BYTES:
+        warnings.warn(f"caching {len(points)} hook points of a batch of {x.shape[0]} holds "
+                      f"about {size / 2 ** 30:.1f} GiB; pass names= (e.g. hm.taps) to cache "
+                      f"only what you need", stacklevel=3)
+
+
+def on_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` moved to ``device`` (None: left where it is)."""
+    return t if device is None else t.to(device)
+
+
 
 
 class ActivationCache(Mapping):

@@ -73,7 +73,7 @@ def gather_objects(obj) -> list:
 def mean(value: torch.Tensor) -> float:
     """The mean of a scalar over the processes (one process: the value)."""
     if active()[1] == 1:
-        return float(value)
+        return float(value.detach())
     t = value.detach().clone().reshape(1)
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()

@@ -17,15 +17,13 @@ record is one call away (``hm.point(name)``: unit axis, shape, kind, module).
 """
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import pandas as pd
 import torch
 from torch import nn
 
-from .cache import ActivationCache
+from .cache import ActivationCache, on_device, warn_if_large
 from .deprecations import renamed
 from .engine import HookFn, TraceEngine
 from .errors import CircuitlabError
@@ -43,19 +41,6 @@ def _in_chans(model: nn.Module) -> Optional[int]:
         if isinstance(m, nn.Linear):
             return None
     return None
-
-
-# a cache above this many bytes is warned about (it is easy to ask for every hook point)
-CACHE_WARN_BYTES = 2 * 2 ** 30
-
-
-def _warn_if_large(points: Sequence[HookPoint], x: torch.Tensor, grads: bool) -> None:
-    per_image = sum(math.prod(p.shape[1:]) for p in points if p.shape)
-    size = per_image * x.shape[0] * x.element_size() * (2 if grads else 1)
-    if size > CACHE_WARN_BYTES:
-        warnings.warn(f"caching {len(points)} hook points of a batch of {x.shape[0]} holds "
-                      f"about {size / 2 ** 30:.1f} GiB; pass names= (e.g. hm.taps) to cache "
-                      f"only what you need", stacklevel=3)
 
 
 class HookedModel:
@@ -229,20 +214,23 @@ class HookedModel:
         return self._engine.run(x, saves, edits)
 
     def run_with_cache(self, x: torch.Tensor, names: Names = None, grads: bool = False,
-                       target=None) -> tuple[torch.Tensor, ActivationCache]:
+                       target=None, device=None) -> tuple[torch.Tensor, ActivationCache]:
         """Forward ``x`` and record the named activations (and d target / d activation).
 
         ``names``: a hook name, a glob (``"layer*"``), a list of them, or a predicate; None
         means every module output and alias. ``target`` picks the logit whose gradient is
         taken: None = each sample's top-1, an int, a (B,) tensor of classes, or a callable
         ``logits -> scalar``. Gradients are per sample (the model is in eval mode).
+        ``device``: move the saved tensors there (``"cpu"`` frees the GPU, as TransformerLens's
+        cache can); a cache estimated above 2 GiB is warned about.
         """
         x = self.check_input(x)
         points = self.resolve(names)
-        _warn_if_large(points, x, grads)
+        warn_if_large(points, x, grads)
         if not grads:
             logits, raw = self._run(x, saves=points)
-            acts = {p.name: p.view(raw[p.name]) if p.view else raw[p.name] for p in points}
+            acts = {p.name: on_device(p.view(raw[p.name]) if p.view else raw[p.name], device)
+                    for p in points}
             return logits, ActivationCache(acts, logits)
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
@@ -253,8 +241,8 @@ class HookedModel:
         acts, gmap = {}, {}
         for p, t, g in zip(points, tensors, gs):
             g = torch.zeros_like(t) if g is None else g
-            acts[p.name] = (p.view(t) if p.view else t).detach()
-            gmap[p.name] = p.view(g) if p.view else g
+            acts[p.name] = on_device((p.view(t) if p.view else t).detach(), device)
+            gmap[p.name] = on_device(p.view(g) if p.view else g, device)
         return logits.detach(), ActivationCache(acts, logits.detach(), gmap, tgt)
 
     def _objective(self, logits: torch.Tensor, target):

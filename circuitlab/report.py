@@ -113,11 +113,13 @@ def _sections(src: Path, sections: Optional[Sequence[Section]]) -> list:
             for d in sorted(src.iterdir()) if d.is_dir()]
 
 
-def render(src: Union[str, os.PathLike], sections: Optional[Sequence[Section]] = None
+def render(src: Union[str, os.PathLike], sections: Optional[Sequence[Section]] = None,
+           title: str = "circuitlab report", note: Optional[str] = None
            ) -> tuple[str, list[str]]:
     """(HTML text, the sections found) from a folder holding one subfolder per analysis;
     ``sections``: (folder, title, blurb) in page order, default every subfolder. A
-    section's ``WARNING.txt`` is shown above its tables."""
+    section's ``WARNING.txt`` is shown above its tables; ``note``, when given, is the page's
+    first line (e.g. what kind of run it shows)."""
     src = Path(src)
     if not src.is_dir():
         raise CircuitlabError(f"{src} is not a folder of analysis outputs (one subfolder "
@@ -146,16 +148,18 @@ def render(src: Union[str, os.PathLike], sections: Optional[Sequence[Section]] =
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     toc = " · ".join(f'<a href="#{f}">{html.escape(t)}</a>' for f, t, _ in sections)
     page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<title>circuitlab report</title><style>" + _STYLE + "</style></head><body>"
-            f"<h1>circuitlab report</h1><p class=\"note\">Built {stamp} from "
+            f"<title>{html.escape(title)}</title><style>" + _STYLE + "</style></head><body>"
+            + (f'<p class="warning">{html.escape(note)}</p>' if note else "")
+            + f"<h1>{html.escape(title)}</h1><p class=\"note\">Built {stamp} from "
             f"<code>{html.escape(str(src))}</code>: {len(found)} of {len(sections)} "
             f"sections.</p><p>{toc}</p>" + "\n".join(parts) + _CHECK + "</body></html>\n")
     return page, found
 
 
 def build_report(src: Union[str, os.PathLike], out_file: Union[str, os.PathLike],
-                 sections: Optional[Sequence[Section]] = None) -> list[str]:
+                 sections: Optional[Sequence[Section]] = None,
+                 title: str = "circuitlab report", note: Optional[str] = None) -> list[str]:
     """Write the page to ``out_file`` atomically; returns the sections found."""
-    page, found = render(src, sections)
+    page, found = render(src, sections, title, note)
     write_text(out_file, page)
     return found

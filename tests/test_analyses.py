@@ -169,6 +169,14 @@ def test_report_is_self_contained(outputs, tmp_path, capsys):
     assert p.tables == tables >= len(QUICK) and not p.external    # every table, nothing linked
     assert p.frames == len(list(outputs.glob("*/*.html"))) == 1   # the circuit view, inlined
     assert "Not run" not in page
+    # every --quick section says so above its numbers
+    assert page.count("A --quick smoke run") == len(QUICK)
+    from circuitlab.report import build_report
+    build_report(outputs, tmp_path / "q.html", title="circuitlab report (quick smoke run)",
+                 note="not results")
+    q = (tmp_path / "q.html").read_text()
+    assert "<title>circuitlab report (quick smoke run)</title>" in q
+    assert q.index('<p class="warning">not results</p>') < q.index("<h1>")   # first line
     # the repository's report names every analysis, titled, and says which did not run
     solo = tmp_path / "solo"
     shutil.copytree(outputs / "sanity", solo / "sanity")

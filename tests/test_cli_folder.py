@@ -109,3 +109,38 @@ def test_the_lock_refuses_while_held_and_is_released(tmp_path):
                 pass
     with locked(tmp_path / "x"):
         pass
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_loses_nothing_written_and_resumes(tmp_path, tiny_checkpoint):
+    import signal
+    import subprocess
+    import sys
+    import time
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(12):
+        shutil.copy(tmp_path / f"shape{i % 2}.png", photos / f"s{i:02d}.png")
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "circuitlab", "explain", "--model", str(tiny_checkpoint),
+            "--image", str(photos), "--out", str(out), "--steps", "60", "--no-minimal",
+            "--batch-size", "1", "--workers", "0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "results.csv").exists() and len(pd.read_csv(out / "results.csv")) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    done = pd.read_csv(out / "results.csv")
+    assert 2 <= len(done) < 12 and (done["status"] == "ok").all()
+    stamps = {o: (out / o / "mask.png").stat().st_mtime_ns for o in done["output"]}
+    assert not list(tmp_path.rglob("*circuitlab-lock")) and not list(out.glob(".*partial*"))
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{12 - len(done)} done, {len(done)} already done earlier, 0 failed" in again.stdout
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 12 and (table["status"] == "ok").all()
+    assert {o: (out / o / "mask.png").stat().st_mtime_ns for o in done["output"]} == stamps

@@ -223,3 +223,21 @@ def test_hook_table_is_typed(small_vit):
     assert {"resid", "attn", "mlp", "classifier"} <= set(t["kind"].astype(str))
     assert not t["name"].str.endswith(".hook_in").any()  # inputs only on request
     assert "blocks.0.norm1.hook_in" in small_vit.hook_names("*.hook_in")
+
+
+def test_cache_moves_to_a_device_and_warns_before_it_grows_large(small_resnet, monkeypatch):
+    import warnings
+
+    from circuitlab import cache
+    hm, x = small_resnet, batch_for(small_resnet)
+    _, c = hm.run_with_cache(x, names=["layer1"], grads=True, device="meta")
+    assert c["layer1"].device.type == "meta" and c.grad("layer1").device.type == "meta"
+    points = hm.resolve(None)
+    need = sum(torch.Size(p.shape[1:]).numel() for p in points if p.shape) * x.shape[0] * 4
+    monkeypatch.setattr(cache, "CACHE_WARN_BYTES", need - 1)      # just below this cache
+    with pytest.warns(UserWarning, match="pass names="):
+        hm.run_with_cache(x)
+    monkeypatch.setattr(cache, "CACHE_WARN_BYTES", need)           # just fits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hm.run_with_cache(x)

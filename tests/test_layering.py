@@ -148,3 +148,21 @@ def test_circuits_edges_is_the_only_caller_of_the_edge_score_op():
     callers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "circuitlab").rglob("*.py")
                      if re.search(r"\bedge_scores\b", p.read_text()))
     assert callers == ["circuitlab/circuits/edges.py"]
+
+
+def test_every_torch_load_reads_weights_only():
+    """A pickle that is not plain tensors can run code under torch 2.4 / 2.5 (issue 20)."""
+    found = []
+    for folder in ("circuitlab", "kernels", "analyses", "benchmarks", "tests"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            for m in re.finditer(r"torch\.load\(", text):
+                depth, end = 0, m.end() - 1
+                for end in range(m.end() - 1, len(text)):      # to the matching parenthesis
+                    depth += {"(": 1, ")": -1}.get(text[end], 0)
+                    if depth == 0:
+                        break
+                call = text[m.start():end + 1]
+                if "weights_only=True" not in call:
+                    found.append(f"{path.relative_to(ROOT)}: {call}")
+    assert not found, found

@@ -73,3 +73,23 @@ def test_python_examples_run(page, tmp_path, monkeypatch):
         for code in _blocks(page):
             exec(compile(code, str(page), "exec"), scope)
     CHECKS[page.name](scope, tmp_path)
+
+
+def test_the_readme_prints_what_the_main_job_prints():
+    """The README's printed line has the shape the CLI prints (.ci/run compares the numbers
+    with a real run of the main job)."""
+    import re
+
+    from circuitlab.cli.explain import _summary
+    text = (ROOT / "README.md").read_text()
+    line = next(t for t in text.splitlines() if t.startswith("coffee: "))
+    m = re.fullmatch(r"coffee: (\w+) kept=(\w+) area=([\d.]+) regions=(\d+) conf ([\d.]+) -> "
+                     r"([\d.]+) necessity_drop=([\d.]+) locally_minimal=(\w+) \(([\d.]+) s\)",
+                     line)
+    assert m, line
+    label, kept, area, regions, ci, ce, nd, lm, s = m.groups()
+    result = {"image": "coffee", "label": label, "top1_kept": kept == "True",
+              "area_fraction": float(area), "regions": int(regions),
+              "confidence_image": float(ci), "confidence_explanation": float(ce),
+              "necessity_drop": float(nd), "locally_minimal": lm == "True", "seconds": float(s)}
+    assert _summary([result]) == line

@@ -61,16 +61,8 @@ def learn_units(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], budget:
     keep_n = max(1, int(round(budget * total)))
     reference = reference.to(x.device)
     batch = torch.cat([x, reference[:contrast_images]])
-    with torch.no_grad():
-        logits_ref, rc = hm.run_with_cache(reference, names=layers)
-        ablated = {n: rc[n].mean(0, keepdim=True) if ablation == "mean" else None
-                   for n in layers}
-        logits_x = hm(x)[0]          # the references' clean logits come from the run above
-        y = int(logits_x.argmax()) if target is None else int(target)
-        contrast0 = logits_x[y] - logits_ref[:contrast_images, y].mean()
-        if float(contrast0) <= 0:
-            raise CircuitlabError("the reference images score the target class as high as "
-                                  "the image itself; pass references of other classes")
+    ablated, y, contrast0 = _clean_run(hm, x, reference, layers, ablation, target,
+                                       contrast_images)
     theta = {n: torch.full((sizes[n],), 3.0, device=x.device) for n in layers}
     start = 1.0
     if init is not None:
@@ -114,6 +106,21 @@ def learn_units(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], budget:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def _clean_run(hm, x, reference, layers, ablation, target, contrast_images) -> tuple:
+    """(the ablation values per layer, the target class, the clean image-vs-reference
+    contrast) from one run of the references and one of the image."""
+    logits_ref, rc = hm.run_with_cache(reference, names=layers)
+    ablated = {n: rc[n].mean(0, keepdim=True) if ablation == "mean" else None for n in layers}
+    logits_x = hm(x)[0]          # the references' clean logits come from the run above
+    y = int(logits_x.argmax()) if target is None else int(target)
+    contrast0 = logits_x[y] - logits_ref[:contrast_images, y].mean()
+    if float(contrast0) <= 0:
+        raise CircuitlabError("the reference images score the target class as high as the "
+                              "image itself; pass references of other classes")
+    return ablated, y, contrast0
+
+
 def _top(theta: dict, layers: list, k: int) -> dict:
     flat = torch.cat([theta[n].detach() for n in layers])
     keep = torch.zeros_like(flat)

@@ -118,6 +118,14 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
 
 def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--progress", action="store_true",
+                   help="progress bars on stderr even with --json (shown on a terminal "
+                        "otherwise)")
+
+
+def bars_on(args) -> bool:
+    """Progress bars: on a terminal, quiet under --json unless --progress."""
+    return not getattr(args, "json", False) or getattr(args, "progress", False)
 
 
 def add_seed(p: argparse.ArgumentParser) -> None:
@@ -158,15 +166,16 @@ def provenance(args, hm) -> dict:
     """How a result was made, for its metrics.json: seed, threads, device, versions (masks
     differ between thread counts by float rounding)."""
     import platform
+    from importlib.metadata import version
 
-    import timm
     import torch
 
     from .. import __version__
     return {"seed": getattr(args, "seed", None), "threads": torch.get_num_threads(),
             "device": str(hm.device), "versions": {
                 "circuitlab": __version__, "torch": torch.__version__,
-                "timm": timm.__version__, "python": platform.python_version()}}
+                "timm": version("timm"), "nnsight": version("nnsight"),
+                "python": platform.python_version()}}
 
 
 @contextlib.contextmanager

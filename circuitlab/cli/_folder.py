@@ -7,7 +7,7 @@ import sys
 from typing import Callable
 
 from ..files import locked
-from ._common import emit, load
+from ._common import bars_on, emit, load
 
 # flags that change how a run goes, not what it finds: a rerun may change them and resume
 _HOW = {"out", "force", "json", "image", "func", "batch_size", "workers", "debug", "device",
@@ -69,7 +69,7 @@ def _work_through(run, todo: list, command: str, work: Callable, args) -> None:
     hm = load(args)
     workers = default_workers() if args.workers is None else args.workers
     with tqdm(total=len(todo), desc=command, unit="img", file=sys.stderr,
-              disable=len(todo) < 2 or None) as bar:
+              disable=len(todo) < 2 or not bars_on(args) or None) as bar:
         for batch in batches(todo, hm.data_config, args.batch_size, workers,
                              pin_memory=hm.device.type == "cuda"):
             items = []

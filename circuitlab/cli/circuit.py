@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import CircuitlabError
 from ..files import locked, refuse_overwrite, staged, write_text
-from ._common import (add_ablation, add_batch_args, add_image_arg, add_model_args,
+from ._common import (add_ablation, bars_on, add_batch_args, add_image_arg, add_model_args,
                       add_outputs, add_reference, add_seed, count, emit, fraction, load,
                       mask_from, positive_int, provenance, reference_images, steps_bar,
                       target_index)
@@ -105,6 +105,7 @@ def _circuit_one(hm, x, image, out: Path, args, refs) -> dict:
     target = target_index(hm, args.target)
     with steps_bar("learned gates", config.steps,
                    show=config.select_by == "learned" and getattr(args, "one_image", False)
+                   and bars_on(args)
                    ) as progress:
         circuit = read_circuit(hm, x, explanation, target, config=config, reference=refs,
                                progress=progress)
@@ -164,20 +165,8 @@ def cmd_circuit(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("circuit", help="read and validate the circuit behind a decision",
-                       description="Read the channel-level circuit of an image's decision "
-                                   "(on its minimal explanation with --explain or "
-                                   "--explanation DIR), test it by ablation against random "
-                                   "circuits, and write nodes.csv, edges.csv (and .parquet), "
-                                   "circuit.graphml, circuit.json, circuit.png, circuit.html "
-                                   "(interactive) and validation.json.")
-    add_model_args(p)
-    add_image_arg(p)
-    p.add_argument("--explain", action="store_true",
-                   help="explain the image first and read the circuit on the explanation")
-    p.add_argument("--explanation", help="folder written by `circuitlab explain` (its "
-                                         "mask.png) to read the circuit on")
+def _add_selection(p) -> None:
+    """How the circuit's units are chosen, and how big it may be."""
     p.add_argument("--select", choices=["faithful", "energy", "attribution", "learned"],
                    default="faithful", help="faithful (default): the smallest circuit that "
                    "keeps --faithfulness of the image-vs-reference contrast with top-1 kept; "
@@ -202,6 +191,23 @@ def register(sub) -> None:
                    help="--select learned: fraction of the tapped units (default 0.1)")
     p.add_argument("--steps", type=positive_int, default=300,
                    help="--select learned: optimisation steps (default 300)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("circuit", help="read and validate the circuit behind a decision",
+                       description="Read the channel-level circuit of an image's decision "
+                                   "(on its minimal explanation with --explain or "
+                                   "--explanation DIR), test it by ablation against random "
+                                   "circuits, and write nodes.csv, edges.csv (and .parquet), "
+                                   "circuit.graphml, circuit.json, circuit.png, circuit.html "
+                                   "(interactive) and validation.json.")
+    add_model_args(p)
+    add_image_arg(p)
+    p.add_argument("--explain", action="store_true",
+                   help="explain the image first and read the circuit on the explanation")
+    p.add_argument("--explanation", help="folder written by `circuitlab explain` (its "
+                                         "mask.png) to read the circuit on")
+    _add_selection(p)
     p.add_argument("--edges", choices=["auto", "weight", "effective", "attribution", "none"],
                    default="auto",
                    help="weight: |W| of the conv between taps, or composed through the blocks "

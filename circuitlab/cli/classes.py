@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import CircuitlabError
 from ..files import locked, refuse_overwrite, staged, write_text
-from ._common import emit, load, provenance, target_index
+from ._common import bars_on, emit, load, provenance, target_index
 
 OUTPUTS = ("nodes.csv", "edges.csv", "nodes.parquet", "edges.parquet", "circuit.graphml",
            "circuit.json", "circuit.png", "circuit.html", "units.csv", "per_image.csv",
@@ -53,7 +53,7 @@ def cmd_class_circuit(args) -> int:
         x, used = _images(args, hm, files)
         refs = args.refs_of(hm).to(x.device)
         with tqdm(total=len(used), desc="class circuit", unit="img", file=sys.stderr,
-                  disable=None) as bar:
+                  disable=not bars_on(args) or None) as bar:
             cc = class_circuit(hm, x, target, held_out=args.held_out, min_share=args.min_share,
                                config=args.readout, reference=refs, seed=args.seed,
                                progress=lambda done, n: bar.update(done - bar.n))

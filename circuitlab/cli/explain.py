@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 
 from ..errors import CircuitlabError
 from ..files import locked, refuse_overwrite, staged, write_text
-from ._common import (add_batch_args, add_image_arg, add_model_args, add_outputs, add_seed,
+from ._common import (add_batch_args, bars_on, add_image_arg, add_model_args, add_outputs, add_seed,
                       count, emit, fraction, load, overlay, positive_int, provenance, ratio,
                       save_mask_pngs, save_png, steps_bar, target_index)
 from ._folder import run_folder
@@ -32,7 +31,8 @@ def _first_pass(hm, x, args):
         return args.explainer_obj.explain(hm, x, refine=args.refine, seed=args.seed)
     from ..explain import preset
     total = args.steps or preset(args.preset, hm.family.name, min(x.shape[-2:])).steps
-    with steps_bar("explain", total, show=getattr(args, "one_image", False)) as progress:
+    with steps_bar("explain", total, show=getattr(args, "one_image", False) and
+                   bars_on(args)) as progress:
         return explain(hm, x, preset_name=args.preset, steps=args.steps, seed=args.seed,
                        target=target_index(hm, args.target), progress=progress)
 
@@ -140,13 +140,10 @@ def cmd_explain(args) -> int:
     if args.mode == "amortized":
         from ..explain import Explainer
         args.explainer_obj = ex = Explainer.load(args.explainer)
-        if ex.step == 0:
-            raise CircuitlabError(f"{args.explainer} was never trained (step 0); finish it "
-                                  f"with `circuitlab train-explainer ... --resume`")
         if ex.step < ex.config.steps:
-            warnings.warn(f"{args.explainer} is unfinished: trained {ex.step} of "
-                          f"{ex.config.steps} steps; its masks are not yet what training "
-                          f"aims at (--resume it to finish)")
+            raise CircuitlabError(f"{args.explainer} is unfinished: trained {ex.step} of "
+                                  f"{ex.config.steps} steps; finish it with `circuitlab "
+                                  f"train-explainer ... --out {args.explainer} --resume`")
     if Path(args.image).is_dir():
         return run_folder(args, "explain", names, OUTPUTS, _explain_batch, _summary)
     out = Path(args.out)

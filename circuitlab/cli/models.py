@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ._common import add_image_arg, add_json, add_model_args, emit, load, positive_int
+from ._common import (add_image_arg, add_json, add_model_args, bars_on, emit, load,
+                      positive_int)
 
 
 def cmd_models(args) -> int:
@@ -46,7 +47,8 @@ def cmd_predict(args) -> int:
     src = Path(args.image)
     images = data.image_files(src) if src.is_dir() else [args.image]
     results = []
-    for img in tqdm(images, desc="predict", unit="img", disable=len(images) < 2 or None,
+    for img in tqdm(images, desc="predict", unit="img",
+                    disable=len(images) < 2 or not bars_on(args) or None,
                     file=sys.stderr):
         x = data.load_image(img, hm)
         df = hm.predict(x, topk=args.topk)

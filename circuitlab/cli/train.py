@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..errors import CircuitlabError
 from ..files import locked, refuse_overwrite
-from ._common import add_model_args, add_outputs, add_seed, emit, load, positive_int
+from ._common import (add_model_args, add_outputs, add_seed, bars_on, emit, load,
+                      positive_int)
 
 
 def _training_images(args, hm):
@@ -70,7 +71,7 @@ def cmd_train_explainer(args) -> int:
                                             out.with_name(f"{out.name}.rank{rank}")):
         hm = load(args)
         images = _training_images(args, hm).to(hm.device)
-        bars, progress = _progress_bars() if rank == 0 else ({}, None)
+        bars, progress = _progress_bars() if rank == 0 and bars_on(args) else ({}, None)
         t0 = time.perf_counter()
         ex = train_explainer(hm, images, steps=args.steps, batch_size=args.batch_size,
                              teacher_steps=args.teacher_steps, seed=args.seed, checkpoint=out,

@@ -194,22 +194,7 @@ def train_explainer(hm: HookedModel, images: torch.Tensor,
             raise CircuitlabError(f"{str(checkpoint)!r} exists; pass --resume to continue it "
                                   f"or --force to start over")
         if resume:
-            saved, saved_state = Explainer.load(checkpoint, with_training=True)
-            if saved.model_name != hm.name or saved.input_size != explainer.input_size:
-                raise CircuitlabError(f"{str(checkpoint)!r} was trained for "
-                                      f"{saved.model_name} at {saved.input_size}; cannot "
-                                      f"resume it for {hm.name} at {explainer.input_size}")
-            if not saved_state or saved_state.get("n_images") != len(images):
-                raise CircuitlabError(f"{str(checkpoint)!r} was trained on a different image "
-                                      f"set (or finished without training state); pass "
-                                      f"--force to start over")
-            cfg = saved.config.replace(steps=cfg.steps)
-            net.load_state_dict(saved.net.state_dict())
-            explainer = Explainer(net, cfg, hm.name, saved.input_size, saved.step,
-                                  saved.history)
-            state = saved_state
-            if state.get("optimizer"):
-                opt.load_state_dict(state["optimizer"])
+            explainer, state = _resumed(checkpoint, explainer, opt, len(images))
 
     def save():
         if checkpoint is not None and active()[0] == 0:   # one writer
@@ -227,15 +212,42 @@ def train_explainer(hm: HookedModel, images: torch.Tensor,
             on_chunk=on_chunk, progress=(lambda i, n: progress("teacher", i, n, {}))
             if progress else None)
         state["teacher"] = teacher
-    target_all = teacher.float()
-    net.train()
+    _distil(explainer, opt, images, teacher.float(), batch_size, seed, save, save_every,
+            progress)
+    return explainer
+
+
+def _resumed(checkpoint, explainer: Explainer, opt, n_images: int) -> tuple:
+    """(the explainer, its training state) continued from ``checkpoint``, into ``explainer``'s
+    network and ``opt``, after checking it was trained for the same model and images."""
+    saved, state = Explainer.load(checkpoint, with_training=True)
+    if saved.model_name != explainer.model_name or saved.input_size != explainer.input_size:
+        raise CircuitlabError(f"{str(checkpoint)!r} was trained for {saved.model_name} at "
+                              f"{saved.input_size}; cannot resume it for "
+                              f"{explainer.model_name} at {explainer.input_size}")
+    if not state or state.get("n_images") != n_images:
+        raise CircuitlabError(f"{str(checkpoint)!r} was trained on a different image set (or "
+                              f"finished without training state); pass --force to start over")
+    explainer.net.load_state_dict(saved.net.state_dict())
+    resumed = Explainer(explainer.net, saved.config.replace(steps=explainer.config.steps),
+                        explainer.model_name, saved.input_size, saved.step, saved.history)
+    if state.get("optimizer"):
+        opt.load_state_dict(state["optimizer"])
+    return resumed, state
+
+
+def _distil(explainer: Explainer, opt, images, target_all, batch_size: int, seed: int, save,
+            save_every: int, progress) -> None:
+    """The U-Net's training steps, from where ``explainer`` stands to its config's steps.
+    Under torchrun: DistributedDataParallel, each process a 1/world share of every global
+    batch, so averaging the shares' gradients is the gradient of the global batch's loss."""
+    cfg, net = explainer.config, explainer.net
     rank, world = active()
     if world > 1 and batch_size % world:
         raise CircuitlabError(f"batch_size {batch_size} does not split over {world} "
                               f"processes; use a multiple of {world}")
-    # under torchrun: DistributedDataParallel, each process a 1/world share of every global
-    # batch; averaging the shares' gradients is the gradient of the global batch's loss
     forward = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    net.train()
     for step in range(explainer.step + 1, cfg.steps + 1):
         idx, flip = _batch(len(images), batch_size, seed, step)
         idx, flip = idx[rank::world], flip[rank::world]
@@ -255,4 +267,3 @@ def train_explainer(hm: HookedModel, images: torch.Tensor,
         if step % save_every == 0 or step == cfg.steps:
             save()
     net.eval()
-    return explainer

@@ -1,0 +1,118 @@
+"""Dataset-run throughput: images per second of `explain`, `circuit` and `saliency` over one
+folder, one image at a time vs batched vs several processes (torchrun), as a user runs them.
+
+    python benchmarks/throughput.py                  # CPU: synthetic CNN, 64 images
+    python benchmarks/throughput.py --quick          # 8 images, batches 1 and 4
+    python benchmarks/throughput.py --device cuda    # GPU: batches 1 / 16 / 64 / 256, and
+                                                     # every visible GPU under torchrun
+
+Each row is one command over the same folder (64 of the synthetic benchmark's held-out
+images, written as PNG), timed wall-clock from the command's start to its end (model load
+and process start included, as a user waits for them). ``same_masks``: the share of the
+images whose mask.png is byte-identical to the one-at-a-time run's. Extremal perturbations
+(our implementation) one at a time is the anchor row. Prints the table, writes CSV (default
+benchmarks/results/throughput.csv).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from circuitlab import synthetic
+from circuitlab.files import write_text
+
+COMMANDS = {   # name -> CLI arguments after the folder (defaults otherwise)
+    "explain": ["explain"],
+    "explain --no-minimal": ["explain", "--no-minimal"],
+    "circuit": ["circuit", "--reference", "synthetic"],
+    "saliency gradcam": ["saliency", "--method", "gradcam"],
+    "saliency extremal (anchor)": ["saliency", "--method", "extremal"],
+}
+
+
+def make_folder(n: int, where: Path) -> Path:
+    folder = where / "images"
+    folder.mkdir()
+    for i, img in enumerate(synthetic.make_dataset(n, seed=123).images):
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+def run(command: list, folder: Path, out: Path, batch: int, procs: int, device: str) -> float:
+    cli = ["-m", "circuitlab", command[0], "--model", "synthetic-cnn", "--image", str(folder),
+           "--out", str(out), "--batch-size", str(batch), "--workers", "0", *command[1:]]
+    if device != "cpu":
+        cli += ["--device", device]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if procs > 1:
+        cli = ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), *cli]
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // procs))
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, *cli], capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cli)} failed: {done.stderr.strip()[-500:]}")
+    return seconds
+
+
+def same_masks(a: Path, b: Path) -> float:
+    masks = sorted(a.glob("*/mask.png"))
+    if not masks:
+        return float("nan")
+    return sum((b / m.parent.name / m.name).read_bytes() == m.read_bytes()
+               for m in masks) / len(masks)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--images", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--commands", default=None,
+                   help="comma-separated subset of: " + ", ".join(COMMANDS))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.csv"))
+    args = p.parse_args(argv)
+    gpu = args.device != "cpu"
+    n = args.images or (8 if args.quick else 64)
+    batches = [1, 4] if args.quick else ([1, 16, 64, 256] if gpu else [1, 4, 16, 64])
+    procs = 2 if not gpu else torch.cuda.device_count()
+    names = args.commands.split(",") if args.commands else list(COMMANDS)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_folder(n, Path(tmp))
+        for name in names:
+            plans = [(1, 1)] if "anchor" in name else \
+                [(b, 1) for b in batches if b <= n] + ([(batches[-1], procs)] if procs > 1
+                                                       and not args.quick else [])
+            first = None
+            for batch, k in plans:
+                out = Path(tmp) / f"{name.replace(' ', '_')}-b{batch}-p{k}"
+                s = run(COMMANDS[name], folder, out, batch, k, args.device)
+                first = first or out
+                rows.append({"command": name, "device": args.device, "batch": batch,
+                             "processes": k, "images": n, "seconds": s,
+                             "images_per_s": n / s, "same_masks": same_masks(first, out)})
+                print(f"{name:28s} batch {batch:3d} x{k}: {n / s:6.2f} img/s", file=sys.stderr)
+    df = pd.DataFrame(rows)
+    one = df[(df["batch"] == 1) & (df["processes"] == 1)].set_index("command")["images_per_s"]
+    df["vs_one_at_a_time"] = df["images_per_s"] / df["command"].map(one)
+    with pd.option_context("display.width", 160, "display.float_format", "{:.2f}".format):
+        print(df.to_string(index=False))
+    write_text(args.out, df.to_csv(index=False))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
