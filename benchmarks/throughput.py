@@ -3,7 +3,8 @@ folder, one image at a time vs batched vs several processes (torchrun), as a use
 
     python benchmarks/throughput.py                  # CPU: synthetic CNN, 64 images
     python benchmarks/throughput.py --quick          # 8 images, batches 1 and 4
-    python benchmarks/throughput.py --device cuda    # GPU: batches 1 / 16 / 64 / 256, and
+    python benchmarks/throughput.py --device cuda --model efficientnet_lite0
+                                                     # GPU: batches 1 / 16 / 64 / 256, and
                                                      # every visible GPU under torchrun
 
 Each row is one command over the same folder (64 of the synthetic benchmark's held-out
@@ -34,7 +35,7 @@ from circuitlab.files import write_text
 COMMANDS = {   # name -> CLI arguments after the folder (defaults otherwise)
     "explain": ["explain"],
     "explain --no-minimal": ["explain", "--no-minimal"],
-    "circuit": ["circuit", "--reference", "synthetic"],
+    "circuit": ["circuit"],
     "saliency gradcam": ["saliency", "--method", "gradcam"],
     "saliency extremal (anchor)": ["saliency", "--method", "extremal"],
 }
@@ -49,8 +50,9 @@ def make_folder(n: int, where: Path) -> Path:
     return folder
 
 
-def run(command: list, folder: Path, out: Path, batch: int, procs: int, device: str) -> float:
-    cli = ["-m", "circuitlab", command[0], "--model", "synthetic-cnn", "--image", str(folder),
+def run(command: list, folder: Path, out: Path, batch: int, procs: int, device: str,
+        model: str) -> float:
+    cli = ["-m", "circuitlab", command[0], "--model", model, "--image", str(folder),
            "--out", str(out), "--batch-size", str(batch), "--workers", "0", *command[1:]]
     if device != "cpu":
         cli += ["--device", device]
@@ -79,6 +81,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--images", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="synthetic-cnn",
+                   help="synthetic-cnn (default) or efficientnet_lite0 (the GPU target's model; "
+                        "the folder's 32 px images are resized to its 224 px)")
     p.add_argument("--commands", default=None,
                    help="comma-separated subset of: " + ", ".join(COMMANDS))
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.csv"))
@@ -92,15 +97,22 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_folder(n, Path(tmp))
         for name in names:
+            # only explain optimises a batch together; the others run image by image, so
+            # one batched row shows what the loader alone changes
+            sizes = batches if name.startswith("explain") else batches[:1] + batches[2:3]
             plans = [(1, 1)] if "anchor" in name else \
-                [(b, 1) for b in batches if b <= n] + ([(batches[-1], procs)] if procs > 1
-                                                       and not args.quick else [])
+                [(b, 1) for b in sizes if b <= n] + ([(sizes[-1], procs)] if procs > 1
+                                                     and not args.quick else [])
             first = None
+            extra = ["--reference", "synthetic"] if name == "circuit" and \
+                args.model.startswith("synthetic") else []
             for batch, k in plans:
                 out = Path(tmp) / f"{name.replace(' ', '_')}-b{batch}-p{k}"
-                s = run(COMMANDS[name], folder, out, batch, k, args.device)
+                s = run(COMMANDS[name] + extra, folder, out, batch, k, args.device,
+                        args.model)
                 first = first or out
-                rows.append({"command": name, "device": args.device, "batch": batch,
+                rows.append({"command": name, "model": args.model, "device": args.device,
+                             "batch": batch,
                              "processes": k, "images": n, "seconds": s,
                              "images_per_s": n / s, "same_masks": same_masks(first, out)})
                 print(f"{name:28s} batch {batch:3d} x{k}: {n / s:6.2f} img/s", file=sys.stderr)

@@ -159,7 +159,7 @@ def _from_name(name: str, checkpoint, pretrained: bool, num_classes: Optional[in
     """(model, name, source, data config, architecture arguments, checkpoint contents) for
     a registered name or a checkpoint file."""
     meta: dict = {}
-    if name.endswith((".pt", ".pth")) or Path(name).is_file():
+    if name.endswith((".pt", ".pth", ".safetensors")) or Path(name).is_file():
         meta = checkpoints.read(name)
         if checkpoints.kind_of(meta) != "model" or not meta.get("arch"):
             raise CircuitlabError(f"{name!r} is not a circuitlab checkpoint (no arch "

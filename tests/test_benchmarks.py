@@ -66,3 +66,14 @@ def test_circuits_analysis_smoke(tmp_path):
     assert (out / "frontier.png").stat().st_size > 0 and (out / "circuits.md").exists()
     again = _run("analyses/circuits.py", "--quick", "--out", out, timeout=300)
     assert again.returncode == 2 and "--force" in again.stderr      # nothing replaced silently
+
+
+def test_throughput_benchmark_smoke(tmp_path):
+    out = tmp_path / "throughput.csv"
+    r = _run("benchmarks/throughput.py", "--quick", "--images", "2", "--commands",
+             "explain --no-minimal,saliency gradcam", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    df = pd.read_csv(out)
+    assert set(df["command"]) == {"explain --no-minimal", "saliency gradcam"}
+    assert (df["images_per_s"] > 0).all() and (df["same_masks"] == 1.0).all()
+    assert df.loc[df["batch"] == 1, "vs_one_at_a_time"].eq(1.0).all()

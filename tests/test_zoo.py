@@ -69,6 +69,25 @@ def test_timm_and_torchvision_prefixes():
     assert type(b.model).__module__.startswith("torchvision")
 
 
+def test_safetensors_checkpoints_round_trip_and_carry_no_code(tmp_path):
+    from safetensors import safe_open
+    vit = load_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                     depth=2, num_classes=5, labels=list("abcde"))
+    path = save_checkpoint(vit, tmp_path / "vit.safetensors")
+    with safe_open(str(path), framework="pt") as f:          # a plain safetensors file
+        assert "head.weight" in set(f.keys()) and f.metadata()["kind"] == "model"
+    back = load_model(path)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(back(x), vit(x), rtol=0, atol=0)
+    assert back.labels == list("abcde") and back.input_size == (3, 32, 32)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{oops}")
+    with pytest.raises(CircuitlabError, match="cannot read .* as safetensors"):
+        load_model(tmp_path / "bad.safetensors")
+    from circuitlab import checkpoints
+    with pytest.raises(CircuitlabError, match="write it as .pt"):
+        checkpoints.save(tmp_path / "e.safetensors", "explainer", {"optimizer": {}})
+
+
 def test_checkpoint_round_trip(tmp_path):
     hm = load_model("resnet18", pretrained=False, num_classes=10,
                     data_config={"input_size": (3, 32, 32)}, labels=[f"c{i}" for i in range(10)])
