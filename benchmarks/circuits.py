@@ -29,7 +29,7 @@ import torch
 
 import circuitlab as cl  # noqa: E402
 from circuitlab.circuits import read_circuit  # noqa: E402
-from circuitlab.files import write_text  # noqa: E402
+from _common import report  # noqa: E402
 
 
 def _sync():
@@ -122,10 +122,7 @@ def main(argv=None) -> int:
         rows += bench("efficientnet_lite0", hm, x, src, refs, "blocks.4", 16, reps)
     df = pd.DataFrame(rows)
     df.insert(0, "device", torch.cuda.get_device_name() if dev.type == "cuda" else "cpu")
-    with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
-        print(df.to_string(index=False))
-    write_text(args.out, df.to_csv(index=False))
-    print(f"wrote {args.out}")
+    report(df, args.out)
     return 0
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from circuitlab import HookedModel  # noqa: E402
-from circuitlab.files import write_text  # noqa: E402
+from _common import report  # noqa: E402
 
 CONFIGS = {
     "full": [("resnet50", {}, 224), ("vit_small_patch16_224", {}, 224)],
@@ -113,10 +113,8 @@ def main(argv=None) -> int:
             rows += measure(arch, kwargs, size, batch, reps, device)
             print(f"done {arch} batch {batch}", file=sys.stderr, flush=True)
     df = pd.DataFrame(rows)
-    with pd.option_context("display.width", 140, "display.float_format", "{:.3f}".format):
-        print(df.drop(columns=["device", "reps"]).to_string(index=False))
-    write_text(args.out, df.to_csv(index=False))
-    print(f"wrote {args.out} (device {device}, torch threads {torch.get_num_threads()})")
+    report(df, args.out, [c for c in df if c not in ("device", "reps")],
+           note=f" (device {device}, torch threads {torch.get_num_threads()})")
     return 0
 
 

@@ -32,6 +32,7 @@ if not torch.cuda.is_available():          # Triton on a CPU only runs under its
 import pandas as pd  # noqa: E402
 
 import circuitlab.kernels as kernels  # noqa: E402
+from _common import report  # noqa: E402
 from circuitlab.kernels import reference as R  # noqa: E402
 
 RESNET50 = [(64, 112), (256, 56), (512, 28), (1024, 14), (2048, 7)]      # (C, side)
@@ -238,12 +239,7 @@ def main(argv=None) -> int:
     show = [c for c in ("op", "case", "method", "seconds", "x_eager", "x_compile", "GB/s",
                         "copy_frac", "compile_s", "rel_diff_vs_eager", "max_abs_diff")
             if c in df]
-    with pd.option_context("display.width", 200, "display.max_rows", 500,
-                           "display.float_format", "{:.4g}".format):
-        print(df[show].to_string(index=False))
-    from circuitlab.files import write_text
-    write_text(args.out, df.to_csv(index=False))
-    print(f"wrote {args.out}")
+    report(df, args.out, show, float_format="{:.4g}")
     return 0
 
 

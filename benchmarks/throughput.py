@@ -29,8 +29,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from _common import report
 from circuitlab import synthetic
-from circuitlab.files import write_text
 
 COMMANDS = {   # name -> CLI arguments after the folder (defaults otherwise)
     "explain": ["explain"],
@@ -119,10 +119,7 @@ def main(argv=None) -> int:
     df = pd.DataFrame(rows)
     one = df[(df["batch"] == 1) & (df["processes"] == 1)].set_index("command")["images_per_s"]
     df["vs_one_at_a_time"] = df["images_per_s"] / df["command"].map(one)
-    with pd.option_context("display.width", 160, "display.float_format", "{:.2f}".format):
-        print(df.to_string(index=False))
-    write_text(args.out, df.to_csv(index=False))
-    print(f"wrote {args.out}")
+    report(df, args.out, float_format="{:.2f}")
     return 0
 
 

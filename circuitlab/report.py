@@ -126,9 +126,9 @@ def render(src: Union[str, os.PathLike], sections: Optional[Sequence[Section]] =
                               f"per analysis, each with .md tables or .png figures)")
     sections = _sections(src, sections)
     found, parts = [], []
-    for folder, title, what in sections:
+    for folder, heading, what in sections:
         d = src / folder
-        parts.append(f'<h2 id="{folder}">{html.escape(title)}</h2>'
+        parts.append(f'<h2 id="{folder}">{html.escape(heading)}</h2>'
                      + (f'<p class="note">{html.escape(what)}</p>' if what else ""))
         mds, pngs = sorted(d.glob("*.md")), sorted(d.glob("*.png"))
         if not (mds or pngs):

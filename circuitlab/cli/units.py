@@ -62,7 +62,6 @@ def cmd_patch(args) -> int:
     return 0
 
 
-
 def register(sub) -> None:
     p = sub.add_parser("ablate", help="ablate each unit of a layer, write CSV",
                        description="Ablate every unit of --layer on its own (batched) and "
