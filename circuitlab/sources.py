@@ -122,9 +122,10 @@ def _from_hub(arch: str, pretrained: bool, build: Callable, host: str,
     except (CircuitlabError, TypeError):  # a TypeError is a bad architecture argument
         raise
     except Exception as e:  # no network, no cached copy, or no pretrained weights exist
-        raise CircuitlabError(f"no pretrained weights for {arch} could be loaded "
-                              f"({type(e).__name__}: not reachable and not in the local "
-                              f"cache); load a checkpoint, or {RANDOM_HINT}") from None
+        raise CircuitlabError(f"no pretrained weights for {arch} could be loaded: the hub "
+                              f"did not answer and the local cache has none "
+                              f"({type(e).__name__}); load a checkpoint, or {RANDOM_HINT}"
+                              ) from None
 
 
 def _hf_offline(call: Callable):

@@ -43,3 +43,21 @@ def test_a_batch_row_is_a_batch_of_one():
     one = ex.row(1)
     assert one.mask.shape[0] == 1 and torch.equal(one.mask, ex.mask[1:2])
     assert one.target.tolist() == ex.target[1:].tolist()
+
+
+def test_the_area_search_of_a_batch_is_each_images_own():
+    import pytest
+
+    from circuitlab.explain import minimize
+    hm, x = _setup(2)
+    cfg = preset("default", hm.family.name, 32, steps=30, min_steps=5, patience=5)
+    free = explain(hm, x, cfg, seed=1)
+    together = minimize(hm, x, free, steps=10, seed=1, confidence=0.0)
+    for i in range(len(x)):
+        alone = minimize(hm, x[i:i + 1], free.row(i), steps=10, seed=1, confidence=0.0)
+        assert torch.equal(together.mask[i:i + 1], alone.mask), i
+        mine, theirs = together.search[i], alone.search[0]
+        # the image's own confidence comes from a batched forward: equal up to rounding
+        assert [{**r, "confidence_ratio": pytest.approx(r["confidence_ratio"], rel=1e-3)}
+                for r in theirs] == mine, i
+    assert any(len(t) > 1 for t in together.search)     # some image halved more than once

@@ -37,31 +37,35 @@ def _first_pass(hm, x, args):
                        target=target_index(hm, args.target), progress=progress)
 
 
-def _finish_one(hm, x, free, image, out: Path, args, shared_seconds: float) -> dict:
-    """One image from its free mask: --area / --minimal / --reasons, metrics, files.
-    ``shared_seconds``: its share of the batch's first pass."""
+def _second_pass(hm, x, free, args):
+    """The batch's masks after --area (pared down to it) or --minimal (the area search,
+    every image's halvings in the same rounds, then certified); else the free masks."""
+    from ..explain import explain_at_area, minimize
+    if args.area is not None:
+        return explain_at_area(hm, x, args.area, base=free, steps=args.steps, seed=args.seed)
+    if args.minimal:
+        return minimize(hm, x, free, confidence=args.confidence, seed=args.seed)
+    return free
+
+
+def _finish_one(hm, x, free, ex, image, out: Path, args, shared_seconds: float) -> dict:
+    """One image from its free and final masks: --reasons, metrics, files.
+    ``shared_seconds``: its share of the batch's passes."""
     import time
 
     import numpy as np
 
     from .. import data, metrics
-    from ..explain import explain_at_area, minimize
     from ..explain.reasons import reasons_of_one
     t0 = time.perf_counter()
-    ex, free_area, cert = free, float(free.area[0]), None
     mask = ex.mask
-    if args.area is not None:  # pared down from the free mask to exactly this area
-        ex = explain_at_area(hm, x, args.area, base=ex, steps=args.steps, seed=args.seed)
-        mask = ex.mask
-    elif args.minimal:
-        ex = minimize(hm, x, ex, confidence=args.confidence, seed=args.seed)
-        cert, mask = ex.certificates[0], ex.mask
+    cert = ex.certificates[0] if args.area is None and args.minimal else None
     found = reasons_of_one(hm, x, args.reasons, int(ex.target[0]), None, args.seed,
                            args.minimal, first=free) if args.reasons > 1 else None
     result = {
         "image": str(image), "model": hm.name, "mode": args.mode,
         "preset": args.preset if args.mode == "per-image" else None, "steps": ex.steps,
-        "area_budget": args.area, "free_area": free_area,
+        "area_budget": args.area, "free_area": float(free.area[0]),
         **metrics.mask_report(hm, x, mask, mask, ex.target, seed=args.seed),
         "seconds": shared_seconds + time.perf_counter() - t0, **provenance(args, hm),
     }
@@ -80,16 +84,30 @@ def _finish_one(hm, x, free, image, out: Path, args, shared_seconds: float) -> d
 
 def _explain_batch(hm, items: list, args):
     """``items``: [(image, x (1, C, H, W), publish)] explained together; ``publish(image,
-    work)`` writes one image's result as a whole."""
+    work)`` writes one image's result as a whole (a failure of the batch's passes becomes
+    each of its images' failure)."""
     import time
 
     import torch
     t0 = time.perf_counter()
-    free = _first_pass(hm, torch.cat([x for _, x, _ in items]), args)
+    try:
+        x = torch.cat([x for _, x, _ in items])
+        free = _first_pass(hm, x, args)
+        final = _second_pass(hm, x, free, args)
+    except Exception as e:  # noqa: BLE001 - recorded per image by publish
+        for image, _, publish in items:
+            publish(image, _failing(e))
+        return
     share = (time.perf_counter() - t0) / len(items)
-    for i, (image, x, publish) in enumerate(items):
-        publish(image, lambda tmp, i=i, image=image, x=x: _finish_one(
-            hm, x, free.row(i), image, tmp, args, share))
+    for i, (image, xi, publish) in enumerate(items):
+        publish(image, lambda tmp, i=i, image=image, xi=xi: _finish_one(
+            hm, xi, free.row(i), final.row(i), image, tmp, args, share))
+
+
+def _failing(error: Exception):
+    def work(tmp):
+        raise error
+    return work
 
 
 def _save_reasons(out: Path, hm, x, found) -> list:

@@ -2,7 +2,7 @@
 estimator (forward: hard 0.5 threshold; backward: identity)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -14,15 +14,22 @@ def binarize_ste(p: torch.Tensor) -> torch.Tensor:
     return p + ((p > 0.5).to(p.dtype) - p).detach()
 
 
-def keep_top_ste(p: torch.Tensor, fraction: float) -> torch.Tensor:
+def keep_top_ste(p: torch.Tensor, fraction: Union[float, Sequence[float]]) -> torch.Tensor:
     """The ``fraction`` of cells with the highest keep probability set to 1, the rest to 0,
-    per image; gradient of p in the backward pass. A hard area budget: the mask always keeps
-    exactly round(fraction * cells) cells (at least one). Ties go as ``torch.topk`` breaks
-    them, not by position as in ``metrics.binarize_at_area`` (after Adam's first, sign-like
-    step many logits tie, so the two pick different cells there)."""
+    per image (or one fraction per image); gradient of p in the backward pass. A hard area
+    budget: the mask always keeps exactly round(fraction * cells) cells (at least one). Ties
+    go as ``torch.topk`` breaks them, not by position as in ``metrics.binarize_at_area``
+    (after Adam's first, sign-like step many logits tie, so the two pick different cells)."""
     flat = p.flatten(1)
-    k = min(flat.shape[1], max(1, int(round(fraction * flat.shape[1]))))
-    hard = torch.zeros_like(flat).scatter_(1, flat.topk(k, dim=1).indices, 1.0)
+    n = flat.shape[1]
+    if isinstance(fraction, (int, float)):
+        k = min(n, max(1, int(round(fraction * n))))
+        hard = torch.zeros_like(flat).scatter_(1, flat.topk(k, dim=1).indices, 1.0)
+    else:   # row by row, each as a batch of one: the same cells as that image alone
+        hard = torch.zeros_like(flat)
+        for i, f in enumerate(fraction):
+            k = min(n, max(1, int(round(f * n))))
+            hard[i:i + 1].scatter_(1, flat[i:i + 1].topk(k, dim=1).indices, 1.0)
     return p + (hard.view_as(p) - p).detach()
 
 

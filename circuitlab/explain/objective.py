@@ -66,8 +66,15 @@ class Objective:
 
     def __init__(self, hm: HookedModel, x: torch.Tensor, cfg: ExplainConfig,
                  rng: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
-                 target: Optional[torch.Tensor] = None):
+                 target: Optional[torch.Tensor] = None,
+                 budgets: Optional[Sequence[float]] = None):
         self.hm, self.x, self.cfg = hm, x, cfg
+        # one area budget per image instead of cfg.area_budget (python floats: the same
+        # arithmetic as one image's scalar budget)
+        self.budgets = None if budgets is None else [float(v) for v in budgets]
+        if self.budgets is not None and (cfg.area_budget is None or
+                                         len(self.budgets) != x.shape[0]):
+            raise CircuitlabError("budgets: one per image, with config.area_budget set")
         # one generator per image (its noise backgrounds and their order do not depend on
         # the batch), or one shared by the batch, drawn from image by image
         rng = rng or torch.Generator().manual_seed(0)
@@ -96,13 +103,20 @@ class Objective:
         c = self.cfg
         return c.area_start * (c.area_end / c.area_start) ** ((step - 1) / max(1, c.steps - 1))
 
-    def budget_at(self, step: int) -> float:
+    def budget_at(self, step: int, rows: Optional[Sequence[int]] = None):
         """The kept fraction under ``area_budget``: 1 at step 1, the budget from the end of the
         warm-up on (geometric in between, so the mask is pared down from the whole image the
-        way a deletion curve is, and the ranking of cells has time to form)."""
+        way a deletion curve is, and the ranking of cells has time to form). With per-image
+        ``budgets``: one fraction per image of ``rows``."""
         c = self.cfg
         warm = c.budget_warmup * (c.steps - 1)
-        return c.area_budget ** min(1.0, (step - 1) / warm) if warm > 0 else c.area_budget
+
+        def at(budget: float) -> float:
+            return budget ** min(1.0, (step - 1) / warm) if warm > 0 else budget
+        if self.budgets is None:
+            return at(c.area_budget)
+        return [at(self.budgets[i]) for i in (rows if rows is not None
+                                               else range(len(self.budgets)))]
 
     def at_budget(self, step: int) -> bool:
         return (step - 1) >= self.cfg.budget_warmup * (self.cfg.steps - 1)
@@ -116,7 +130,7 @@ class Objective:
         x, target, logits_x = self.x[sel], self.target[sel], self.logits_x[sel]
         b = x.shape[0]
         m_low = binarize_ste(p) if cfg.area_budget is None else \
-            keep_top_ste(p, self.budget_at(step))
+            keep_top_ste(p, self.budget_at(step, rows))
         m = F.interpolate(m_low, size=x.shape[-2:], mode="nearest")
         parts = [m * x]
         if self.k:

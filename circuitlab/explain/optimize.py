@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import pandas as pd
 import torch
@@ -76,7 +76,8 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
             preset_name: str = "default", steps: Optional[int] = None, seed: int = 0,
             mask_net: Optional[torch.nn.Module] = None, minimal: bool = False,
             confidence: float = 1.0, target=None,
-            progress: Optional[Callable[[int, dict], None]] = None) -> Explanation:
+            progress: Optional[Callable[[int, dict], None]] = None,
+            budgets: Optional[Sequence[float]] = None) -> Explanation:
     """Minimal mask for each image of ``x`` (B, C, H, W), trained from scratch (per-image mode).
 
     ``mask_net``: a mask network to train instead of the one ``config.generator`` names
@@ -98,7 +99,7 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     kept the label gets the whole image (mask of ones).
 
     With ``config.area_budget`` every mask keeps exactly that fraction of its cells once the
-    warm-up is over; per image the returned mask is the one of those steps that kept the label
+    warm-up is over (``budgets``: one fraction per image instead); per image the returned mask is the one of those steps that kept the label
     with the highest target probability, or failing that, the highest target probability
     (``Explanation.found`` says which); no early stop.
     """
@@ -111,11 +112,12 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     # the caller's global RNG is left as it was; a U-Net's initial weights come from ``seed``
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        ex = _optimise(hm, x, cfg, seed, mask_net, target, progress)
+        ex = _optimise(hm, x, cfg, seed, mask_net, target, progress, budgets)
     return minimize(hm, x, ex, confidence=confidence, seed=seed) if minimal else ex
 
 
-def _optimise(hm, x, cfg: ExplainConfig, seed: int, mask_net, target, progress) -> Explanation:
+def _optimise(hm, x, cfg: ExplainConfig, seed: int, mask_net, target, progress,
+              budgets=None) -> Explanation:
     """The optimisation loop of ``explain``: the images of x leave it one by one as they
     converge, so a batch costs what its unfinished images cost."""
     b = x.shape[0]
@@ -127,7 +129,7 @@ def _optimise(hm, x, cfg: ExplainConfig, seed: int, mask_net, target, progress) 
         cfg.input_scale > 1 else x
     # one generator per image: its noise backgrounds do not depend on the batch
     objective = Objective(hm, x, cfg, [torch.Generator().manual_seed(seed) for _ in range(b)],
-                          target)
+                          target, budgets)
     best = _Best(objective, x.shape[-2:], cfg.area_budget is not None)
     rows, active, step, t0 = [], list(range(b)), 0, time.perf_counter()
     for step in range(1, cfg.steps + 1):
@@ -232,7 +234,7 @@ def _mask_net(hm: HookedModel, x: torch.Tensor, cfg: ExplainConfig, seed: int):
                           f"'unet'")
 
 
-def explain_at_area(hm: HookedModel, x: torch.Tensor, area: float, *,
+def explain_at_area(hm: HookedModel, x: torch.Tensor, area: Union[float, Sequence[float]], *,
                     base: Optional[Explanation] = None, config: Optional[ExplainConfig] = None,
                     steps: Optional[int] = None, seed: int = 0, target=None,
                     progress: Optional[Callable[[int, dict], None]] = None) -> Explanation:
@@ -243,16 +245,19 @@ def explain_at_area(hm: HookedModel, x: torch.Tensor, area: float, *,
     precise on the benchmark's tuning images: docs/results.md, "Design choices, measured").
     ``config``: the budget run's settings (default preset for the
     input size, with ``area_budget=area``); ``seconds`` includes the base run made here.
+    ``area`` may be one fraction per image (each image keeps its own).
     """
     x = hm.check_input(x)
-    if not 0 < area <= 1:
-        raise CircuitlabError(f"area is the kept fraction, in (0, 1]; got {area}")
+    areas = [float(area)] if isinstance(area, (int, float)) else [float(a) for a in area]
+    if not all(0 < a <= 1 for a in areas) or len(areas) not in (1, x.shape[0]):
+        raise CircuitlabError(f"area is the kept fraction, in (0, 1], one for all images or "
+                              f"one per image; got {area}")
     t0 = time.perf_counter()
     if base is None:
         base = explain(hm, x, steps=steps, seed=seed, target=target)
     cfg = (config or preset("default", hm.family.name, min(x.shape[-2:]),
-                            area_budget=float(area))).replace(area_budget=float(area),
-                                                              generator="grid")
+                            area_budget=areas[0])).replace(area_budget=areas[0],
+                                                           generator="grid")
     side = min(cfg.mask_size, x.shape[-2], x.shape[-1])
     soft = base.soft.float()
     if soft.shape[-2:] != (side, side):   # a U-Net's or an amortized explainer's resolution
@@ -260,7 +265,8 @@ def explain_at_area(hm: HookedModel, x: torch.Tensor, area: float, *,
     # keep probabilities of exactly 0 or 1 have no logit; 1e-3 leaves room to move
     logits = torch.logit(soft.clamp(1e-3, 1 - 1e-3)).to(x.device)
     ex = explain(hm, x, cfg, steps=steps, seed=seed, mask_net=MaskGrid.from_logits(logits),
-                 target=base.target if target is None else target, progress=progress)
+                 target=base.target if target is None else target, progress=progress,
+                 budgets=areas if isinstance(area, Sequence) else None)
     ex.seconds = time.perf_counter() - t0
     return ex
 
@@ -281,7 +287,9 @@ def minimize(hm: HookedModel, x: torch.Tensor, ex: Explanation, *, confidence: f
 
     Minimal therefore means: no smaller budget of the halving sequence was found to hold,
     and no single connected region can be deleted; not that no smaller mask exists.
-    ``search`` lists per image the budgets tried: area, kept, confidence_ratio.
+    ``search`` lists per image the budgets tried: area, kept, confidence_ratio. The images
+    of a batch halve in the same rounds (each at its own budget), so a batch costs rounds,
+    not images x rounds; each image's search is the one it gets alone.
     """
     if not 0 <= confidence < float("inf"):
         raise CircuitlabError(f"confidence is a ratio to the image's p_target, >= 0; got "
@@ -290,42 +298,73 @@ def minimize(hm: HookedModel, x: torch.Tensor, ex: Explanation, *, confidence: f
     t0 = time.perf_counter()
     with torch.no_grad():
         p_x = hm(x).softmax(-1).gather(1, ex.target[:, None].to(x.device)).squeeze(1).cpu()
-    masks, softs, floors, trails = [], [], [], []
-    for i in range(x.shape[0]):
-        xi, ti = x[i:i + 1], ex.target[i:i + 1]
-        floor = confidence * float(p_x[i])
-        mask, soft, p_mask, trail = _halve_while_held(
-            hm, xi, ex.mask[i:i + 1], ex.soft[i:i + 1], ti, floor, float(p_x[i]), steps,
-            min_area, seed)
-        masks.append(mask)
-        softs.append(F.interpolate(soft.float(), size=x.shape[-2:], mode="bilinear",
-                                   align_corners=False))
-        floors.append(min(floor, p_mask))
-        trails.append(trail)
-    certificates = certify(hm, x, torch.cat(masks).to(x.device), ex.target,
-                           floor=torch.tensor(floors))
+    search = _AreaSearch(hm, x, ex, [confidence * float(p) for p in p_x], p_x.tolist(),
+                         steps, min_area, seed)
+    search.run()
+    certificates = certify(hm, x, torch.cat(search.masks).to(x.device), ex.target,
+                           floor=torch.tensor(search.floors()))
     mask = torch.cat([c.mask for c in certificates]).to(x.device)
+    softs = [F.interpolate(s.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+             for s in search.softs]
     return Explanation(mask=mask, soft=torch.cat(softs), explanation=mask * x,
                        target=ex.target, history=ex.history, steps=ex.steps,
                        seconds=ex.seconds + time.perf_counter() - t0, config=ex.config,
-                       found=ex.found, certificates=certificates, search=trails)
+                       found=ex.found, certificates=certificates, search=search.trails,
+                       stopped=ex.stopped)
 
 
-def _halve_while_held(hm, x, mask, soft, target, floor, p_image, steps, min_area, seed):
-    """One image's area search: (mask, soft, its p_target, the budgets tried)."""
-    p_mask = float(masked_predictions(hm, x, mask.to(x.device), int(target))[0][0])
-    area, trail = float(mask.mean()), []
-    while area / 2 >= min_area:
-        cfg = preset("default", hm.family.name, min(x.shape[-2:]), area_budget=area / 2)
-        cfg = cfg.replace(steps=steps, min_steps=0, budget_warmup=0.3)
-        base = Explanation(mask=mask, soft=soft, explanation=mask * x, target=target,
+class _AreaSearch:
+    """The halving search of every image of a batch at once: each round, the images whose
+    last halving held try half their area together (``explain_at_area`` with one budget per
+    image), so a batch costs rounds, not images x rounds; each image's trail is the one it
+    gets alone."""
+
+    def __init__(self, hm, x, ex: Explanation, floors: list, p_images: list, steps: int,
+                 min_area: float, seed: int):
+        self.hm, self.x, self.targets = hm, x, ex.target
+        self.floor, self.p_image = floors, p_images
+        self.steps, self.min_area, self.seed = steps, min_area, seed
+        b = x.shape[0]
+        self.masks = [ex.mask[i:i + 1] for i in range(b)]
+        self.softs = [ex.soft[i:i + 1] for i in range(b)]
+        self.area = [float(m.mean()) for m in self.masks]
+        self.p_mask = [float(masked_predictions(hm, x[i:i + 1], self.masks[i].to(x.device),
+                                                int(self.targets[i]))[0][0]) for i in range(b)]
+        self.trails = [[] for _ in range(b)]
+
+    def floors(self) -> list:
+        """What certify holds each image to: its floor, or its accepted mask's own p_target
+        when the search accepted nothing and that is lower."""
+        return [min(f, p) for f, p in zip(self.floor, self.p_mask)]
+
+    def run(self) -> None:
+        active = [i for i, a in enumerate(self.area) if a / 2 >= self.min_area]
+        while active:
+            active = self._round(active)
+
+    def _round(self, idx: list) -> list:
+        hm, x = self.hm, self.x
+        budgets = [self.area[i] / 2 for i in idx]
+        cfg = preset("default", hm.family.name, min(x.shape[-2:]), area_budget=budgets[0])
+        cfg = cfg.replace(steps=self.steps, min_steps=0, budget_warmup=0.3)
+        rows = torch.tensor(idx)
+        xs, masks = x[rows.to(x.device)], torch.cat([self.masks[i] for i in idx])
+        base = Explanation(mask=masks, soft=torch.cat([self.softs[i] for i in idx]),
+                           explanation=masks.to(x.device) * xs,
+                           target=self.targets[rows.to(self.targets.device)],
                            history=pd.DataFrame(), steps=0, seconds=0.0, config=cfg)
-        cand = explain_at_area(hm, x, area / 2, base=base, config=cfg, seed=seed)
-        p, kept = masked_predictions(hm, x, cand.mask, int(target))
-        held = bool(kept[0]) and float(p[0]) >= floor
-        trail.append({"area": float(cand.area[0]), "kept": bool(kept[0]),
-                      "confidence_ratio": float(p[0]) / p_image, "accepted": held})
-        if not held:
-            break
-        mask, soft, p_mask, area = cand.mask, cand.soft, float(p[0]), area / 2
-    return mask, soft, p_mask, trail
+        cand = explain_at_area(hm, xs, budgets, base=base, config=cfg, seed=self.seed)
+        held_next = []
+        for j, i in enumerate(idx):
+            p, kept = masked_predictions(hm, x[i:i + 1], cand.mask[j:j + 1],
+                                         int(self.targets[i]))
+            held = bool(kept[0]) and float(p[0]) >= self.floor[i]
+            self.trails[i].append({"area": float(cand.area[j]), "kept": bool(kept[0]),
+                                   "confidence_ratio": float(p[0]) / self.p_image[i],
+                                   "accepted": held})
+            if held:
+                self.masks[i], self.softs[i] = cand.mask[j:j + 1], cand.soft[j:j + 1]
+                self.p_mask[i], self.area[i] = float(p[0]), self.area[i] / 2
+                if self.area[i] / 2 >= self.min_area:
+                    held_next.append(i)
+        return held_next
