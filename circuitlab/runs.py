@@ -92,7 +92,14 @@ class FolderRun:
         if self.out.exists() and not self.out.is_dir():
             raise CircuitlabError(f"{self.out} is a file; --out takes a folder for a folder "
                                   f"of images")
-        if self.force or not manifest.exists():
+        if self.force:
+            return
+        if not manifest.exists():   # outputs not written by a run of ours: never replaced
+            clash = next((self.folder(i) / n for i in self.images for n in self.outputs
+                          if (self.folder(i) / n).exists()), None)
+            if clash is not None:
+                raise CircuitlabError(f"{clash} exists and {self.out} holds no circuitlab run "
+                                      f"to resume; choose another --out or pass --force")
             return
         try:
             old = json.loads(manifest.read_text())

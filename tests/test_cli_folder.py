@@ -144,3 +144,17 @@ def test_an_interrupted_run_loses_nothing_written_and_resumes(tmp_path, tiny_che
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 12 and (table["status"] == "ok").all()
     assert {o: (out / o / "mask.png").stat().st_mtime_ns for o in done["output"]} == stamps
+
+
+def test_outputs_a_run_did_not_write_are_never_replaced(capsys, tmp_path, folder):
+    d, model = folder
+    out = tmp_path / "out"
+    (out / "cat_png").mkdir(parents=True)
+    (out / "cat_png" / "mask.png").write_bytes(b"the user's own")
+    argv = ["explain", "--model", str(model), "--image", str(d), "--out", str(out),
+            "--steps", "2", "--no-minimal", "--workers", "0"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "holds no circuitlab run to resume" in err
+    assert (out / "cat_png" / "mask.png").read_bytes() == b"the user's own"
+    code, _, err = run(capsys, *argv, "--force")
+    assert code == 1 and (out / "cat_png" / "mask.png").read_bytes() != b"the user's own"
