@@ -61,3 +61,13 @@ def test_the_area_search_of_a_batch_is_each_images_own():
         assert [{**r, "confidence_ratio": pytest.approx(r["confidence_ratio"], rel=1e-3)}
                 for r in theirs] == mine, i
     assert any(len(t) > 1 for t in together.search)     # some image halved more than once
+
+
+def test_one_area_for_a_batch_is_every_images_own():
+    from circuitlab.explain import explain_at_area
+    hm, x = _setup(2)
+    free = explain(hm, x, steps=20, seed=0)
+    one = explain_at_area(hm, x, [0.1], base=free, steps=10, seed=0)
+    assert torch.equal(one.mask, explain_at_area(hm, x, 0.1, base=free, steps=10,
+                                                 seed=0).mask)
+

@@ -4,9 +4,10 @@ table, resume, a lock, and the failures listed at the end (``circuitlab.runs``).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable
 
-from ..files import locked
+from ..files import locked, refuse_overwrite, staged
 from ._common import bars_on, emit, load
 
 # flags that change how a run goes, not what it finds: a rerun may change them and resume
@@ -47,7 +48,7 @@ def run_folder(args, command: str, outputs, required, work: Callable,
         return 1 if run.failed() else 0
     rows = [run.rows[str(i)] for i in images if str(i) in run.rows]
     done_now = {str(i) for i in pending}
-    failed = [r for r in rows if r["status"] == "failed" and r["image"] in done_now]
+    failed = run.failed()
     lines = [summary([r]) if r["status"] == "ok" else f"{r['image']}: failed: {r['error']}"
              for r in rows if r["image"] in done_now]
     lines.append(f"{len(pending) - len(failed)} done, {len(images) - len(pending)} already "
@@ -57,6 +58,25 @@ def run_folder(args, command: str, outputs, required, work: Callable,
                 "failed": [{"image": r["image"], "error": r["error"]} for r in failed],
                 "results": rows}, "\n".join(lines))
     return 1 if failed else 0
+
+
+def run_one(args, outputs, work: Callable) -> dict:
+    """``work(hm, [(image, x, publish)], args)`` on the one image --image names, its result
+    written into --out as a whole: refused if its outputs exist (unless --force), --out
+    locked while it runs. Returns the result."""
+    from .. import data
+    out = Path(args.out)
+    refuse_overwrite([out / n for n in outputs], args.force)
+    args.one_image = True      # bars over its steps (a folder run has one over images)
+    results = []
+
+    def publish(image, write):
+        with staged(out, outputs) as tmp:
+            results.append(write(tmp))
+    with locked(out):
+        hm = load(args)
+        work(hm, [(args.image, data.load_image(args.image, hm), publish)], args)
+    return results[0]
 
 
 def _work_through(run, todo: list, command: str, work: Callable, args) -> None:

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 from ..errors import CircuitlabError
-from ..files import locked, refuse_overwrite, staged, write_text
-from ._common import (add_ablation, bars_on, add_batch_args, add_image_arg, add_model_args,
-                      add_outputs, add_reference, add_seed, count, emit, fraction, load,
+from ..files import write_text
+from ._common import (add_ablation, add_batch_args, add_image_arg, add_model_args,
+                      add_outputs, add_reference, add_seed, bars_on, count, emit, fraction,
                       mask_from, positive_int, provenance, reference_images, steps_bar,
                       target_index)
+from ._folder import run_folder, run_one
 from .classes import cmd_class_circuit
-from ._folder import run_folder
 
 OUTPUTS = ("nodes.csv", "edges.csv", "nodes.parquet", "edges.parquet", "circuit.graphml",
            "circuit.json", "circuit.png", "circuit.html", "validation.json")
@@ -136,7 +136,6 @@ def _circuit_batch(hm, items: list, args) -> None:
 
 
 def cmd_circuit(args) -> int:
-    from .. import data
     args.readout = _config(args)
     if args.explanation and Path(args.image).is_dir():
         raise CircuitlabError("--explanation names one image's explanation; for a folder use "
@@ -153,14 +152,7 @@ def cmd_circuit(args) -> int:
     if Path(args.image).is_dir():
         return run_folder(args, "circuit", OUTPUTS, OUTPUTS, _circuit_batch,
                           lambda rows: "\n".join(_short(r) for r in rows))
-    out = Path(args.out)
-    refuse_overwrite([out / n for n in OUTPUTS], args.force)
-    args.one_image = True
-    with locked(out):
-        hm = load(args)
-        x = data.load_image(args.image, hm)
-        with staged(out, OUTPUTS) as tmp:
-            result = _circuit_one(hm, x, args.image, tmp, args, refs_of(hm).to(x.device))
+    result = run_one(args, OUTPUTS, _circuit_batch)
     emit(args, result, _line(args, result) + f"\nwrote {args.out}")
     return 0
 

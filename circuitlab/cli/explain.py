@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 from ..errors import CircuitlabError
-from ..files import locked, refuse_overwrite, staged, write_text
-from ._common import (add_batch_args, bars_on, add_image_arg, add_model_args, add_outputs, add_seed,
-                      count, emit, fraction, load, overlay, positive_int, provenance, ratio,
+from ..files import write_text
+from ._common import (add_batch_args, add_image_arg, add_model_args, add_outputs, add_seed,
+                      bars_on, count, emit, fraction, overlay, positive_int, provenance, ratio,
                       save_mask_pngs, save_png, steps_bar, target_index)
-from ._folder import run_folder
+from ._folder import run_folder, run_one
 
 OUTPUTS = ("mask.png", "explanation.png", "overlay.png", "metrics.json")
 MAX_REASONS = 10
@@ -153,7 +153,6 @@ def _check(args) -> tuple:
 
 
 def cmd_explain(args) -> int:
-    from .. import data
     names = _check(args)
     if args.mode == "amortized":
         from ..explain import Explainer
@@ -164,22 +163,9 @@ def cmd_explain(args) -> int:
                                   f"train-explainer ... --out {args.explainer} --resume`")
     if Path(args.image).is_dir():
         return run_folder(args, "explain", names, OUTPUTS, _explain_batch, _summary)
-    out = Path(args.out)
-    refuse_overwrite([out / n for n in names], args.force)
-    args.one_image = True      # a bar over its steps (a folder run has one over images)
-    with locked(out):
-        hm = load(args)
-        x = data.load_image(args.image, hm)
-        results = []
-        _explain_batch(hm, [(args.image, x, lambda image, work: _publish_one(
-            out, names, work, results))], args)
-    emit(args, results[0], _summary(results) + f"\nwrote {out}")
+    result = run_one(args, names, _explain_batch)
+    emit(args, result, _summary([result]) + f"\nwrote {args.out}")
     return 0
-
-
-def _publish_one(out: Path, names, work, results: list) -> None:
-    with staged(out, names) as tmp:
-        results.append(work(tmp))
 
 
 def _summary(results: list) -> str:

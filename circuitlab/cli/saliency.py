@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 from ..errors import CircuitlabError
-from ..files import locked, refuse_overwrite, staged, write_text
+from ..files import write_text
 from ._common import (add_batch_args, add_image_arg, add_model_args, add_outputs, emit,
-                      fraction, load, provenance, save_mask_pngs, save_png)
-from ._folder import run_folder
+                      fraction, provenance, save_mask_pngs, save_png)
+from ._folder import run_folder, run_one
 
 OUTPUTS = ("saliency.png", "mask.png", "overlay.png", "metrics.json")
 METHODS = ("gradcam", "gradcam++", "ig", "rise", "extremal", "rollout", "cls_attention")
@@ -57,21 +57,13 @@ def _summary(args, rows) -> str:
 
 
 def cmd_saliency(args) -> int:
-    from .. import data
     if args.layer and args.method not in ("gradcam", "gradcam++"):
         raise CircuitlabError("--layer belongs to --method gradcam / gradcam++")
     if Path(args.image).is_dir():
         return run_folder(args, "saliency", OUTPUTS, OUTPUTS, _saliency_batch,
                           lambda rows: _summary(args, rows))
-    out = Path(args.out)
-    refuse_overwrite([out / n for n in OUTPUTS], args.force)
-    with locked(out):
-        hm = load(args)
-        _check_method(hm, args)
-        x = data.load_image(args.image, hm)
-        with staged(out, OUTPUTS) as tmp:
-            result = _saliency_one(hm, x, args.image, tmp, args)
-    emit(args, result, _summary(args, [result]) + f"\nwrote {out}")
+    result = run_one(args, OUTPUTS, _saliency_batch)
+    emit(args, result, _summary(args, [result]) + f"\nwrote {args.out}")
     return 0
 
 

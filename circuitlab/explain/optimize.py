@@ -99,9 +99,10 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     kept the label gets the whole image (mask of ones).
 
     With ``config.area_budget`` every mask keeps exactly that fraction of its cells once the
-    warm-up is over (``budgets``: one fraction per image instead); per image the returned mask is the one of those steps that kept the label
-    with the highest target probability, or failing that, the highest target probability
-    (``Explanation.found`` says which); no early stop.
+    warm-up is over (``budgets``: one fraction per image instead); per image the returned
+    mask is the one of those steps that kept the label with the highest target probability,
+    or failing that, the highest target probability (``Explanation.found`` says which); no
+    early stop.
     """
     x = hm.check_input(x)
     cfg = config or preset(preset_name, hm.family.name, min(x.shape[-2:]))
@@ -203,7 +204,7 @@ class _Best:
         binary = (p * (1 - p)).flatten(1).mean(1).cpu()
         for j, i in enumerate(active):
             self.recent[i] = (self.recent[i] + [(float(binary[j]), bool(kept[j]),
-                                                 float(area[j]))])[-50:]
+                                                 float(area[j]))])[-obj.cfg.patience:]
             self.stopped[i] = step
         return {"area": float(area.mean()), "kept": float(kept.float().mean())}
 
@@ -264,9 +265,12 @@ def explain_at_area(hm: HookedModel, x: torch.Tensor, area: Union[float, Sequenc
         soft = F.interpolate(soft, size=(side, side), mode="bilinear", align_corners=False)
     # keep probabilities of exactly 0 or 1 have no logit; 1e-3 leaves room to move
     logits = torch.logit(soft.clamp(1e-3, 1 - 1e-3)).to(x.device)
+    # a sequence of areas: one budget per image (a single one is every image's)
+    budgets = None if isinstance(area, (int, float)) else \
+        areas * x.shape[0] if len(areas) == 1 else areas
     ex = explain(hm, x, cfg, steps=steps, seed=seed, mask_net=MaskGrid.from_logits(logits),
                  target=base.target if target is None else target, progress=progress,
-                 budgets=areas if isinstance(area, Sequence) else None)
+                 budgets=budgets)
     ex.seconds = time.perf_counter() - t0
     return ex
 
