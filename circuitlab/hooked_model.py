@@ -32,6 +32,8 @@ from .hook_names import Names, PointTable
 from .hook_points import HookPoint, classifier_aliases, probe, transformer_aliases
 from .interventions import Variant, ablation_values, patch_values, run_variants, variant_masks
 from .preprocessing import DataConfig
+from .execution import Execution
+from .readers import TapReader
 
 
 def _in_chans(model: nn.Module) -> Optional[int]:
@@ -75,6 +77,7 @@ class HookedModel:
         self._engine = TraceEngine(model)
         self._points: Optional[PointTable] = None
         self._family: Optional[Family] = None
+        self._readers: dict = {}
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -244,6 +247,16 @@ class HookedModel:
             acts[p.name] = on_device((p.view(t) if p.view else t).detach(), device)
             gmap[p.name] = on_device(p.view(g) if p.view else g, device)
         return logits.detach(), ActivationCache(acts, logits.detach(), gmap, tgt)
+
+    def reader(self, names: Sequence[str], execution: Execution = Execution()) -> TapReader:
+        """A plain-torch ``reader(x) -> (logits, [activations])`` of the named points, in the
+        order given, for a hot loop (``readers.TapReader``: no trace per call; compilable,
+        bf16); one per (points, execution), kept, so a compiled one compiles once."""
+        points = [self.point(n) for n in ([names] if isinstance(names, str) else names)]
+        key = (tuple(p.name for p in points), execution)
+        if key not in self._readers:
+            self._readers[key] = TapReader(self.model, points, execution)
+        return self._readers[key]
 
     def _objective(self, logits: torch.Tensor, target):
         if callable(target):

@@ -24,12 +24,12 @@ import torch
 
 from . import reference
 from ._triton import INTERPRET, triton
-from .reference import DISTANCES, KernelInputError
+from .reference import DISTANCES, LAUNCHES, KernelInputError
 
 BACKENDS = ("auto", "triton", "torch")
 
 __all__ = ["activation_matching", "edge_scores", "backend_for", "reference", "DISTANCES",
-           "KernelInputError", "BACKENDS"]
+           "KernelInputError", "BACKENDS", "LAUNCHES"]
 
 
 def backend_for(device: torch.device, backend: Optional[str] = None) -> str:
@@ -58,18 +58,24 @@ def backend_for(device: torch.device, backend: Optional[str] = None) -> str:
 def activation_matching(acts_x: Sequence[torch.Tensor], acts_e: Sequence[torch.Tensor],
                         alphas: Sequence[float], kinds: Sequence[str],
                         channel_dims: Sequence[int],
-                        backend: Optional[str] = None) -> torch.Tensor:
+                        backend: Optional[str] = None, launch: str = "per-layer") -> torch.Tensor:
     """sum_l alpha_l * d_l(phi_l(x), phi_l(e)) as an fp32 scalar; differentiable in acts_e.
+
+    ``launch`` (Triton path): ``"per-layer"``, one kernel launch per layer, or ``"one"``, one
+    launch for every layer of a dtype pair through a table of their pointers (fewer launches
+    for many small layers; ``benchmarks/kernels.py`` times both).
 
     ``acts_x`` is the target (the image's run) and gets no gradient on the Triton path; pass
     it detached (the torch path is used where it requires grad, so nothing is lost silently).
     """
     if not acts_e:
         raise KernelInputError("activation matching needs at least one layer")
+    if launch not in LAUNCHES:
+        raise KernelInputError(f"launch is one of {LAUNCHES}; got {launch!r}")
     use = backend_for(acts_e[0].device, backend)
     if use == "triton" and not any(a.requires_grad for a in acts_x):
         from .ops.activation_matching import activation_matching_triton
-        return activation_matching_triton(acts_x, acts_e, alphas, kinds, channel_dims)
+        return activation_matching_triton(acts_x, acts_e, alphas, kinds, channel_dims, launch)
     return reference.activation_matching(acts_x, acts_e, alphas, kinds, channel_dims)
 
 

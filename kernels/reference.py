@@ -14,6 +14,8 @@ import torch
 from circuitlab.errors import CircuitlabError
 
 DISTANCES = ("mse", "zmse", "cosine", "kl")
+# how the Triton op launches: one kernel per layer, or one for all layers of a dtype pair
+LAUNCHES = ("per-layer", "one")
 EPS = 1e-6
 
 

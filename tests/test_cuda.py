@@ -72,3 +72,28 @@ def test_explain_and_metrics_on_gpu():
     r = metrics.evaluate_mask(hm, x, gpu.mask, gpu.target)  # a target on the GPU too
     assert r["area_fraction"].shape == (4,)
     assert metrics.deletion_auc(hm, x, gpu.mask, gpu.target, steps=4).shape == (4,)
+
+
+@pytest.mark.parametrize("execution", [dict(compile="reduce-overhead"), dict(precision="bf16"),
+                                       dict(channels_last=True)])
+def test_reader_settings_on_gpu(execution):
+    """CUDA graphs, bf16 and channels-last reads against eager fp32 on the GPU; the masks an
+    explanation finds with them keep the label as often (docs/cli.md measures how far they
+    move)."""
+    from circuitlab import synthetic
+    from circuitlab.execution import Execution
+    from circuitlab.explain import explain, preset
+    torch.manual_seed(0)
+    hm = circuitlab.HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG)
+    hm.to("cuda")
+    x = synthetic.make_dataset(8, seed=0).normalized().cuda()
+    names = list(hm.taps)
+    le, ae = hm.reader(names)(x)
+    lr, ar = hm.reader(names, Execution(**execution))(x)
+    tol = 0.05 if execution.get("precision") == "bf16" else 1e-4
+    torch.testing.assert_close(lr, le, rtol=tol, atol=tol * float(le.abs().max()))
+    cfg = preset("default", hm.family.name, steps=40)
+    base = explain(hm, x, cfg, seed=1)
+    other = explain(hm, x, cfg, seed=1, execution=Execution(**execution))
+    kept = [(hm(x * e.mask).argmax(-1) == e.target).float().mean() for e in (base, other)]
+    assert float(kept[1]) >= float(kept[0]) - 0.125

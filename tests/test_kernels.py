@@ -82,19 +82,50 @@ def test_kernel_activation_matching_strided_inputs(kind):
         assert gt.shape == b.shape
 
 
-def test_kernel_activation_matching_several_layers_and_grad_scale():
+@pytest.mark.parametrize("launch", kernels.LAUNCHES)
+def test_kernel_activation_matching_several_layers_and_grad_scale(launch):
     torch.manual_seed(3)
     xs = [torch.randn(2, 8, 6, 6, device=DEV), torch.randn(2, 16, 3, 3, device=DEV),
           torch.randn(2, 5, 12, device=DEV)]
     es = [torch.randn_like(t).requires_grad_(True) for t in xs]
     kinds, alphas, cdims = ["cosine", "zmse", "kl"], [1.0, 4.0, 8.0], [1, 1, 2]
-    lt = kernels.activation_matching(xs, es, alphas, kinds, cdims, backend="triton")
+    lt = kernels.activation_matching(xs, es, alphas, kinds, cdims, backend="triton",
+                                     launch=launch)
     gt = torch.autograd.grad(lt * 2.5, es)
     lr = R.activation_matching(xs, es, alphas, kinds, cdims)
     gr = torch.autograd.grad(lr * 2.5, es)
     _close(lt.detach(), lr.detach(), 1e-5)
     for x, y in zip(gt, gr):
         _close(x, y, 1e-4)
+
+
+@pytest.mark.parametrize("kind", R.DISTANCES)
+def test_kernel_one_launch_reads_every_layer_from_its_table(kind):
+    """Every shape of SHAPES (conv maps and tokens, odd sizes) plus a channels-last map in one
+    launch, a layer that wants no gradient among them: the same loss and gradients as one
+    launch per layer and as the reference."""
+    torch.manual_seed(8)
+    xs = [torch.randn(shape, device=DEV) for shape, _ in SHAPES] + [
+        torch.randn(2, 7, 5, 6, device=DEV).contiguous(memory_format=torch.channels_last)]
+    es = [torch.randn_like(x) for x in xs]
+    cdims = [c for _, c in SHAPES] + [1]
+    alphas = [float(i + 1) for i in range(len(xs))]
+    kinds = [kind] * len(xs)
+    wanted = [i for i in range(len(es)) if i != 2]
+    out = {}
+    for launch in (*kernels.LAUNCHES, None):
+        e = [t.clone().requires_grad_(i in wanted) for i, t in enumerate(es)]
+        loss = kernels.activation_matching(xs, e, alphas, kinds, cdims, launch=launch,
+                                           backend="triton") if launch else \
+            R.activation_matching(xs, e, alphas, kinds, cdims)
+        grads = torch.autograd.grad(loss * 1.5, [e[i] for i in wanted])
+        out[launch] = (loss.detach(), grads)
+    for launch in kernels.LAUNCHES:
+        _close(out[launch][0], out[None][0], 1e-5)
+        for g, r in zip(out[launch][1], out[None][1]):
+            _close(g, r, 1e-4)
+    with pytest.raises(kernels.KernelInputError, match="launch"):
+        kernels.activation_matching(xs, es, alphas, kinds, cdims, launch="all")
 
 
 def test_kernel_activation_matching_zmse_constant_channel_and_no_grad():
@@ -181,14 +212,16 @@ def test_kernel_edge_scores_topk_per_destination():
     assert torch.equal(i.cpu(), ri.cpu())
 
 
-def test_kernel_activation_matching_mixed_layouts_and_dtypes_in_one_call():
+@pytest.mark.parametrize("launch", kernels.LAUNCHES)
+def test_kernel_activation_matching_mixed_layouts_and_dtypes_in_one_call(launch):
     torch.manual_seed(7)
     xs = [torch.randn(2, 4, 5, 5, device=DEV), torch.randn(2, 6, 8, device=DEV),
           torch.randn(4, 3, 4, 4, device=DEV)[::2]]
     es = [xs[0].to(torch.bfloat16), xs[1] * 0.5, torch.randn(4, 3, 4, 4, device=DEV)[::2]]
     es = [e.detach().requires_grad_(True) for e in es]            # bf16, fp32, strided
     args = (["zmse", "kl", "cosine"], [1, 2, 1])
-    lt = kernels.activation_matching(xs, es, [1.0, 2.0, 3.0], *args, backend="triton")
+    lt = kernels.activation_matching(xs, es, [1.0, 2.0, 3.0], *args, backend="triton",
+                                     launch=launch)
     gt = torch.autograd.grad(lt * 0.5, es)
     lr = R.activation_matching(xs, es, [1.0, 2.0, 3.0], *args)
     gr = torch.autograd.grad(lr * 0.5, es)
@@ -207,3 +240,47 @@ def test_kernel_edge_scores_bad_input_is_one_clear_error():
             kernels.edge_scores(w, e, [7], [1], 2, backend=backend)
         with pytest.raises(kernels.KernelInputError, match="destination unit 8"):
             kernels.edge_scores(w, e, [0], [8], 2, backend=backend)
+
+
+_COMPILE_FOR_H100 = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from circuitlab.kernels.ops import matching_kernels as mk
+target = GPUTarget("cuda", 90, 32)
+strides = {n: "i32" for n in ("sab", "sap", "sac", "sbb", "sbp", "sbc", "sgb", "sgp", "sgc")}
+per_layer = {"A": "*fp32", "B": "*bf16", "G": "*bf16", "PART": "*fp32", "P": "i32", "C": "i32",
+             **strides, "lscale": "fp32", "gscale": "fp32", "eps": "fp32",
+             "BLOCK_P": "constexpr", "BLOCK_C": "constexpr", "WRITE_GRAD": "constexpr"}
+for kernel in (mk._mse_kernel, mk._zmse_kernel, mk._cosine_kernel, mk._kl_kernel):
+    sig = {k: v for k, v in per_layer.items()
+           if k != "eps" or kernel in (mk._zmse_kernel, mk._cosine_kernel)}
+    for grad in (True, False):
+        triton.compile(ASTSource(fn=kernel, signature=sig, constexprs={
+            "BLOCK_P": 32, "BLOCK_C": 32, "WRITE_GRAD": grad}), target=target)
+one = {"TABLE": "*i64", "SCALES": "*fp32", "STARTS": "*i32", "PART": "*fp32", "n_layers": "i32",
+       "eps": "fp32", "DA": "constexpr", "DB": "constexpr", "NCOL": "constexpr",
+       "HAS": "constexpr"}
+for da, db in ((0, 0), (0, 2), (1, 1)):
+    triton.compile(ASTSource(fn=mk._all_layers_kernel, signature=one, constexprs={
+        "DA": da, "DB": db, "NCOL": len(mk.TABLE_COLUMNS), "HAS": 255}), target=target)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernel_sources_compile_for_an_h100():
+    """The interpreter runs the kernels' arithmetic, not the compiler's type rules (a loop
+    variable that changes type, a pointer cast): every kernel is compiled here for sm_90,
+    through ptxas, as a GPU would compile it, without one."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (bin_dir / "ptxas").exists() and not shutil.which("ptxas"):
+        pytest.skip("triton's NVIDIA backend (ptxas) is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]

@@ -14,8 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # only. A new module needs a row: placing it is deciding where it sits in the flow.
 LAYERS = [
     ("errors",),
-    ("files", "preprocessing", "kernels", "deprecations", "distributed"),  # leaves
+    ("files", "preprocessing", "kernels", "deprecations", "distributed",  # leaves
+     "execution"),
     ("checkpoints", "backgrounds", "cache", "hook_points", "engine", "sources"),
+    ("readers",),                                # plain-torch reads for hot loops
     ("families", "interventions", "hook_names"),
     ("hooked_model",),                           # hooks
     ("synthetic",),                              # the benchmark: its data, models and cache
@@ -29,7 +31,7 @@ LAYERS = [
     ("__main__",),                               # python -m circuitlab, torchrun -m circuitlab
 ]
 RANK = {unit: i for i, row in enumerate(LAYERS) for unit in row}
-LEAVES = ("files", "preprocessing", "kernels", "deprecations", "distributed")
+LEAVES = ("files", "preprocessing", "kernels", "deprecations", "distributed", "execution")
 
 
 def _modules() -> dict:

@@ -28,6 +28,8 @@ def _check_hooks(scope, tmp_path):
     assert scope["patched"].shape == (16, 1, 1000)
     assert scope["circuit"].shape == (1, 1, 1000)
     assert scope["cache"]["blocks.3.attn.hook_pattern"].shape[1] == 6
+    hm, acts = scope["hm"], scope["acts"]
+    assert [tuple(a.shape[1:]) for a in acts] == [hm.point(n).shape[1:] for n in hm.taps]
 
 
 def _check_explain(scope, tmp_path):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import CircuitlabError
 from ..files import write_text
+from ..execution import COMPILE_MODES, PRECISIONS, Execution
 from ._common import (add_batch_args, add_image_arg, add_model_args, add_outputs, add_seed,
                       bars_on, count, emit, fraction, overlay, positive_int, provenance, ratio,
                       save_mask_pngs, save_png, steps_bar, target_index)
@@ -34,7 +36,13 @@ def _first_pass(hm, x, args):
     with steps_bar("explain", total, show=getattr(args, "one_image", False) and
                    bars_on(args)) as progress:
         return explain(hm, x, preset_name=args.preset, steps=args.steps, seed=args.seed,
-                       target=target_index(hm, args.target), progress=progress)
+                       target=target_index(hm, args.target), progress=progress,
+                       execution=_execution(args))
+
+
+def _execution(args) -> Execution:
+    return Execution(args.precision, None if args.compile == "off" else args.compile,
+                     args.channels_last)
 
 
 def _second_pass(hm, x, free, args):
@@ -66,6 +74,7 @@ def _finish_one(hm, x, free, ex, image, out: Path, args, shared_seconds: float) 
         "image": str(image), "model": hm.name, "mode": args.mode,
         "preset": args.preset if args.mode == "per-image" else None, "steps": ex.steps,
         "area_budget": args.area, "free_area": float(free.area[0]),
+        "execution": asdict(_execution(args)) if args.mode == "per-image" else None,
         **metrics.mask_report(hm, x, mask, mask, ex.target, seed=args.seed),
         "seconds": shared_seconds + time.perf_counter() - t0, **provenance(args, hm),
     }
@@ -147,6 +156,9 @@ def _check(args) -> tuple:
         if not args.explainer:
             raise CircuitlabError("--mode amortized needs --explainer FILE (train one with "
                                   "`circuitlab train-explainer`)")
+        if _execution(args) != Execution():
+            raise CircuitlabError("--precision, --compile and --channels-last belong to "
+                                  "per-image mode")
     elif args.explainer or args.refine:
         raise CircuitlabError("--explainer and --refine belong to --mode amortized")
     return names
@@ -215,6 +227,16 @@ def register(sub) -> None:
     p.add_argument("--confidence", type=ratio, default=1.0, metavar="R",
                    help="with --minimal: the decision holds when the label is kept with "
                         "p_target >= R x the image's (default 1; 0: the label alone)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the classifier's forwards in the optimisation loop: fp32 (default) or "
+                        "bf16 autocast (faster on GPUs; masks differ from fp32's, docs/"
+                        "cli.md); the checks and certificate stay in the model's precision")
+    p.add_argument("--compile", choices=["off"] + [m for m in COMPILE_MODES if m],
+                   default="off",
+                   help="torch.compile the loop's forwards: default, or reduce-overhead (CUDA "
+                        "graphs); pays on a GPU over many images, not for one on a CPU")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run convolutions in channels-last layout (GPUs with tensor cores)")
     add_seed(p)
     add_batch_args(p)
     add_outputs(p, "output folder", "replace existing output files (a folder run: redo "

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 from ..errors import CircuitlabError
+from ..execution import Execution
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,11 @@ class ExplainConfig:
     steps: int = 100
     min_steps: int = 20
     patience: int = 10                    # early stop: binary, label kept, area flat this long
+    # how the classifier runs in the loop (readers.Execution): fp32 or bf16 autocast, a
+    # torch.compile mode (reduce-overhead: CUDA graphs), channels-last layout
+    precision: str = "fp32"
+    compile: Optional[str] = None
+    channels_last: bool = False
 
     def replace(self, **changes) -> "ExplainConfig":
         unknown = set(changes) - set(asdict(self))
@@ -63,7 +69,16 @@ class ExplainConfig:
             raise CircuitlabError(f"unknown explain settings {sorted(unknown)}")
         return replace(self, **changes)
 
+    @property
+    def execution(self) -> Execution:
+        return Execution(self.precision, self.compile, self.channels_last)
+
+    def with_execution(self, e: Execution) -> "ExplainConfig":
+        return self.replace(precision=e.precision, compile=e.compile,
+                            channels_last=e.channels_last)
+
     def __post_init__(self):
+        self.execution  # validates precision and compile mode
         b = self.area_budget
         if b is not None and not 0 < b <= 1:
             raise CircuitlabError(f"area_budget is the kept fraction, in (0, 1]; got {b}")

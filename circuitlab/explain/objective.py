@@ -84,15 +84,17 @@ class Objective:
                                   f"{len(self.rngs)}")
         points, self.alphas, self.kinds, self.cdims = resolve_taps(hm, cfg)
         self.names = [p.name for p in points]
+        # the loop's forwards and the reference one run alike (same precision and layout)
+        self.read = hm.reader(self.names, cfg.execution)
         with torch.no_grad():
-            self.logits_x, cache_x = hm.run_with_cache(x, names=self.names)
+            self.logits_x, acts_x = self.read(x)
         self.target = self.logits_x.argmax(-1) if target is None else \
             target_classes(hm, x, target).to(x.device)
         if not 0 <= int(self.target.min()) <= int(self.target.max()) < self.logits_x.shape[-1]:
             raise CircuitlabError(f"target classes lie in 0..{self.logits_x.shape[-1] - 1}; "
                                   f"got {self.target.tolist()}")
         self.p_x = self.logits_x.softmax(-1).gather(1, self.target[:, None]).squeeze(1)
-        self.acts_x = [cache_x[n] for n in self.names]
+        self.acts_x = acts_x
         self.k = min(cfg.backgrounds_per_step, len(cfg.backgrounds)) if cfg.rob else 0
         # (kinds, B, C, H, W)
         self.backgrounds = torch.stack([
@@ -142,13 +144,13 @@ class Objective:
             parts.append(mk * x.repeat(self.k, 1, 1, 1) + (1 - mk) * r)
         if cfg.nec:
             parts.append((1 - m) * x)
-        logits, cache = self.hm.run_with_cache(torch.cat(parts), names=self.names)
+        logits, acts = self.read(torch.cat(parts))
         logits_e = logits[:b]
         # lambda_act rides in the alphas and comes back out as a division, so the gradient
         # reaching the fused kernel is exactly 1 and its backward moves no memory
         lam = cfg.act if cfg.act else 1.0
         act = losses.activation_matching([a[sel] for a in self.acts_x],
-                                         [cache[n][:b] for n in self.names],
+                                         [a[:b] for a in acts],
                                          [a * lam for a in self.alphas], self.kinds,
                                          self.cdims) / lam
         terms = {

@@ -18,8 +18,10 @@ from ..deprecations import renamed
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from .certify import certify, masked_predictions
+from ..execution import Execution
 from .config import ExplainConfig, preset
 from .generator import MaskGrid, MaskUNet, SmoothGrid
+from .best import BestMasks
 from .objective import Objective
 
 
@@ -77,7 +79,8 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
             mask_net: Optional[torch.nn.Module] = None, minimal: bool = False,
             confidence: float = 1.0, target=None,
             progress: Optional[Callable[[int, dict], None]] = None,
-            budgets: Optional[Sequence[float]] = None) -> Explanation:
+            budgets: Optional[Sequence[float]] = None,
+            execution: Optional[Execution] = None) -> Explanation:
     """Minimal mask for each image of ``x`` (B, C, H, W), trained from scratch (per-image mode).
 
     ``mask_net``: a mask network to train instead of the one ``config.generator`` names
@@ -86,7 +89,9 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
     mask then goes through ``minimize`` (the smallest area budget at which the decision holds
     at ``confidence`` times the image's p_target, then pruned region by region and
     certified); ``search`` and ``certificates`` say how. The global torch RNG is left as it
-    was.
+    was. ``execution``: how the classifier runs in the loop (``readers.Execution``: bf16,
+    ``torch.compile``, channels-last; default ``config``'s, fp32 eager); the area search
+    runs the same way, its checks and the certificate in the model's own precision.
 
     Early stop, per image (after ``min_steps``): once its mask is binary, keeps the label and
     has not shrunk for ``patience`` steps, the image leaves the batch (``stopped`` says when).
@@ -110,6 +115,8 @@ def explain(hm: HookedModel, x: torch.Tensor, config: Optional[ExplainConfig] = 
         raise CircuitlabError("minimal=True searches the area itself; drop area_budget")
     if steps is not None:
         cfg = cfg.replace(steps=int(steps), min_steps=min(cfg.min_steps, int(steps)))
+    if execution is not None:
+        cfg = cfg.with_execution(execution)
     # the caller's global RNG is left as it was; a U-Net's initial weights come from ``seed``
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -131,7 +138,7 @@ def _optimise(hm, x, cfg: ExplainConfig, seed: int, mask_net, target, progress,
     # one generator per image: its noise backgrounds do not depend on the batch
     objective = Objective(hm, x, cfg, [torch.Generator().manual_seed(seed) for _ in range(b)],
                           target, budgets)
-    best = _Best(objective, x.shape[-2:], cfg.area_budget is not None)
+    best = BestMasks(objective, x.shape[-2:], cfg.area_budget is not None)
     rows, active, step, t0 = [], list(range(b)), 0, time.perf_counter()
     for step in range(1, cfg.steps + 1):
         idx = torch.tensor(active, device=x.device)
@@ -159,65 +166,6 @@ def _optimise(hm, x, cfg: ExplainConfig, seed: int, mask_net, target, progress,
                        seconds=time.perf_counter() - t0, config=cfg,
                        found=best.kept if best.budget else torch.isfinite(best.area),
                        stopped=best.stopped)
-
-
-class _Best:
-    """Per image: the best mask so far and its numbers, and its own recent steps (early
-    stop is decided per image)."""
-
-    def __init__(self, objective: Objective, size, budget: bool):
-        b = objective.x.shape[0]
-        self.objective, self.budget = objective, budget
-        self.area = torch.full((b,), float("inf"))
-        self.conf = torch.full((b,), -1.0)
-        self.kept = torch.zeros(b, dtype=torch.bool)
-        self.nec = torch.zeros(b, dtype=torch.bool)
-        self.mask = torch.ones(b, 1, *size)
-        self.soft = None            # rows that never keep the label keep the whole image
-        self.stopped = torch.zeros(b, dtype=torch.long)
-        self.recent = [[] for _ in range(b)]
-
-    @torch.no_grad()
-    def update(self, active: list, step: int, p: torch.Tensor, out) -> dict:
-        """Take the better masks of this step; the step's means over ``active`` for the
-        history."""
-        obj, rows = self.objective, torch.tensor(active)
-        kept = out.kept(obj.target[out.rows]).cpu()
-        area = out.m_low.flatten(1).mean(1).cpu()
-        nec_ok = obj.necessity_met(out)
-        conf = out.logits_e.softmax(-1).gather(1, obj.target[out.rows, None]).squeeze(1).cpu()
-        if self.budget:  # at the budget: kept beats lost, then the more confident
-            old_kept, old_conf = self.kept[rows], self.conf[rows]
-            better = torch.zeros_like(kept) if not obj.at_budget(step) else \
-                (kept & ~old_kept) | ((kept == old_kept) & (conf > old_conf))
-        else:  # the smallest label-keeping mask, preferring ones whose complement loses it
-            old_nec, old_area = self.nec[rows], self.area[rows]
-            better = kept & ((nec_ok & ~old_nec) | ((nec_ok == old_nec) & (area < old_area)))
-        if self.soft is None:
-            self.soft = torch.ones(self.mask.shape[0], *p.shape[1:])
-        won = rows[better]
-        self.area[won], self.conf[won] = area[better], conf[better]
-        self.nec[won] |= nec_ok[better]
-        self.kept[won] |= kept[better]
-        self.mask[won] = out.mask[better].detach().cpu().to(self.mask.dtype)
-        self.soft[won] = p[better].cpu()
-        binary = (p * (1 - p)).flatten(1).mean(1).cpu()
-        for j, i in enumerate(active):
-            self.recent[i] = (self.recent[i] + [(float(binary[j]), bool(kept[j]),
-                                                 float(area[j]))])[-obj.cfg.patience:]
-            self.stopped[i] = step
-        return {"area": float(area.mean()), "kept": float(kept.float().mean())}
-
-    def converged(self, i: int, cfg: ExplainConfig) -> bool:
-        """Image ``i``'s mask is binary, keeps the label and stopped shrinking for
-        ``patience`` steps."""
-        last = self.recent[i][-cfg.patience:]
-        if len(last) < cfg.patience:
-            return False
-        binary = last[-1][0] < 0.01
-        kept = all(k for _, k, _ in last)
-        flat = last[0][2] - last[-1][2] < 0.002
-        return binary and kept and flat
 
 
 def _mask_net(hm: HookedModel, x: torch.Tensor, cfg: ExplainConfig, seed: int):
@@ -255,10 +203,12 @@ def explain_at_area(hm: HookedModel, x: torch.Tensor, area: Union[float, Sequenc
                               f"one per image; got {area}")
     t0 = time.perf_counter()
     if base is None:
-        base = explain(hm, x, steps=steps, seed=seed, target=target)
-    cfg = (config or preset("default", hm.family.name, min(x.shape[-2:]),
-                            area_budget=areas[0])).replace(area_budget=areas[0],
-                                                           generator="grid")
+        base = explain(hm, x, steps=steps, seed=seed, target=target,
+                       execution=config.execution if config else None)
+    # the budget run runs the model as the base run did, unless its config says otherwise
+    cfg = (config or preset("default", hm.family.name, min(x.shape[-2:]), area_budget=areas[0])
+           .with_execution(base.config.execution)).replace(area_budget=areas[0],
+                                                          generator="grid")
     side = min(cfg.mask_size, x.shape[-2], x.shape[-1])
     soft = base.soft.float()
     if soft.shape[-2:] != (side, side):   # a U-Net's or an amortized explainer's resolution
@@ -326,6 +276,7 @@ class _AreaSearch:
     def __init__(self, hm, x, ex: Explanation, floors: list, p_images: list, steps: int,
                  min_area: float, seed: int):
         self.hm, self.x, self.targets = hm, x, ex.target
+        self.execution = ex.config.execution
         self.floor, self.p_image = floors, p_images
         self.steps, self.min_area, self.seed = steps, min_area, seed
         b = x.shape[0]
@@ -350,7 +301,8 @@ class _AreaSearch:
         hm, x = self.hm, self.x
         budgets = [self.area[i] / 2 for i in idx]
         cfg = preset("default", hm.family.name, min(x.shape[-2:]), area_budget=budgets[0])
-        cfg = cfg.replace(steps=self.steps, min_steps=0, budget_warmup=0.3)
+        cfg = cfg.replace(steps=self.steps, min_steps=0, budget_warmup=0.3).with_execution(
+            self.execution)
         rows = torch.tensor(idx)
         xs, masks = x[rows.to(x.device)], torch.cat([self.masks[i] for i in idx])
         base = Explanation(mask=masks, soft=torch.cat([self.softs[i] for i in idx]),

@@ -1,0 +1,31 @@
+"""How a hot loop runs the model, declared once (torch-free, so the CLI can offer the choices
+without loading torch): precision, compile mode, memory layout. ``readers.TapReader`` runs it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import CircuitlabError
+
+PRECISIONS = ("fp32", "bf16")                 # bf16: torch.autocast to bfloat16
+COMPILE_MODES = (None, "default", "reduce-overhead")   # torch.compile modes; None: eager
+
+
+@dataclass(frozen=True)
+class Execution:
+    """``precision``: ``fp32``, or ``bf16`` autocast (activations read in bf16, logits
+    returned in fp32); ``compile``: None or a ``torch.compile`` mode (``reduce-overhead``
+    replays CUDA graphs on a GPU); ``channels_last``: the model's weights and the inputs in
+    channels-last layout (the weights stay converted)."""
+
+    precision: str = "fp32"
+    compile: Optional[str] = None
+    channels_last: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise CircuitlabError(f"unknown precision {self.precision!r}; use one of "
+                                  f"{list(PRECISIONS)}")
+        if self.compile not in COMPILE_MODES:
+            raise CircuitlabError(f"unknown compile mode {self.compile!r}; use one of "
+                                  f"{[m for m in COMPILE_MODES if m]} or None")

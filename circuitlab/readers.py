@@ -1,0 +1,111 @@
+"""Plain-torch reads of hook points, for loops that read the same taps thousands of times.
+
+A ``TapReader`` runs the model and returns (logits, [activation per hook point]) through
+forward hooks registered once on the tapped modules and armed only during its own calls. No
+nnsight trace is built per call, so the call can be compiled (``torch.compile``; its
+``reduce-overhead`` mode replays CUDA graphs) and run in bf16 under autocast. Reads only: edits,
+gradients of the cache and every other run go through the tracing engine (``engine``), and a
+reader gives the tensors a trace saves, operation for operation (tested).
+
+The hooks stay on the model for the life of its ``HookedModel``; unarmed, each returns at once.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .errors import CircuitlabError
+from .execution import Execution
+from .hook_points import HookPoint
+
+# the autocast dtype of each precision
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+
+
+class TapReader:
+    """``reader(x) -> (logits, [activation of each point])``, the activations as their modules
+    produced them (a point's ``view`` applied), logits in fp32."""
+
+    def __init__(self, model: nn.Module, points: Sequence[HookPoint],
+                 execution: Execution = Execution()):
+        self.model, self.points, self.execution = model, list(points), execution
+        self._armed = False
+        self._store: dict = {}
+        self._calls: dict = {}
+        self._handles = []
+        self._unfused = sorted({p.needs_unfused for p in self.points if p.needs_unfused})
+        keys = {(p.module, p.io) for p in self.points if p.module}
+        for module_path, io in sorted(keys):
+            module = model.get_submodule(module_path)
+            if io == "output":
+                hook = self._output_hook(module_path)
+                self._handles.append(module.register_forward_hook(hook))
+            else:
+                hook = self._input_hook(module_path)
+                self._handles.append(module.register_forward_pre_hook(hook))
+        if execution.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self._fn = self._forward if execution.compile is None else \
+            torch.compile(self._forward, mode=execution.compile)
+
+    def _output_hook(self, path: str):
+        def hook(module, args, output):
+            if self._armed:
+                self._record((path, "output"), output)
+        return hook
+
+    def _input_hook(self, path: str):
+        def hook(module, args):
+            if self._armed:
+                self._record((path, "input"), args[0])
+        return hook
+
+    def _record(self, key: tuple, value: torch.Tensor) -> None:
+        call = self._calls.get(key, 0)
+        self._calls[key] = call + 1
+        self._store[(*key, call)] = value
+
+    def _forward(self, x: torch.Tensor):
+        dtype = _AUTOCAST[self.execution.precision]
+        with torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            logits = self.model(x)
+        acts = []
+        for p in self.points:
+            t = x if not p.module and p.io == "input" else \
+                logits if not p.module else self._store[(p.module, p.io, p.call)]
+            acts.append(p.view(t) if p.view else t)
+        return logits.float(), acts
+
+    def __call__(self, x: torch.Tensor):
+        if self.execution.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        saved = [(m, m.fused_attn) for m in (self.model.get_submodule(n)
+                                              for n in self._unfused)]
+        self._armed = True
+        try:
+            for m, _ in saved:
+                m.fused_attn = False
+            if self.execution.compile != "reduce-overhead":
+                return self._fn(x)
+            # CUDA graphs write their outputs into buffers the next replay reuses: each call
+            # starts a new step and hands out copies, so a kept reference run stays as it was
+            torch.compiler.cudagraph_mark_step_begin()
+            logits, acts = self._fn(x)
+            return logits.clone(), [a.clone() for a in acts]
+        except KeyError as e:
+            raise CircuitlabError(f"hook point not reached in this forward: {e}") from None
+        finally:
+            self._armed = False
+            self._store.clear()
+            self._calls.clear()
+            for m, v in saved:
+                m.fused_attn = v
+
+    def close(self) -> None:
+        """Take the hooks off the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
