@@ -7,7 +7,8 @@ nnsight trace is built per call, so the call can be compiled (``torch.compile``;
 gradients of the cache and every other run go through the tracing engine (``engine``), and a
 reader gives the tensors a trace saves, operation for operation (tested).
 
-The hooks stay on the model for the life of its ``HookedModel``; unarmed, each returns at once.
+An eager reader puts its hooks on for each call and takes them off after it; a compiled one
+keeps them on (its graph was traced with them; unarmed, each returns at once) until ``close``.
 """
 from __future__ import annotations
 
@@ -37,19 +38,26 @@ class TapReader:
         self._calls: dict = {}
         self._handles = []
         self._unfused = sorted({p.needs_unfused for p in self.points if p.needs_unfused})
-        keys = {(p.module, p.io) for p in self.points if p.module}
-        for module_path, io in sorted(keys):
-            module = model.get_submodule(module_path)
+        self._keys = sorted({(p.module, p.io) for p in self.points if p.module})
+        if execution.channels_last:
+            model.to(memory_format=torch.channels_last)
+        # eager: hooks on for each call only, so the model carries none between calls (it
+        # pickles, deep-copies and runs as it did); compiled: kept on, as the compiled graph
+        # was traced with them (``close`` takes them off)
+        self._fn = self._forward
+        if execution.compile is not None:
+            self._attach()
+            self._fn = torch.compile(self._forward, mode=execution.compile)
+
+    def _attach(self) -> None:
+        for module_path, io in self._keys:
+            module = self.model.get_submodule(module_path)
             if io == "output":
                 hook = self._output_hook(module_path)
                 self._handles.append(module.register_forward_hook(hook))
             else:
                 hook = self._input_hook(module_path)
                 self._handles.append(module.register_forward_pre_hook(hook))
-        if execution.channels_last:
-            model.to(memory_format=torch.channels_last)
-        self._fn = self._forward if execution.compile is None else \
-            torch.compile(self._forward, mode=execution.compile)
 
     def _output_hook(self, path: str):
         def hook(module, args, output):
@@ -84,6 +92,9 @@ class TapReader:
             x = x.contiguous(memory_format=torch.channels_last)
         saved = [(m, m.fused_attn) for m in (self.model.get_submodule(n)
                                               for n in self._unfused)]
+        eager = self.execution.compile is None
+        if eager:
+            self._attach()
         self._armed = True
         try:
             for m, _ in saved:
@@ -103,6 +114,8 @@ class TapReader:
             self._calls.clear()
             for m, v in saved:
                 m.fused_attn = v
+            if eager:
+                self.close()
 
     def close(self) -> None:
         """Take the hooks off the model."""

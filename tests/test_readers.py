@@ -1,5 +1,7 @@
 """TapReader (plain-torch reads for hot loops) against the nnsight trace, every family; its
 precision, layout and compile settings."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ import circuitlab
 from circuitlab import CircuitlabError
 from circuitlab.explain import ExplainConfig
 from circuitlab.execution import Execution
+from circuitlab.readers import TapReader
 from helpers import batch_for, get_model
 from test_hooked_model import _names_to_check
 
@@ -54,21 +57,40 @@ def test_reader_later_calls_views_and_fused_attention(small_vit):
     assert [m.fused_attn for m in vit.model.modules() if hasattr(m, "fused_attn")] == fused
 
 
-def test_reader_hooks_are_quiet_outside_its_calls_and_come_off():
+def test_an_eager_reader_leaves_no_hook_on_the_model():
+    import copy
+    import pickle
     hm = get_model("timm_resnet18")
     x = batch_for(hm)
     before = hm(x)
+    n_hooks = len(hm.model.layer2._forward_hooks)
     reader = hm.reader(["layer2", "layer3"])
     assert reader is hm.reader(["layer2", "layer3"])         # kept: compiles once
+    reader(x)
+    assert len(hm.model.layer2._forward_hooks) == n_hooks   # on for the call only
+    assert not reader._store                                 # nothing kept between calls
     torch.testing.assert_close(hm(x), before, rtol=0, atol=0)
     patched = hm.run_with_hooks(x, fwd_hooks=[("layer2", lambda a, n: a * 0)])
     assert not torch.equal(patched, before)
-    assert not reader._store                                 # nothing kept between calls
-    reader(x)
-    assert not reader._store
-    n_hooks = len(hm.model.layer2._forward_hooks)
+    copy.deepcopy(hm.model)
+    pickle.dumps(hm.model)                                   # a user's torch.save(model)
+    with pytest.raises(RuntimeError):
+        reader(x[:, :2])                                     # a forward that fails
+    assert len(hm.model.layer2._forward_hooks) == n_hooks
+    eighth = dataclasses.replace(hm.point("layer2"), call=7)   # a call that never comes
+    with pytest.raises(CircuitlabError, match="not reached"):
+        TapReader(hm.model, [eighth])(x)
+    assert len(hm.model.layer2._forward_hooks) == n_hooks
+
+
+def test_a_compiled_reader_keeps_its_hooks_until_closed():
+    hm = circuitlab.load_model("synthetic-cnn")
+    module = hm.model.get_submodule(hm.point(hm.taps[0]).module)
+    n = len(module._forward_hooks)
+    reader = hm.reader(list(hm.taps), Execution(compile="default"))
+    assert len(module._forward_hooks) == n + 1
     reader.close()
-    assert len(hm.model.layer2._forward_hooks) == n_hooks - 1
+    assert len(module._forward_hooks) == n
 
 
 def test_bf16_reads_bf16_activations_and_fp32_logits():
