@@ -51,7 +51,7 @@ def test_kernels_benchmark_smoke(tmp_path):
     df = pd.read_csv(out)
     assert set(df["op"]) == {"activation_matching", "edge_scores", "explain_step"}
     am = df[df["op"] == "activation_matching"]
-    assert set(am["method"]) == {"eager", "triton"}
+    assert set(am["method"]) == {"eager", "triton", "triton-one"}
     assert (am["rel_diff_vs_eager"] < 1e-5).all()        # the kernels agree with the reference
     assert (df.loc[df["op"] == "edge_scores", "max_abs_diff"] < 1e-4).all()
 

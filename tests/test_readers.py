@@ -171,12 +171,17 @@ def test_gpu_throughput_plan_covers_the_issue_grid():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
     spec = importlib.util.spec_from_file_location("throughput_plan", path)
     import sys
+    # benchmarks/ and analyses/ each have a _common module: this one's, for this import only
+    other = sys.modules.pop("_common", None)
     sys.path.insert(0, str(path.parent))
     try:
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
         sys.path.remove(str(path.parent))
+        sys.modules.pop("_common", None)
+        if other is not None:
+            sys.modules["_common"] = other
     rows = mod.plans("explain", [1, 16, 64, 256], 256, 2, gpu=True, quick=False)
     assert {(b, p) for b, p, _, _ in rows} >= {(1, 1), (16, 1), (64, 1), (256, 1), (256, 2)}
     assert {(pr, c) for _, _, pr, c in rows} == {("fp32", "off"), ("bf16", "off"),

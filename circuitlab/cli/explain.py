@@ -26,6 +26,11 @@ def _first_pass(hm, x, args):
     """The free masks of a batch: optimised together (per-image mode) or one forward of the
     explainer (amortized)."""
     from ..explain import explain
+    if args.mode == "regions":
+        from ..explain.regions import RegionSearch, explain_regions
+        return explain_regions(hm, x, RegionSearch(segments=args.segments,
+                                                   confidence=args.confidence),
+                               target=target_index(hm, args.target), seed=args.seed)
     if args.mode == "amortized":
         if args.target is not None:
             raise CircuitlabError("--target belongs to per-image mode: the explainer explains "
@@ -49,6 +54,8 @@ def _second_pass(hm, x, free, args):
     """The batch's masks after --area (pared down to it) or --minimal (the area search,
     every image's halvings in the same rounds, then certified); else the free masks."""
     from ..explain import explain_at_area, minimize
+    if args.mode == "regions":        # pruned and certified by the region search itself
+        return free
     if args.area is not None:
         return explain_at_area(hm, x, args.area, base=free, steps=args.steps, seed=args.seed)
     if args.minimal:
@@ -67,7 +74,8 @@ def _finish_one(hm, x, free, ex, image, out: Path, args, shared_seconds: float) 
     from ..explain.reasons import reasons_of_one
     t0 = time.perf_counter()
     mask = ex.mask
-    cert = ex.certificates[0] if args.area is None and args.minimal else None
+    regions = args.mode == "regions"
+    cert = ex.certificates[0] if args.area is None and (args.minimal or regions) else None
     found = reasons_of_one(hm, x, args.reasons, int(ex.target[0]), None, args.seed,
                            args.minimal, first=free) if args.reasons > 1 else None
     result = {
@@ -78,8 +86,12 @@ def _finish_one(hm, x, free, ex, image, out: Path, args, shared_seconds: float) 
         **metrics.mask_report(hm, x, mask, mask, ex.target, seed=args.seed),
         "seconds": shared_seconds + time.perf_counter() - t0, **provenance(args, hm),
     }
+    if regions:
+        result.update(segments=args.segments, found=bool(ex.found[0]),
+                      region_search=ex.search[0])
     if cert is not None:
-        result.update(minimal_area=float(cert.mask.mean()), area_search=ex.search[0],
+        result.update(minimal_area=float(cert.mask.mean()),
+                      area_search=None if regions else ex.search[0],
                       pruned_regions=cert.pruned, locally_minimal=cert.locally_minimal,
                       region_effects=cert.regions.to_dict("records"))
     if found is not None:
@@ -152,13 +164,18 @@ def _check(args) -> tuple:
         if args.mode != "per-image" or args.area is not None:
             raise CircuitlabError("--reasons belongs to per-image mode without --area")
         names += ("reasons.png",) + tuple(f"reason_{i}.png" for i in range(1, args.reasons + 1))
+    if args.mode != "per-image" and _execution(args) != Execution():
+        raise CircuitlabError("--precision, --compile and --channels-last belong to "
+                              "per-image mode")
+    if args.mode == "regions" and (args.area is not None or args.explainer or args.refine):
+        raise CircuitlabError("--mode regions builds its own mask: not with --area, "
+                              "--explainer or --refine")
+    if args.mode != "regions" and args.segments != 64:
+        raise CircuitlabError("--segments belongs to --mode regions")
     if args.mode == "amortized":
         if not args.explainer:
             raise CircuitlabError("--mode amortized needs --explainer FILE (train one with "
                                   "`circuitlab train-explainer`)")
-        if _execution(args) != Execution():
-            raise CircuitlabError("--precision, --compile and --channels-last belong to "
-                                  "per-image mode")
     elif args.explainer or args.refine:
         raise CircuitlabError("--explainer and --refine belong to --mode amortized")
     return names
@@ -197,9 +214,14 @@ def register(sub) -> None:
                                    "explanation.png, overlay.png and metrics.json.")
     add_model_args(p)
     add_image_arg(p)
-    p.add_argument("--mode", choices=["per-image", "amortized"], default="per-image",
+    p.add_argument("--mode", choices=["per-image", "amortized", "regions"],
+                   default="per-image",
                    help="per-image: optimise a mask for each image (default); amortized: one "
-                        "forward of a trained explainer (--explainer)")
+                        "forward of a trained explainer (--explainer); regions: a few "
+                        "compact superpixel regions, grown greedily until the decision holds "
+                        "over the mean colour and over noise, then pruned and certified")
+    p.add_argument("--segments", type=positive_int, default=64,
+                   help="--mode regions: superpixels to build the mask from (default 64)")
     p.add_argument("--explainer", help="explainer checkpoint from `circuitlab "
                                        "train-explainer` (amortized mode)")
     p.add_argument("--refine", type=count, default=0,

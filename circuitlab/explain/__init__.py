@@ -4,7 +4,8 @@ from .certify import Certificate, certify
 from .config import PRESETS, ExplainConfig, amortized_preset, preset
 from .generator import MaskGrid, MaskUNet, binarize_ste
 from .optimize import Explanation, explain, explain_at_area, minimize
+from .regions import RegionSearch, explain_regions
 
 __all__ = ["PRESETS", "Certificate", "ExplainConfig", "Explainer", "Explanation", "MaskGrid",
-           "MaskUNet", "binarize_ste", "amortized_preset", "certify", "explain",
-           "explain_at_area", "minimize", "preset", "train_explainer"]
+           "MaskUNet", "RegionSearch", "binarize_ste", "amortized_preset", "certify", "explain",
+           "explain_at_area", "explain_regions", "minimize", "preset", "train_explainer"]

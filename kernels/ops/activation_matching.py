@@ -15,7 +15,7 @@ The kernels: ``matching_kernels.py``. Semantics: ``circuitlab.kernels.reference.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -93,8 +93,20 @@ def _tiles(b3: torch.Tensor, kind: str, one_launch: bool) -> tuple:
     return 4, min(256, next_pow2(b3.shape[2]))
 
 
+class _Layer(NamedTuple):
+    a3: torch.Tensor           # phi(x) as a (B, positions, channels) view
+    b3: torch.Tensor           # phi(e), the same
+    kind: str
+    tiles: tuple               # (BLOCK_P, BLOCK_C)
+    grid: tuple
+    programs: int              # prod(grid): its partial sums
+    lscale: float
+    gscale: float
+    const: float               # added to the loss on the host
+
+
 def _layers(acts_x, acts_e, alphas, kinds, cdims, one_launch: bool) -> list:
-    """Per layer: (a3, b3, kind, tiles, programs, loss scale, grad scale, constant)."""
+    """Each layer's views, tiles, grid and scales (``_Layer``)."""
     out = []
     for a, b, kind, cdim, alpha in zip(acts_x, acts_e, kinds, cdims, alphas):
         if kind not in ref.DISTANCES:
@@ -109,23 +121,27 @@ def _layers(acts_x, acts_e, alphas, kinds, cdims, one_launch: bool) -> list:
         n = 1
         for g in grid:
             n *= g
-        out.append((a3, b3, kind, tiles, grid, n, *_scales(kind, float(alpha), *b3.shape)))
+        out.append(_Layer(a3, b3, kind, tiles, grid, n,
+                          *_scales(kind, float(alpha), *b3.shape)))
     return out
 
 
 def _launch_per_layer(layers, bufs, want, dev) -> list:
     """One launch per layer; all partial sums in one buffer."""
-    part = torch.empty(sum(layer[5] for layer in layers), dtype=torch.float32, device=dev)
+    part = torch.empty(sum(layer.programs for layer in layers), dtype=torch.float32,
+                       device=dev)
     off = 0
-    for (a3, b3, kind, (bp, bc), grid, n, ls, gs, _), (_, g3), w in zip(layers, bufs, want):
+    for layer, (_, g3), w in zip(layers, bufs, want):
+        a3, b3 = layer.a3, layer.b3
         g3 = b3 if g3 is None else g3
         args = (a3, b3, g3, part[off:], b3.shape[1], b3.shape[2], *a3.stride(), *b3.stride(),
-                *g3.stride(), ls, gs)
+                *g3.stride(), layer.lscale, layer.gscale)
         kernel = {"mse": _mse_kernel, "zmse": _zmse_kernel, "cosine": _cosine_kernel,
-                  "kl": _kl_kernel}[kind]
-        eps = (ref.EPS,) if kind in ("zmse", "cosine") else ()
-        kernel[grid](*args, *eps, BLOCK_P=bp, BLOCK_C=bc, WRITE_GRAD=w)
-        off += n
+                  "kl": _kl_kernel}[layer.kind]
+        eps = (ref.EPS,) if layer.kind in ("zmse", "cosine") else ()
+        kernel[layer.grid](*args, *eps, BLOCK_P=layer.tiles[0], BLOCK_C=layer.tiles[1],
+                           WRITE_GRAD=w)
+        off += layer.programs
     return [part]
 
 
@@ -139,19 +155,21 @@ def _launch_one(layers, bufs, want, dev) -> list:
     buffer of partial sums per launch."""
     groups: dict = {}
     for i, layer in enumerate(layers):
-        groups.setdefault((layer[0].dtype, layer[1].dtype), []).append(i)
+        groups.setdefault((layer.a3.dtype, layer.b3.dtype), []).append(i)
     parts = []
     for (da, db), members in groups.items():
         table, scales, starts, has = [], [], [0], 0
         for i in members:
-            a3, b3, kind, _, _, n, ls, gs, _ = layers[i]
+            layer, b3 = layers[i], layers[i].b3
             g3 = b3 if bufs[i][1] is None else bufs[i][1]
-            table.append([a3.data_ptr(), b3.data_ptr(), g3.data_ptr(), KIND_CODES[kind],
-                          int(b3.stride(1) == 1), int(want[i]), b3.shape[1], b3.shape[2],
-                          *a3.stride(), *b3.stride(), *g3.stride()])
-            scales += [ls, gs]
-            starts.append(starts[-1] + n)
-            has |= 1 << (2 * KIND_CODES[kind] + int(b3.stride(1) == 1))
+            code = 2 * KIND_CODES[layer.kind] + int(b3.stride(1) == 1)
+            table.append([layer.a3.data_ptr(), b3.data_ptr(), g3.data_ptr(),
+                          KIND_CODES[layer.kind], int(b3.stride(1) == 1), int(want[i]),
+                          b3.shape[1], b3.shape[2], *layer.a3.stride(), *b3.stride(),
+                          *g3.stride()])
+            scales += [layer.lscale, layer.gscale]
+            starts.append(starts[-1] + layer.programs)
+            has |= 1 << code
         host = [torch.tensor(table, dtype=torch.int64), torch.tensor(scales, dtype=torch.float32),
                 torch.tensor(starts, dtype=torch.int32)]
         if dev.type == "cuda":
@@ -174,7 +192,7 @@ def layers_loss_and_grads(acts_x, acts_e, alphas, kinds, cdims, want, launch="pe
     parts = (_launch_one if one else _launch_per_layer)(layers, bufs, want,
                                                         acts_e[0].device)
     total = parts[0].sum() if len(parts) == 1 else torch.cat(parts).sum()
-    consts = sum(layer[-1] for layer in layers)
+    consts = sum(layer.const for layer in layers)
     return (total + consts if consts else total), [g for g, _ in bufs], flats
 
 

@@ -1,0 +1,91 @@
+"""The region search (explain_regions): masks made of whole superpixels that hold the decision
+over every fill, each superpixel needed; checked by direct forwards, not by the search's own
+numbers."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import circuitlab
+from circuitlab import CircuitlabError
+from circuitlab.backgrounds import make_backgrounds
+from circuitlab.explain.regions import RegionSearch, explain_regions, superpixels
+
+SEARCH = RegionSearch(segments=24, max_area=0.6)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    hm = circuitlab.load_model("synthetic-cnn")
+    data = circuitlab.synthetic.make_dataset(6, seed=123)
+    x = data.normalized()
+    return hm, x, torch.as_tensor(data.masks).bool(), explain_regions(hm, x, SEARCH, seed=3)
+
+
+def _holds(hm, x, m, target, fills, floor):
+    with torch.no_grad():
+        out = [hm(m * x + (1 - m) * f[None]) for f in fills]
+    return all(int(o.argmax(-1)) == target for o in out) and \
+        float(out[0].softmax(-1)[0, target]) >= floor
+
+
+def test_masks_are_whole_superpixels_that_hold_over_every_fill(setup):
+    hm, x, _, ex = setup
+    with torch.no_grad():
+        p_image = hm(x).softmax(-1).gather(1, ex.target[:, None]).squeeze(1)
+    assert ex.found.any()
+    for i in range(x.shape[0]):
+        xi, m, t = x[i:i + 1], ex.mask[i:i + 1], int(ex.target[i])
+        labels = superpixels(hm, xi, SEARCH)
+        for s in np.unique(labels):                       # each superpixel all in or all out
+            inside = m[0, 0][torch.from_numpy(labels == s)]
+            assert bool((inside == inside[0]).all())
+        assert ex.certificates[i].locally_minimal == bool(ex.found[i])
+        if not bool(ex.found[i]):
+            assert float(m.mean()) >= SEARCH.max_area - 0.2  # it grew to the cap first
+            continue
+        fills = make_backgrounds(xi, hm.data_config, SEARCH.fills,
+                                 torch.Generator().manual_seed(3))
+        floor = SEARCH.confidence * float(p_image[i])
+        assert _holds(hm, xi, m, t, fills, floor)
+        # every superpixel is needed: without any one the decision no longer holds
+        for s in np.unique(labels[m[0, 0].numpy() > 0]):
+            without = m * torch.from_numpy(labels != s).float()
+            assert not _holds(hm, xi, without, t, fills, floor)
+
+
+def test_the_regions_sit_on_the_planted_object(setup):
+    _, _, objects, ex = setup
+    found = ex.found.numpy()
+    on = [(ex.mask[i, 0].bool() & objects[i, 0]).sum() / ex.mask[i, 0].sum()
+          for i in range(len(found)) if found[i]]
+    assert float(np.mean(on)) > 0.3          # the object is about 5 % of the image
+    assert all(c.regions["pixels"].sum() == int(ex.mask[i].sum())
+               for i, c in enumerate(ex.certificates))
+
+
+def test_bad_settings_are_one_clear_error():
+    for bad in (dict(segments=1), dict(max_area=0.0), dict(fills=())):
+        with pytest.raises(CircuitlabError):
+            RegionSearch(**bad)
+
+
+def test_cli_regions_mode(tmp_path, capsys):
+    from circuitlab.cli import main
+    out = tmp_path / "r"
+    code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
+                 str(out), "--mode", "regions", "--segments", "24", "--json"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mode"] == "regions" and metrics["segments"] == 24
+    assert metrics["region_search"] and "found" in metrics and "region_effects" in metrics
+    for bad in (["--area", "0.1"], ["--refine", "3"], ["--precision", "bf16"]):
+        code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
+                     str(tmp_path / "bad"), "--mode", "regions", *bad])
+        assert code == 2, bad
+    code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
+                 str(tmp_path / "bad"), "--segments", "30"])
+    assert code == 2 and "--mode regions" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
