@@ -11,7 +11,7 @@ superpixels of the image (compact, colour-coherent pieces, ``segments`` of them)
    candidates are the superpixels touching the set and the ``top_k`` best alone, so the set
    grows into a few connected regions. It stops when the top-1 label holds under every fill
    and p_target under the first fill is at least ``confidence`` x the image's, or at
-   ``max_area``.
+   ``max_area`` (then the set of the best worst case seen is returned, ``found`` False).
 2. Backward elimination: superpixels the decision holds without are removed, least useful
    first, until each remaining one is needed.
 3. ``certify`` reports what each connected region does over the mean colour (at the same
@@ -116,27 +116,34 @@ class _Scorer:
 
 
 def _grow(score: _Scorer, adjacent, floor: float, search: RegionSearch, area_of, trail):
-    """Greedy insertion; the chosen set and whether it holds."""
+    """Greedy insertion: (the set that holds, True), or, when none does within max_area,
+    (the set of the best worst case seen, False)."""
     n = len(adjacent)
     alone, _ = score([{i} for i in range(n)])
     prior = [int(i) for i in torch.argsort(-alone.min(1).values)]
+    rank = {i: r for r, i in enumerate(prior)}
     chosen: set = set()
+    fallback, fallback_score = set(), -float("inf")
     while True:
         near = set().union(*(adjacent[i] for i in chosen)) if chosen else set()
-        cands = [i for i in prior if i not in chosen and (i in near or
-                                                          prior.index(i) < search.top_k)]
+        cands = [i for i in prior if i not in chosen and (i in near or rank[i] < search.top_k)]
         cands = cands or [i for i in prior if i not in chosen]
         if not cands:
-            return chosen, False
+            return fallback, False
         logp, kept = score([chosen | {i} for i in cands])
-        best = int(torch.argmax(logp.min(1).values))
+        worst = logp.min(1).values
+        best = int(torch.argmax(worst))
         chosen = chosen | {cands[best]}
         holds = bool(kept[best].all()) and float(logp[best, 0].exp()) >= floor
+        if float(worst[best]) > fallback_score:
+            fallback, fallback_score = set(chosen), float(worst[best])
         trail.append({"step": "add", "area": area_of(chosen),
-                      "worst_p": float(logp[best].min().exp()),
+                      "worst_p": float(worst[best].exp()),
                       "p_first_fill": float(logp[best, 0].exp()), "holds": holds})
-        if holds or area_of(chosen) >= search.max_area:
-            return chosen, holds
+        if holds:
+            return chosen, True
+        if area_of(chosen) >= search.max_area:
+            return fallback, False
 
 
 def _shrink(score: _Scorer, chosen: set, floor: float, area_of, trail) -> set:
