@@ -92,3 +92,29 @@ def test_cli_regions_mode(tmp_path, capsys):
                  str(tmp_path / "bad"), "--segments", "30"])
     assert code == 2 and "--mode regions" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_activation_term_is_the_paper_distance_over_the_mean_colour():
+    """RegionSearch(act=w) scores a set by its worst log p_target less w x the activation
+    distance at the family's taps, which an independent traced run reproduces."""
+    from circuitlab.explain.config import default_alphas, default_distances
+    from circuitlab.explain.regions import _Scorer
+    from circuitlab.kernels.reference import activation_matching
+    hm = circuitlab.load_model("synthetic-cnn")
+    x = circuitlab.synthetic.make_dataset(1, seed=5).normalized()
+    search = RegionSearch(segments=24, act=0.7)
+    labels = superpixels(hm, x, search)
+    t = int(hm(x).argmax(-1))
+    score = _Scorer(hm, x, labels, t, search, seed=1)
+    sets = [{0, 1}, {2}, set(range(int(labels.max()) + 1))]
+    logp, _, value = score(sets)
+    taps = list(hm.taps)
+    _, cx = hm.run_with_cache(x, names=taps)
+    for s, lp, v in zip(sets, logp, value):
+        m = score.mask(s)
+        _, ce = hm.run_with_cache(m * x, names=taps)     # the first fill is the mean colour
+        d = activation_matching([cx[n] for n in taps], [ce[n] for n in taps],
+                                default_alphas(len(taps)), default_distances(len(taps), False),
+                                [hm.point(n).unit_axis for n in taps])
+        assert float(v) == pytest.approx(float(lp.min()) - 0.7 * float(d), rel=1e-4, abs=1e-5)
+    assert float(value[-1]) == pytest.approx(float(logp[-1].min()), abs=1e-4)  # whole image

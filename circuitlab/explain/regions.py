@@ -36,9 +36,11 @@ from ..backgrounds import make_backgrounds
 from ..data import denormalize
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
+from ..kernels import activation_matching
 from ..metrics import target_classes
 from .certify import certify
 from .config import preset
+from .objective import resolve_taps
 from .optimize import Explanation
 
 
@@ -52,6 +54,8 @@ class RegionSearch:
     confidence: float = 1.0          # p_target under the first fill >= this x the image's
     max_area: float = 0.3            # stop growing here (the result then may not hold)
     top_k: int = 12                  # candidates beyond the set's neighbours: best alone
+    act: float = 0.0                 # weight of activation matching (the paper's term, the
+    #                                  family's taps, first fill) subtracted from the score
     batch_size: int = 32
 
     def __post_init__(self):
@@ -96,6 +100,13 @@ class _Scorer:
         self.pieces = torch.stack([(lab == i) for i in range(n)]).float()[:, None]
         g = torch.Generator().manual_seed(seed)
         self.fills = make_backgrounds(x, hm.data_config, search.fills, g)   # (F, C, H, W)
+        self.read = None
+        if search.act:
+            points, self.alphas, self.kinds, self.cdims = resolve_taps(
+                hm, preset("default", hm.family.name, min(x.shape[-2:])))
+            self.read = hm.reader([p.name for p in points])
+            with torch.no_grad():
+                self.acts_x = self.read(x)[1]
 
     def mask(self, chosen) -> torch.Tensor:
         idx = torch.tensor(sorted(chosen), dtype=torch.long, device=self.x.device)
@@ -104,23 +115,38 @@ class _Scorer:
 
     @torch.no_grad()
     def __call__(self, sets: list):
-        """(log p_target per fill (S, F), top-1 kept per fill (S, F)) for each set."""
-        logps, kept = [], []
+        """(log p_target per fill (S, F), top-1 kept per fill (S, F), the score (S,): the
+        worst log p_target less ``act`` x the activation distance) for each set."""
+        logps, kept, dists = [], [], []
         for i in range(0, len(sets), self.search.batch_size):
             m = torch.cat([self.mask(s) for s in sets[i:i + self.search.batch_size]])
-            per_fill = [self.hm(m * self.x + (1 - m) * fill[None])
-                        for fill in self.fills]
+            inputs = [m * self.x + (1 - m) * fill[None] for fill in self.fills]
+            per_fill = [self.hm(e) for e in inputs[1:]]
+            if self.read is None:
+                per_fill.insert(0, self.hm(inputs[0]))
+            else:
+                logits, acts = self.read(inputs[0])
+                per_fill.insert(0, logits)
+                dists.append(torch.stack([self._distance([a[j:j + 1] for a in acts])
+                                          for j in range(m.shape[0])]))
             logps.append(torch.stack([f.log_softmax(-1)[:, self.target] for f in per_fill], 1))
             kept.append(torch.stack([f.argmax(-1) == self.target for f in per_fill], 1))
-        return torch.cat(logps).cpu(), torch.cat(kept).cpu()
+        logp = torch.cat(logps).cpu()
+        score = logp.min(1).values
+        if dists:
+            score = score - self.search.act * torch.cat(dists).cpu()
+        return logp, torch.cat(kept).cpu(), score
+
+    def _distance(self, acts_e) -> torch.Tensor:
+        return activation_matching(self.acts_x, acts_e, self.alphas, self.kinds, self.cdims)
 
 
 def _grow(score: _Scorer, adjacent, floor: float, search: RegionSearch, area_of, trail):
     """Greedy insertion: (the set that holds, True), or, when none does within max_area,
     (the set of the best worst case seen, False)."""
     n = len(adjacent)
-    alone, _ = score([{i} for i in range(n)])
-    prior = [int(i) for i in torch.argsort(-alone.min(1).values)]
+    _, _, alone = score([{i} for i in range(n)])
+    prior = [int(i) for i in torch.argsort(-alone)]
     rank = {i: r for r, i in enumerate(prior)}
     chosen: set = set()
     fallback, fallback_score = set(), -float("inf")
@@ -130,13 +156,13 @@ def _grow(score: _Scorer, adjacent, floor: float, search: RegionSearch, area_of,
         cands = cands or [i for i in prior if i not in chosen]
         if not cands:
             return fallback, False
-        logp, kept = score([chosen | {i} for i in cands])
+        logp, kept, value = score([chosen | {i} for i in cands])
         worst = logp.min(1).values
-        best = int(torch.argmax(worst))
+        best = int(torch.argmax(value))
         chosen = chosen | {cands[best]}
         holds = bool(kept[best].all()) and float(logp[best, 0].exp()) >= floor
-        if float(worst[best]) > fallback_score:
-            fallback, fallback_score = set(chosen), float(worst[best])
+        if float(value[best]) > fallback_score:
+            fallback, fallback_score = set(chosen), float(value[best])
         trail.append({"step": "add", "area": area_of(chosen),
                       "worst_p": float(worst[best].exp()),
                       "p_first_fill": float(logp[best, 0].exp()), "holds": holds})
@@ -150,16 +176,15 @@ def _shrink(score: _Scorer, chosen: set, floor: float, area_of, trail) -> set:
     """Backward elimination while the decision holds."""
     while len(chosen) > 1:
         order = sorted(chosen)
-        logp, kept = score([chosen - {i} for i in order])
+        logp, kept, value = score([chosen - {i} for i in order])
         ok = kept.all(1) & (logp[:, 0].exp() >= floor)
         if not ok.any():
             return chosen
-        worst = logp.min(1).values.masked_fill(~ok, -float("inf"))
-        chosen = chosen - {order[int(torch.argmax(worst))]}
+        best = int(torch.argmax(value.masked_fill(~ok, -float("inf"))))
+        chosen = chosen - {order[best]}
         trail.append({"step": "remove", "area": area_of(chosen),
-                      "worst_p": float(worst.max().exp()),
-                      "p_first_fill": float(logp[int(torch.argmax(worst)), 0].exp()),
-                      "holds": True})
+                      "worst_p": float(logp[best].min().exp()),
+                      "p_first_fill": float(logp[best, 0].exp()), "holds": True})
     return chosen
 
 
