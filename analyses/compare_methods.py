@@ -7,7 +7,9 @@ Methods: ``ours`` (the per-image free explanation, default preset, ranked by its
 probabilities), ``ours-minimal`` (that explanation through ``minimize``: the area search
 and certified pruning of the CLI's default; its seconds include the free run),
 ``ours-area`` (the free explanation pared down to exactly each area by
-``explain_at_area``; its seconds include the free run), Grad-CAM, Grad-CAM++, Integrated
+``explain_at_area``; its seconds include the free run), ``ours-regions`` (``explain
+--mode regions``: superpixels chosen greedily over the mean colour and noise, its own
+search), Grad-CAM, Grad-CAM++, Integrated
 Gradients (32 steps, mean baseline), RISE (2000 masks, 7x7 cells), extremal perturbations
 (preserve, 800 steps, optimised for each area) and, on ViTs, attention rollout and CLS
 attention. Each saliency map is binarised at the same area (5 % and 10 % of the pixels) and
@@ -26,8 +28,9 @@ scored on the same images:
   lies on the object), ``iou`` and ``precision`` (kept pixels on the object);
 - ``seconds``: wall time per image of the method on this machine (batched methods divided).
 
-Rows with ``area`` empty score ``ours`` and ``ours-minimal`` at their own area (the mask
-as the method returns it; ``kept_area`` holds it), not binarised at a shared one.
+Rows with ``area`` empty score ``ours``, ``ours-minimal`` and ``ours-regions`` at their own
+area (the mask as the method returns it; ``kept_area`` holds it), not binarised at a shared
+one.
 
 Writes ``compare.csv`` (one row per image, method, area), ``compare.md`` (means) and
 ``examples_<model>.png`` (masks at 10 % for the first images).
@@ -42,7 +45,7 @@ import pandas as pd
 import torch
 
 from circuitlab import baselines, metrics
-from circuitlab.explain import explain, explain_at_area, minimize
+from circuitlab.explain import explain, explain_at_area, explain_regions, minimize
 from circuitlab.files import write_text
 
 from _common import (PHOTOS, QUICK_STEPS, arguments, bad_models, fail, faded, gather, load,
@@ -53,7 +56,7 @@ PROG = "analyses/compare_methods.py"
 MODELS = ("synthetic-cnn", "synthetic-vit", "efficientnet_lite0")
 AREAS = (0.05, 0.10)
 OUTPUTS = ("compare.csv", "compare.md")
-OURS = ("ours", "ours-minimal", "ours-area")
+OURS = ("ours", "ours-minimal", "ours-area", "ours-regions")
 PER_AREA = ("ours-area", "extremal")   # optimised for each area
 
 
@@ -77,7 +80,10 @@ def saliencies(hm, x, quick: bool, areas, log, only=None):
             continue
         for area in (areas if method in PER_AREA else (None,)):
             t = time.perf_counter()
-            if method in OURS:
+            if method == "ours-regions":       # its own search, no free run under it
+                ex = explain_regions(hm, x)
+                s, own[method] = ex.ranking().cpu(), ex.mask.cpu()
+            elif method in OURS:
                 if base is None:
                     base = explain(hm, x, steps=steps)
                     base_sec = time.perf_counter() - t

@@ -39,7 +39,8 @@ def outputs(tmp_path_factory):
 
 def test_compare_methods_quick(outputs):
     df = pd.read_csv(outputs / "compare_methods" / "compare.csv")
-    assert set(df["method"]) == {"ours", "ours-minimal", "ours-area", "gradcam", "gradcam++",
+    assert set(df["method"]) == {"ours", "ours-minimal", "ours-area", "ours-regions",
+                                 "gradcam", "gradcam++",
                                  "ig", "rise", "extremal"}
     equal, own = df[df["area"].notna()], df[df["area"].isna()]
     assert set(equal["area"]) == {0.05, 0.10}
@@ -51,7 +52,7 @@ def test_compare_methods_quick(outputs):
     # at a shared area the masks have it; at their own, ours and ours-minimal report theirs,
     # the minimal one never larger than the free mask it came from
     assert (equal["kept_area"] - equal["area"]).abs().max() < 0.01
-    assert set(own["method"]) == {"ours", "ours-minimal"}
+    assert set(own["method"]) == {"ours", "ours-minimal", "ours-regions"}
     sizes = own.pivot(index="image", columns="method", values="kept_area")
     assert (sizes["ours-minimal"] <= sizes["ours"] + 1e-9).all()
     for col in ("grey", "blur", "gaussian", "uniform", "ratio", "regions", "top5"):
