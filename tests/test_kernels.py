@@ -260,10 +260,11 @@ for kernel in (mk._mse_kernel, mk._zmse_kernel, mk._cosine_kernel, mk._kl_kernel
             "BLOCK_P": 32, "BLOCK_C": 32, "WRITE_GRAD": grad}), target=target)
 one = {"TABLE": "*i64", "SCALES": "*fp32", "STARTS": "*i32", "PART": "*fp32", "n_layers": "i32",
        "eps": "fp32", "DA": "constexpr", "DB": "constexpr", "NCOL": "constexpr",
-       "HAS": "constexpr"}
+       "HAS": "constexpr", "BLOCKS_P": "constexpr", "BLOCKS_C": "constexpr"}
 for da, db in ((0, 0), (0, 2), (1, 1)):
     triton.compile(ASTSource(fn=mk._all_layers_kernel, signature=one, constexprs={
-        "DA": da, "DB": db, "NCOL": len(mk.TABLE_COLUMNS), "HAS": 255}), target=target)
+        "DA": da, "DB": db, "NCOL": len(mk.TABLE_COLUMNS), "HAS": 255,
+        "BLOCKS_P": mk.BLOCKS_P, "BLOCKS_C": mk.BLOCKS_C}), target=target)
 print("compiled")
 """
 

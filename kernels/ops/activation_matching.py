@@ -21,9 +21,9 @@ import torch
 
 from .. import reference as ref
 from .._triton import next_pow2, triton
-from .matching_kernels import (DTYPE_CODES, KIND_CODES, ONE_LAUNCH_TILES, TABLE_COLUMNS,
-                               _all_layers_kernel, _cosine_kernel, _kl_kernel, _mse_kernel,
-                               _scale_kernel, _zmse_kernel)
+from .matching_kernels import (BLOCKS_C, BLOCKS_P, DTYPE_CODES, KIND_CODES, ONE_LAUNCH_TILES,
+                               TABLE_COLUMNS, _all_layers_kernel, _cosine_kernel, _kl_kernel,
+                               _mse_kernel, _scale_kernel, _zmse_kernel)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -177,7 +177,8 @@ def _launch_one(layers, bufs, want, dev) -> list:
         part = torch.empty(starts[-1], dtype=torch.float32, device=dev)
         _all_layers_kernel[(starts[-1],)](*host, part, len(members), ref.EPS,
                                           DA=_dtype_code(da), DB=_dtype_code(db),
-                                          NCOL=len(TABLE_COLUMNS), HAS=has)
+                                          NCOL=len(TABLE_COLUMNS), HAS=has,
+                                          BLOCKS_P=BLOCKS_P, BLOCKS_C=BLOCKS_C)
         parts.append(part)
     return parts
 

@@ -26,6 +26,11 @@ ONE_LAUNCH_TILES = {("mse", True): (128, 8), ("mse", False): (8, 128),
                     ("zmse", True): (128, 4), ("zmse", False): (16, 32),
                     ("cosine", True): (32, 32), ("cosine", False): (4, 128),
                     ("kl", True): (32, 32), ("kl", False): (4, 128)}
+# the same tiles by block code 2 * kind + positions contiguous, as the kernel reads them
+BLOCK_CODES = tuple((kind, bool(c % 2)) for kind in sorted(KIND_CODES, key=KIND_CODES.get)
+                    for c in (0, 1))
+BLOCKS_P = tuple(ONE_LAUNCH_TILES[b][0] for b in BLOCK_CODES)
+BLOCKS_C = tuple(ONE_LAUNCH_TILES[b][1] for b in BLOCK_CODES)
 # element types of the table's pointers, by code
 DTYPE_CODES = ("float32", "float16", "bfloat16", "float64")
 # the layer table's integer columns
@@ -248,13 +253,44 @@ if triton is not None:
             return addr.to(tl.pointer_type(tl.float64))
 
     @triton.jit
+    def _layer_tile(A, B, G, PART, pid, local, P, C, sab, sap, sac, sbb, sbp, sbc, sgb, sgp,
+                    sgc, lscale, gscale, eps, want, KIND: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Tile ``local`` of one layer, decoded as the per-layer kernels' grids lay it out
+        (mse: sample, position block, channel block; zmse: sample, channel block; cosine and
+        kl: sample, position block); its partial sum goes to PART[pid]."""
+        if KIND == 0:
+            n_c = tl.cdiv(C, BLOCK_C)
+            n_p = tl.cdiv(P, BLOCK_P)
+            _mse_tile(A, B, G, PART, pid, (local // (n_c * n_p)).to(tl.int64),
+                      (local // n_c) % n_p, local % n_c, P, C, sab, sap, sac, sbb, sbp, sbc,
+                      sgb, sgp, sgc, lscale, gscale, want, BLOCK_P, BLOCK_C)
+        elif KIND == 1:
+            n_c = tl.cdiv(C, BLOCK_C)
+            _zmse_tile(A, B, G, PART, pid, (local // n_c).to(tl.int64), local % n_c, P, C,
+                       sab, sap, sac, sbb, sbp, sbc, sgb, sgp, sgc, lscale, gscale, eps, want,
+                       BLOCK_P, BLOCK_C)
+        elif KIND == 2:
+            n_p = tl.cdiv(P, BLOCK_P)
+            _cosine_tile(A, B, G, PART, pid, (local // n_p).to(tl.int64), local % n_p, P, C,
+                         sab, sap, sac, sbb, sbp, sbc, sgb, sgp, sgc, lscale, gscale, eps,
+                         want, BLOCK_P, BLOCK_C)
+        else:
+            n_p = tl.cdiv(P, BLOCK_P)
+            _kl_tile(A, B, G, PART, pid, (local // n_p).to(tl.int64), local % n_p, P, C, sab,
+                     sap, sac, sbb, sbp, sbc, sgb, sgp, sgc, lscale, gscale, want, BLOCK_P,
+                     BLOCK_C)
+
+    @triton.jit
     def _all_layers_kernel(TABLE, SCALES, STARTS, PART, n_layers, eps, DA: tl.constexpr,
-                           DB: tl.constexpr, NCOL: tl.constexpr, HAS: tl.constexpr):
+                           DB: tl.constexpr, NCOL: tl.constexpr, HAS: tl.constexpr,
+                           BLOCKS_P: tl.constexpr, BLOCKS_C: tl.constexpr):
         """Program ``pid`` is tile ``pid - STARTS[l]`` of layer l, where STARTS[l] <= pid <
         STARTS[l + 1]; its partial sum goes to PART[pid]. TABLE: one row of TABLE_COLUMNS
         per layer; SCALES: (loss scale, gradient scale) per layer. A holds elements of dtype
-        code DA, B and G of DB (the gradient in phi(e)'s dtype). The tiles below are
-        ONE_LAUNCH_TILES, which the host's program counts come from."""
+        code DA, B and G of DB (the gradient in phi(e)'s dtype). BLOCKS_P / BLOCKS_C: the
+        tiles by block code (2 * kind + positions contiguous), as the host counted the
+        programs."""
         pid = tl.program_id(0)
         layer = pid * 0
         for i in range(1, n_layers):
@@ -264,75 +300,19 @@ if triton is not None:
         A = _as_ptr(tl.load(row + 0), DA)
         B = _as_ptr(tl.load(row + 1), DB)
         G = _as_ptr(tl.load(row + 2), DB)
-        kind = tl.load(row + 3)
-        contig = tl.load(row + 4)
-        want = tl.load(row + 5) != 0
-        P = tl.load(row + 6)
-        C = tl.load(row + 7)
-        sab = tl.load(row + 8)
-        sap = tl.load(row + 9)
-        sac = tl.load(row + 10)
-        sbb = tl.load(row + 11)
-        sbp = tl.load(row + 12)
-        sbc = tl.load(row + 13)
-        sgb = tl.load(row + 14)
-        sgp = tl.load(row + 15)
-        sgc = tl.load(row + 16)
-        lscale = tl.load(SCALES + 2 * layer)
-        gscale = tl.load(SCALES + 2 * layer + 1)
-        # one block per (distance, layout); HAS (bit 2 * kind + contig) compiles in only the
+        code = tl.load(row + 3) * 2 + (tl.load(row + 4) != 0).to(tl.int64)
+        # one block per (distance, layout); HAS (bit = block code) compiles in only the
         # blocks this group uses: every block costs registers, and occupancy with them
-        code = kind * 2 + (contig != 0).to(tl.int64)
-        if (HAS >> 1) & 1:
-            if code == 1:
-                n_c = tl.cdiv(C, 8)
-                n_p = tl.cdiv(P, 128)
-                _mse_tile(A, B, G, PART, pid, (local // (n_c * n_p)).to(tl.int64),
-                          (local // n_c) % n_p, local % n_c, P, C, sab, sap, sac, sbb, sbp,
-                          sbc, sgb, sgp, sgc, lscale, gscale, want, 128, 8)
-        if HAS & 1:
-            if code == 0:
-                n_c = tl.cdiv(C, 128)
-                n_p = tl.cdiv(P, 8)
-                _mse_tile(A, B, G, PART, pid, (local // (n_c * n_p)).to(tl.int64),
-                          (local // n_c) % n_p, local % n_c, P, C, sab, sap, sac, sbb, sbp,
-                          sbc, sgb, sgp, sgc, lscale, gscale, want, 8, 128)
-        if (HAS >> 3) & 1:
-            if code == 3:
-                n_c = tl.cdiv(C, 4)
-                _zmse_tile(A, B, G, PART, pid, (local // n_c).to(tl.int64), local % n_c, P, C,
-                           sab, sap, sac, sbb, sbp, sbc, sgb, sgp, sgc, lscale, gscale, eps,
-                           want, 128, 4)
-        if (HAS >> 2) & 1:
-            if code == 2:
-                n_c = tl.cdiv(C, 32)
-                _zmse_tile(A, B, G, PART, pid, (local // n_c).to(tl.int64), local % n_c, P, C,
-                           sab, sap, sac, sbb, sbp, sbc, sgb, sgp, sgc, lscale, gscale, eps,
-                           want, 16, 32)
-        if (HAS >> 5) & 1:
-            if code == 5:
-                n_p = tl.cdiv(P, 32)
-                _cosine_tile(A, B, G, PART, pid, (local // n_p).to(tl.int64), local % n_p, P,
-                             C, sab, sap, sac, sbb, sbp, sbc, sgb, sgp, sgc, lscale, gscale,
-                             eps, want, 32, 32)
-        if (HAS >> 4) & 1:
-            if code == 4:
-                n_p = tl.cdiv(P, 4)
-                _cosine_tile(A, B, G, PART, pid, (local // n_p).to(tl.int64), local % n_p, P,
-                             C, sab, sap, sac, sbb, sbp, sbc, sgb, sgp, sgc, lscale, gscale,
-                             eps, want, 4, 128)
-        if (HAS >> 7) & 1:
-            if code == 7:
-                n_p = tl.cdiv(P, 32)
-                _kl_tile(A, B, G, PART, pid, (local // n_p).to(tl.int64), local % n_p, P, C,
-                         sab, sap, sac, sbb, sbp, sbc, sgb, sgp, sgc, lscale, gscale, want,
-                         32, 32)
-        if (HAS >> 6) & 1:
-            if code == 6:
-                n_p = tl.cdiv(P, 4)
-                _kl_tile(A, B, G, PART, pid, (local // n_p).to(tl.int64), local % n_p, P, C,
-                         sab, sap, sac, sbb, sbp, sbc, sgb, sgp, sgc, lscale, gscale, want,
-                         4, 128)
+        for c in tl.static_range(8):
+            if (HAS >> c) & 1:
+                if code == c:
+                    _layer_tile(A, B, G, PART, pid, local, tl.load(row + 6),
+                                tl.load(row + 7), tl.load(row + 8), tl.load(row + 9),
+                                tl.load(row + 10), tl.load(row + 11), tl.load(row + 12),
+                                tl.load(row + 13), tl.load(row + 14), tl.load(row + 15),
+                                tl.load(row + 16), tl.load(SCALES + 2 * layer),
+                                tl.load(SCALES + 2 * layer + 1), eps, tl.load(row + 5) != 0,
+                                c // 2, BLOCKS_P[c], BLOCKS_C[c])
 
     @triton.jit
     def _scale_kernel(G, S, n, BLOCK: tl.constexpr):
