@@ -1,8 +1,8 @@
 """Plain-torch reads of hook points, for loops that read the same taps thousands of times.
 
 A ``TapReader`` runs the model and returns (logits, [activation per hook point]) through
-forward hooks registered once on the tapped modules and armed only during its own calls. No
-nnsight trace is built per call, so the call can be compiled (``torch.compile``; its
+plain forward hooks on the tapped modules, armed only during its own calls. No nnsight trace
+is built per call, so the call can be compiled (``torch.compile``; its
 ``reduce-overhead`` mode replays CUDA graphs) and run in bf16 under autocast. Reads only: edits,
 gradients of the cache and every other run go through the tracing engine (``engine``), and a
 reader gives the tensors a trace saves, operation for operation (tested).

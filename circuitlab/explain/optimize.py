@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from ..backgrounds import gaussian_blur
 from ..deprecations import renamed
 from ..errors import CircuitlabError
-from ..hooked_model import HookedModel
-from .certify import certify, masked_predictions
 from ..execution import Execution
+from ..hooked_model import HookedModel
+from .best import BestMasks
+from .certify import certify, masked_predictions
 from .config import ExplainConfig, preset
 from .generator import MaskGrid, MaskUNet, SmoothGrid
-from .best import BestMasks
 from .objective import Objective
 
 

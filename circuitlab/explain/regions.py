@@ -38,7 +38,7 @@ from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from ..kernels import activation_matching
 from ..metrics import target_classes
-from .certify import certify
+from .certify import certify, masked_predictions
 from .config import preset
 from .objective import resolve_taps
 from .optimize import Explanation
@@ -108,6 +108,9 @@ class _Scorer:
             with torch.no_grad():
                 self.acts_x = self.read(x)[1]
 
+    def area(self, chosen) -> float:
+        return float(self.mask(chosen).mean())
+
     def mask(self, chosen) -> torch.Tensor:
         idx = torch.tensor(sorted(chosen), dtype=torch.long, device=self.x.device)
         return self.pieces[idx].sum(0, keepdim=True).clamp(max=1) if len(idx) else \
@@ -141,7 +144,7 @@ class _Scorer:
         return activation_matching(self.acts_x, acts_e, self.alphas, self.kinds, self.cdims)
 
 
-def _grow(score: _Scorer, adjacent, floor: float, search: RegionSearch, area_of, trail):
+def _grow(score: _Scorer, adjacent, floor: float, search: RegionSearch, trail):
     """Greedy insertion: (the set that holds, True), or, when none does within max_area,
     (the set of the best worst case seen, False)."""
     n = len(adjacent)
@@ -163,16 +166,16 @@ def _grow(score: _Scorer, adjacent, floor: float, search: RegionSearch, area_of,
         holds = bool(kept[best].all()) and float(logp[best, 0].exp()) >= floor
         if float(value[best]) > fallback_score:
             fallback, fallback_score = set(chosen), float(value[best])
-        trail.append({"step": "add", "area": area_of(chosen),
+        trail.append({"step": "add", "area": score.area(chosen),
                       "worst_p": float(worst[best].exp()),
                       "p_first_fill": float(logp[best, 0].exp()), "holds": holds})
         if holds:
             return chosen, True
-        if area_of(chosen) >= search.max_area:
+        if score.area(chosen) >= search.max_area:
             return fallback, False
 
 
-def _shrink(score: _Scorer, chosen: set, floor: float, area_of, trail) -> set:
+def _shrink(score: _Scorer, chosen: set, floor: float, trail) -> set:
     """Backward elimination while the decision holds."""
     while len(chosen) > 1:
         order = sorted(chosen)
@@ -182,7 +185,7 @@ def _shrink(score: _Scorer, chosen: set, floor: float, area_of, trail) -> set:
             return chosen
         best = int(torch.argmax(value.masked_fill(~ok, -float("inf"))))
         chosen = chosen - {order[best]}
-        trail.append({"step": "remove", "area": area_of(chosen),
+        trail.append({"step": "remove", "area": score.area(chosen),
                       "worst_p": float(logp[best].min().exp()),
                       "p_first_fill": float(logp[best, 0].exp()), "holds": True})
     return chosen
@@ -192,8 +195,8 @@ def explain_regions(hm: HookedModel, x: torch.Tensor, search: RegionSearch = Reg
                     *, target=None, seed: int = 0) -> Explanation:
     """A mask of a few compact superpixel regions per image of ``x`` (B, C, H, W) (module
     docstring). ``found`` says per image whether the decision held under every fill within
-    ``max_area`` (if not, the set reached there is returned); ``search`` lists its rounds;
-    ``certificates`` the connected regions' check at the confidence floor."""
+    ``max_area`` (if not, the set of the best worst case seen is returned); ``search`` lists
+    its rounds; ``certificates`` the connected regions' check at the confidence floor."""
     x = hm.check_input(x)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -207,20 +210,17 @@ def explain_regions(hm: HookedModel, x: torch.Tensor, search: RegionSearch = Reg
         score = _Scorer(hm, xi, labels, t, search, seed)
         floor = search.confidence * float(p_image[i])
         trail: list = []
-
-        def area_of(s):
-            return float(score.mask(s).mean())
         chosen, holds = _grow(score, _adjacent(labels, score.pieces.shape[0]), floor, search,
-                              area_of, trail)
+                              trail)
         if holds:
-            chosen = _shrink(score, chosen, floor, area_of, trail)
+            chosen = _shrink(score, chosen, floor, trail)
         masks.append(score.mask(chosen))
         trails.append(trail)
         found.append(holds)
     mask = torch.cat(masks)
-    floors = torch.minimum(search.confidence * p_image,
-                           torch.tensor([_p(hm, x[i:i + 1], mask[i:i + 1], int(targets[i]))
-                                         for i in range(x.shape[0])]))
+    floors = torch.minimum(search.confidence * p_image, torch.cat([
+        masked_predictions(hm, x[i:i + 1], mask[i:i + 1], int(targets[i]))[0]
+        for i in range(x.shape[0])]))
     # reported, not pruned (max_rounds=0): the certificate deletes regions over the mean
     # colour only, and pruning by it would undo what the other fills need
     certificates = certify(hm, x, mask, targets, max_rounds=0, floor=floors)
@@ -234,8 +234,3 @@ def explain_regions(hm: HookedModel, x: torch.Tensor, search: RegionSearch = Reg
                                              for r in t]),
                        seconds=time.perf_counter() - t0, config=cfg,
                        found=torch.tensor(found), certificates=certificates, search=trails)
-
-
-@torch.no_grad()
-def _p(hm, x, mask, target: int) -> float:
-    return float(hm(mask * x).softmax(-1)[0, target])
