@@ -118,3 +118,8 @@ def test_the_activation_term_is_the_paper_distance_over_the_mean_colour():
                                 [hm.point(n).unit_axis for n in taps])
         assert float(v) == pytest.approx(float(lp.min()) - 0.7 * float(d), rel=1e-4, abs=1e-5)
     assert float(value[-1]) == pytest.approx(float(logp[-1].min()), abs=1e-4)  # whole image
+
+
+def test_the_cli_default_is_the_search_default():
+    from circuitlab.cli.explain import SEGMENTS
+    assert SEGMENTS == RegionSearch().segments

@@ -17,6 +17,7 @@ from ._folder import run_folder, run_one
 
 OUTPUTS = ("mask.png", "explanation.png", "overlay.png", "metrics.json")
 MAX_REASONS = 10
+SEGMENTS = 64        # --mode regions: explain.regions.RegionSearch's default, without torch
 # reason i's colour in reasons.png (RGB in [0, 1]): distinct, readable on photos
 _REASON_COLOURS = ((0.9, 0.2, 0.1), (0.1, 0.5, 0.95), (0.1, 0.8, 0.2), (0.95, 0.8, 0.1),
                    (0.7, 0.2, 0.9))
@@ -170,7 +171,7 @@ def _check(args) -> tuple:
     if args.mode == "regions" and (args.area is not None or args.explainer or args.refine):
         raise CircuitlabError("--mode regions builds its own mask: not with --area, "
                               "--explainer or --refine")
-    if args.mode != "regions" and args.segments != 64:
+    if args.mode != "regions" and args.segments != SEGMENTS:
         raise CircuitlabError("--segments belongs to --mode regions")
     if args.mode == "amortized":
         if not args.explainer:
@@ -220,8 +221,9 @@ def register(sub) -> None:
                         "forward of a trained explainer (--explainer); regions: a few "
                         "compact superpixel regions, grown greedily until the decision holds "
                         "over the mean colour and over noise, then pruned and certified")
-    p.add_argument("--segments", type=positive_int, default=64,
-                   help="--mode regions: superpixels to build the mask from (default 64)")
+    p.add_argument("--segments", type=positive_int, default=SEGMENTS,
+                   help=f"--mode regions: superpixels to build the mask from (default "
+                        f"{SEGMENTS})")
     p.add_argument("--explainer", help="explainer checkpoint from `circuitlab "
                                        "train-explainer` (amortized mode)")
     p.add_argument("--refine", type=count, default=0,
