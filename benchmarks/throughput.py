@@ -37,7 +37,9 @@ from circuitlab import synthetic
 from circuitlab.files import write_text
 
 COMMANDS = {   # name -> CLI arguments after the folder (defaults otherwise)
-    "explain": ["explain"],
+    # per-image mode named: on photo-sized inputs (Lite0) the default is the region search,
+    # which scores one image's sets at a time instead of optimising a batch together
+    "explain": ["explain", "--mode", "per-image"],
     "explain --no-minimal": ["explain", "--no-minimal"],
     "circuit": ["circuit"],
     "saliency gradcam": ["saliency", "--method", "gradcam"],

@@ -9,7 +9,7 @@ import circuitlab
 from circuitlab import CircuitlabError
 from circuitlab.explain import ExplainConfig
 from circuitlab.execution import Execution
-from circuitlab.readers import TapReader
+from circuitlab.readers import TapReader, channels_last
 from helpers import batch_for, get_model
 from test_hooked_model import _names_to_check
 
@@ -115,6 +115,27 @@ def test_channels_last_reads_the_same_values():
     torch.testing.assert_close(lc, logits, rtol=1e-5, atol=1e-5)
     for a, b in zip(ac, acts):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_block_puts_the_layout_back():
+    """``readers.channels_last``: inside, every 4-D weight in channels-last layout and the
+    model reads what it read before; after, the layout it had and the same values, also when
+    the block raises."""
+    hm = circuitlab.load_model("synthetic-cnn")
+    x = batch_for(hm, b=2)
+    before = {n: p.detach().clone() for n, p in hm.model.named_parameters()}
+    logits = hm(x)
+    four_d = [p for p in hm.model.parameters() if p.dim() == 4]
+    with pytest.raises(RuntimeError):
+        with channels_last(hm.model):
+            assert all(p.is_contiguous(memory_format=torch.channels_last) for p in four_d)
+            assert not all(p.is_contiguous() for p in four_d)
+            torch.testing.assert_close(hm(x.contiguous(memory_format=torch.channels_last)),
+                                       logits, rtol=1e-5, atol=1e-5)
+            raise RuntimeError("inside the block")
+    assert all(p.is_contiguous() for p in four_d)
+    for n, p in hm.model.named_parameters():
+        assert torch.equal(p, before[n]), n
 
 
 @pytest.mark.parametrize("bad", [dict(precision="fp8"), dict(compile="fastest")])

@@ -35,6 +35,8 @@ def _check_hooks(scope, tmp_path):
 def _check_explain(scope, tmp_path):
     assert scope["ex"].mask.shape == (1, 1, 224, 224)
     assert abs(scope["at5"].area.item() - 0.05) < 0.001 and scope["at5"].found.shape == (1,)
+    rx = scope["rx"]
+    assert bool(rx.found[0]) and 1 <= len(rx.certificates[0].regions) <= 5
 
 
 def _check_circuits(scope, tmp_path):

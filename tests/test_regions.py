@@ -12,7 +12,8 @@ from circuitlab import CircuitlabError
 from circuitlab.backgrounds import make_backgrounds
 from circuitlab.explain.regions import RegionSearch, explain_regions, superpixels
 
-SEARCH = RegionSearch(segments=24, max_area=0.6)
+# a confidence floor, so that it is checked too (the default is the label alone)
+SEARCH = RegionSearch(segments=24, max_area=0.6, confidence=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,8 @@ def test_masks_are_whole_superpixels_that_hold_over_every_fill(setup):
     with torch.no_grad():
         p_image = hm(x).softmax(-1).gather(1, ex.target[:, None]).squeeze(1)
     assert ex.found.any()
+    # the search ran in channels-last layout and put the model's back
+    assert all(p.is_contiguous() for p in hm.model.parameters())
     for i in range(x.shape[0]):
         xi, m, t = x[i:i + 1], ex.mask[i:i + 1], int(ex.target[i])
         labels = superpixels(hm, xi, SEARCH)
@@ -84,14 +87,36 @@ def test_cli_regions_mode(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mode"] == "regions" and metrics["segments"] == 24
     assert metrics["region_search"] and "found" in metrics and "region_effects" in metrics
-    for bad in (["--area", "0.1"], ["--refine", "3"], ["--precision", "bf16"]):
+    capsys.readouterr()
+    for bad in (["--area", "0.1"], ["--refine", "3"], ["--precision", "bf16"],
+                ["--steps", "5"], ["--no-minimal"], ["--reasons", "2"]):
         code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
                      str(tmp_path / "bad"), "--mode", "regions", *bad])
-        assert code == 2, bad
-    code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
-                 str(tmp_path / "bad"), "--segments", "30"])
-    assert code == 2 and "--mode regions" in capsys.readouterr().err
+        assert code == 2 and bad[0] in capsys.readouterr().err, bad
+    for bad in (["--segments", "30", "--mode", "per-image"], ["--segments", "30", "--area",
+                                                              "0.1"]):
+        code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
+                     str(tmp_path / "bad"), *bad])
+        assert code == 2 and "--mode regions" in capsys.readouterr().err, bad
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_auto_mode(tmp_path, capsys):
+    """--mode auto (the default): regions on photo-sized inputs, per-image on small ones or
+    when a per-image flag is given, regions when --segments is."""
+    from circuitlab.cli import main
+    from circuitlab.cli.explain import resolved_mode
+    assert resolved_mode("auto", 224) == resolved_mode("auto", 128) == "regions"
+    assert resolved_mode("auto", 127) == resolved_mode("auto", 32) == "per-image"
+    assert resolved_mode("per-image", 224) == "per-image"
+    assert resolved_mode("amortized", 224) == "amortized"
+    runs = {"small": ([], "per-image"), "segments": (["--segments", "24"], "regions"),
+            "steps": (["--steps", "30"], "per-image")}
+    for name, (flags, mode) in runs.items():
+        code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
+                     str(tmp_path / name), "--json", *flags])
+        assert code == 0, capsys.readouterr().err
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["mode"] == mode
 
 
 def test_the_activation_term_is_the_paper_distance_over_the_mean_colour():

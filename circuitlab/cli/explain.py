@@ -17,7 +17,12 @@ from ._folder import run_folder, run_one
 
 OUTPUTS = ("mask.png", "explanation.png", "overlay.png", "metrics.json")
 MAX_REASONS = 10
-SEGMENTS = 64        # --mode regions: explain.regions.RegionSearch's default, without torch
+SEGMENTS = 128       # --mode regions: explain.regions.RegionSearch's default, without torch
+# flags of per-image mode and their defaults: under --mode auto, giving any of them picks
+# per-image mode whatever the input size
+PER_IMAGE_FLAGS = {"area": None, "reasons": 1, "preset": "default", "steps": None,
+                   "minimal": True, "precision": "fp32", "compile": "off",
+                   "channels_last": False}
 # reason i's colour in reasons.png (RGB in [0, 1]): distinct, readable on photos
 _REASON_COLOURS = ((0.9, 0.2, 0.1), (0.1, 0.5, 0.95), (0.1, 0.8, 0.2), (0.95, 0.8, 0.1),
                    (0.7, 0.2, 0.9))
@@ -29,8 +34,9 @@ def _first_pass(hm, x, args):
     from ..explain import explain
     if args.mode == "regions":
         from ..explain.regions import RegionSearch, explain_regions
-        return explain_regions(hm, x, RegionSearch(segments=args.segments,
-                                                   confidence=args.confidence),
+        given = {k: v for k, v in (("segments", args.segments),
+                                   ("confidence", args.confidence)) if v is not None}
+        return explain_regions(hm, x, RegionSearch(**given),
                                target=target_index(hm, args.target), seed=args.seed)
     if args.mode == "amortized":
         if args.target is not None:
@@ -60,7 +66,8 @@ def _second_pass(hm, x, free, args):
     if args.area is not None:
         return explain_at_area(hm, x, args.area, base=free, steps=args.steps, seed=args.seed)
     if args.minimal:
-        return minimize(hm, x, free, confidence=args.confidence, seed=args.seed)
+        return minimize(hm, x, free, seed=args.seed, **({} if args.confidence is None else
+                                                         {"confidence": args.confidence}))
     return free
 
 
@@ -88,7 +95,7 @@ def _finish_one(hm, x, free, ex, image, out: Path, args, shared_seconds: float) 
         "seconds": shared_seconds + time.perf_counter() - t0, **provenance(args, hm),
     }
     if regions:
-        result.update(segments=args.segments, found=bool(ex.found[0]),
+        result.update(segments=args.segments or SEGMENTS, found=bool(ex.found[0]),
                       region_search=ex.search[0])
     if cert is not None:
         result.update(minimal_area=float(cert.mask.mean()),
@@ -111,7 +118,9 @@ def _explain_batch(hm, items: list, args):
     import time
 
     import torch
+
     t0 = time.perf_counter()
+    args.mode = resolved_mode(args.mode, min(items[0][1].shape[-2:]))   # every batch alike
     try:
         x = torch.cat([x for _, x, _ in items])
         free = _first_pass(hm, x, args)
@@ -155,9 +164,41 @@ def _save_reasons(out: Path, hm, x, found) -> list:
     return rows
 
 
+def resolved_mode(mode: str, image_size: int) -> str:
+    """--mode auto once the input size is known: regions for photos (inputs of at least
+    ``explain.config.LARGE_INPUT`` px a side), per-image below (superpixels of a small input
+    are as large as its objects: docs/results.md); any other mode as it is."""
+    from ..explain.config import LARGE_INPUT
+    if mode != "auto":
+        return mode
+    return "regions" if image_size >= LARGE_INPUT else "per-image"
+
+
+def _per_image_flags(args) -> str:
+    """The per-image flags given, as the command line spells them ('' when none)."""
+    given = []
+    for name, default in PER_IMAGE_FLAGS.items():
+        value = getattr(args, name)
+        if value != default:   # --no-minimal is the one off-switch among them
+            given.append(f"--no-{name}" if value is False else "--" + name.replace("_", "-"))
+    return ", ".join(given)
+
+
+def _auto_mode(args) -> str:
+    """--mode auto before the model loads: per-image when a per-image flag is given, regions
+    when --segments is, else still auto (the input size decides, in ``_explain_batch``)."""
+    per_image = _per_image_flags(args)
+    if args.segments is not None and per_image:
+        raise CircuitlabError(f"--segments belongs to --mode regions, {per_image} to "
+                              f"per-image mode: drop one, or name the mode with --mode")
+    return "regions" if args.segments is not None else "per-image" if per_image else "auto"
+
+
 def _check(args) -> tuple:
     """Settings that do not fit together, before anything loads: (outputs to write)."""
     names = OUTPUTS
+    if args.mode == "auto" and not (args.explainer or args.refine):
+        args.mode = _auto_mode(args)
     if not 1 <= args.reasons <= MAX_REASONS:
         raise CircuitlabError(f"--reasons is how many reasons to look for, 1 to "
                               f"{MAX_REASONS}; got {args.reasons}")
@@ -168,10 +209,11 @@ def _check(args) -> tuple:
     if args.mode != "per-image" and _execution(args) != Execution():
         raise CircuitlabError("--precision, --compile and --channels-last belong to "
                               "per-image mode")
-    if args.mode == "regions" and (args.area is not None or args.explainer or args.refine):
-        raise CircuitlabError("--mode regions builds its own mask: not with --area, "
-                              "--explainer or --refine")
-    if args.mode != "regions" and args.segments != SEGMENTS:
+    if args.mode == "regions" and (_per_image_flags(args) or args.explainer or args.refine):
+        flags = ", ".join(f for f in (_per_image_flags(args), args.explainer and "--explainer",
+                                      args.refine and "--refine") if f)
+        raise CircuitlabError(f"--mode regions builds its own mask: not with {flags}")
+    if args.mode != "regions" and args.segments is not None:
         raise CircuitlabError("--segments belongs to --mode regions")
     if args.mode == "amortized":
         if not args.explainer:
@@ -209,20 +251,24 @@ def _summary(results: list) -> str:
 
 def register(sub) -> None:
     p = sub.add_parser("explain", help="minimal mask that keeps the decision",
-                       description="Find a minimal mask for an image (per-image mode): the "
-                                   "optimiser's mask, searched down to the smallest area that "
+                       description="Find a minimal mask for an image: on photos a few "
+                                   "superpixel regions without which the label is lost; on "
+                                   "small inputs (or with --mode per-image) the optimiser's "
+                                   "pixel mask, searched down to the smallest area that "
                                    "holds and certified region by region; write mask.png, "
                                    "explanation.png, overlay.png and metrics.json.")
     add_model_args(p)
     add_image_arg(p)
-    p.add_argument("--mode", choices=["per-image", "amortized", "regions"],
-                   default="per-image",
-                   help="per-image: optimise a mask for each image (default); amortized: one "
-                        "forward of a trained explainer (--explainer); regions: a few "
-                        "compact superpixel regions, grown greedily until the decision holds "
-                        "over the mean colour and over noise, then pruned and certified")
-    p.add_argument("--segments", type=positive_int, default=SEGMENTS,
-                   help=f"--mode regions: superpixels to build the mask from (default "
+    p.add_argument("--mode", choices=["auto", "per-image", "amortized", "regions"],
+                   default="auto",
+                   help="regions: a few compact superpixel regions, grown greedily until the "
+                        "label holds over the mean colour and over noise, then pruned; "
+                        "per-image: optimise a pixel mask for each image (the paper's "
+                        "method); amortized: one forward of a trained explainer "
+                        "(--explainer); auto (default): regions for photos (inputs of "
+                        "128 px or more) unless a per-image flag is given, per-image below")
+    p.add_argument("--segments", type=positive_int, default=None,
+                   help=f"regions mode: superpixels to build the mask from (default "
                         f"{SEGMENTS})")
     p.add_argument("--explainer", help="explainer checkpoint from `circuitlab "
                                        "train-explainer` (amortized mode)")
@@ -231,32 +277,35 @@ def register(sub) -> None:
     p.add_argument("--target", default=None, metavar="CLASS",
                    help="the class whose decision to explain: an index or a label (default: "
                         "the model's top-1 on each image)")
-    p.add_argument("--preset", choices=["default", "paper"], default="default")
-    p.add_argument("--steps", type=positive_int, default=None,
+    p.add_argument("--preset", choices=["default", "paper"],
+                   default=PER_IMAGE_FLAGS["preset"])
+    p.add_argument("--steps", type=positive_int, default=PER_IMAGE_FLAGS["steps"],
                    help="optimisation steps (preset's by default)")
-    p.add_argument("--area", type=fraction, default=None,
+    p.add_argument("--area", type=fraction, default=PER_IMAGE_FLAGS["area"],
                    help="keep exactly this fraction of the image (e.g. 0.05): the minimal "
                         "mask is pared down to it, for comparisons at equal area; "
                         "metrics.json says whether the label survived")
-    p.add_argument("--reasons", type=int, default=1, metavar="K",
+    p.add_argument("--reasons", type=int, default=PER_IMAGE_FLAGS["reasons"], metavar="K",
                    help="look for up to K disjoint explanations, each keeping the label on "
                         "its own: reason_<i>.png per reason, reasons.png all of them "
                         "(default 1)")
-    p.add_argument("--minimal", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--minimal", action=argparse.BooleanOptionalAction,
+                   default=PER_IMAGE_FLAGS["minimal"],
                    help="search the smallest area budget at which the decision holds "
                         "(halving, each grown out of the last), then prune the mask region "
                         "by region until each connected region is necessary; metrics.json "
                         "says which budgets held and what each region does (default on; "
                         "not with --area)")
-    p.add_argument("--confidence", type=ratio, default=1.0, metavar="R",
-                   help="with --minimal: the decision holds when the label is kept with "
-                        "p_target >= R x the image's (default 1; 0: the label alone)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    p.add_argument("--confidence", type=ratio, default=None, metavar="R",
+                   help="the decision holds when the label is kept with p_target >= R x the "
+                        "image's (default: 1 for per-image --minimal, 0 in regions mode: the "
+                        "label alone)")
+    p.add_argument("--precision", choices=PRECISIONS, default=PER_IMAGE_FLAGS["precision"],
                    help="the classifier's forwards in the optimisation loop: fp32 (default) or "
                         "bf16 autocast (faster on GPUs; masks differ from fp32's, docs/"
                         "cli.md); the checks and certificate stay in the model's precision")
     p.add_argument("--compile", choices=["off"] + [m for m in COMPILE_MODES if m],
-                   default="off",
+                   default=PER_IMAGE_FLAGS["compile"],
                    help="torch.compile the loop's forwards: default, or reduce-overhead (CUDA "
                         "graphs); pays on a GPU over many images, not for one on a CPU")
     p.add_argument("--channels-last", action="store_true",

@@ -104,7 +104,11 @@ PRESETS = {
 }
 
 
-# ImageNet-sized inputs (>= 128 px): chosen by a random search over 45 settings on five
+# inputs at least this many pixels a side are photos (ImageNet-sized): their own presets here,
+# and `circuitlab explain` explains them with superpixel regions by default
+LARGE_INPUT = 128
+
+# ImageNet-sized inputs (>= LARGE_INPUT px): chosen by a random search over 45 settings on five
 # photos with EfficientNet-Lite0; what it bought: docs/results.md, "Explanation presets".
 _LARGE_INPUT = dict(area=100.0, tv=150.0, bin=1.0, mask_size=56, lr=0.05, steps=80)
 
@@ -126,7 +130,7 @@ def preset(name: str, family: str = "generic", image_size: Optional[int] = None,
     if name not in PRESETS:
         raise CircuitlabError(f"unknown preset {name!r}; use one of {sorted(PRESETS)}")
     cfg = PRESETS[name]
-    if name == "default" and image_size is not None and image_size >= 128:
+    if name == "default" and image_size is not None and image_size >= LARGE_INPUT:
         cfg = cfg.replace(**_LARGE_INPUT)
         if overrides.get("area_budget") is not None:
             cfg = _budget_grid(cfg.replace(**_LARGE_INPUT_BUDGET), image_size)
@@ -159,7 +163,7 @@ def amortized_preset(family: str = "generic", image_size: Optional[int] = None,
     image at half size and outputs at stride 2 of that (56 cells for 224 px), which keeps one
     forward under 10 ms on a 2-core CPU."""
     cfg = preset("default", family, image_size)
-    small = image_size is None or image_size < 128
+    small = image_size is None or image_size < LARGE_INPUT
     cfg = cfg.replace(generator="unet", lr=3e-3, steps=600, min_steps=0, width=16, depth=3,
                       out_stride=1 if small else 2, input_scale=1 if small else 2,
                       init_keep=None)
