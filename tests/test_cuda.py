@@ -97,3 +97,24 @@ def test_reader_settings_on_gpu(execution):
     other = explain(hm, x, cfg, seed=1, execution=Execution(**execution))
     kept = [(hm(x * e.mask).argmax(-1) == e.target).float().mean() for e in (base, other)]
     assert float(kept[1]) >= float(kept[0]) - 0.125
+
+
+def test_region_search_on_gpu():
+    """The region search on the GPU (64 sets a forward, channels-last inside the search):
+    masks that keep the label over the mean colour, mostly the CPU's (float noise may turn
+    a greedy choice), and the model's layout put back."""
+    from circuitlab import synthetic
+    from circuitlab.explain.regions import RegionSearch, explain_regions
+    torch.manual_seed(0)
+    hm = circuitlab.HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG)
+    x = synthetic.make_dataset(4, seed=0).normalized()
+    search = RegionSearch(segments=24, max_area=0.6)
+    cpu = explain_regions(hm, x, search, seed=1)
+    hm.to("cuda")
+    gpu = explain_regions(hm, x, search, seed=1)
+    assert gpu.mask.device.type == "cuda"
+    assert all(p.is_contiguous() for p in hm.model.parameters())
+    with torch.no_grad():
+        kept = hm(gpu.mask * x.cuda()).argmax(-1) == gpu.target
+    assert bool(kept[gpu.found.to(kept.device)].all())
+    assert (gpu.mask.cpu() != cpu.mask).float().mean() < 0.25
