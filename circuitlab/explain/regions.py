@@ -142,11 +142,11 @@ class _Scorer:
         logps, kept, dists = [], [], []
         for i in range(0, len(sets), self.batch):
             m = torch.cat([self.mask(s) for s in sets[i:i + self.batch]])
-            inputs = [self._layout(m * self.x + (1 - m) * fill[None]) for fill in self.fills]
-            per_fill = [self.read(e)[0] for e in inputs[1:]]
-            logits, acts = self.read(inputs[0])
-            per_fill.insert(0, logits)
-            if self.search.act:
+            outs = [self.read(self._layout(m * self.x + (1 - m) * fill[None]))
+                    for fill in self.fills]
+            per_fill = [logits for logits, _ in outs]
+            if self.search.act:       # the taps' distance over the first fill
+                acts = outs[0][1]
                 dists.append(torch.stack([self._distance([a[j:j + 1] for a in acts])
                                           for j in range(m.shape[0])]))
             logps.append(torch.stack([f.log_softmax(-1)[:, self.target] for f in per_fill], 1))
