@@ -2,6 +2,7 @@
 over every fill, each superpixel needed; checked by direct forwards, not by the search's own
 numbers."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ from circuitlab import CircuitlabError
 from circuitlab.backgrounds import make_backgrounds
 from circuitlab.explain.regions import RegionSearch, explain_regions, superpixels
 
-# a confidence floor, so that it is checked too (the default is the label alone)
-SEARCH = RegionSearch(segments=24, max_area=0.6, confidence=1.0)
+# a confidence floor, so that it is checked too (the default is the label alone); the finer
+# pass is checked apart (test_the_finer_pass_...)
+SEARCH = RegionSearch(segments=24, max_area=0.6, confidence=1.0, refine=None)
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +150,32 @@ def test_the_activation_term_is_the_paper_distance_over_the_mean_colour():
 def test_the_cli_default_is_the_search_default():
     from circuitlab.cli.explain import SEGMENTS
     assert SEGMENTS == RegionSearch().segments
+
+
+def test_the_finer_pass_keeps_whole_pieces_each_needed(setup):
+    """With ``refine`` the mask is made of the finer SLIC's superpixels cut to the coarse
+    mask, holds over every fill and needs each piece; it lies inside the coarse mask."""
+    hm, x, _, coarse = setup
+    search = replace(SEARCH, refine=64, refine_above=0.0)
+    ex = explain_regions(hm, x, search, seed=3)
+    with torch.no_grad():
+        p_image = hm(x).softmax(-1).gather(1, ex.target[:, None]).squeeze(1)
+    assert torch.equal(ex.found, coarse.found)
+    assert any(r["step"] == "refine" for t in ex.search for r in t)
+    for i in torch.nonzero(ex.found).flatten().tolist():
+        xi, m, t = x[i:i + 1], ex.mask[i:i + 1], int(ex.target[i])
+        assert bool((m <= coarse.mask[i:i + 1]).all())
+        # the pieces: the finer SLIC's superpixels cut to the coarse mask (-1: outside it)
+        pieces = np.where(coarse.mask[i, 0].numpy() > 0,
+                          superpixels(hm, xi, replace(search, segments=search.refine)), -1)
+        for s in np.unique(pieces):
+            inside = m[0, 0][torch.from_numpy(pieces == s)]
+            assert bool((inside == inside[0]).all())
+        fills = make_backgrounds(xi, hm.data_config, SEARCH.fills,
+                                 torch.Generator().manual_seed(3))
+        floor = SEARCH.confidence * float(p_image[i])
+        assert _holds(hm, xi, m, t, fills, floor)
+        for s in np.unique(pieces[m[0, 0].numpy() > 0]):
+            assert not _holds(hm, xi, m * torch.from_numpy(pieces != s).float(), t, fills,
+                              floor)
+

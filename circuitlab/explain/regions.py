@@ -16,11 +16,13 @@ superpixels of the image (compact, colour-coherent pieces, ``segments`` of them)
    channels-last layout (``readers.channels_last``, undone afterwards): on a CPU that
    forward is 2x faster than 32 at a time in the default layout.
 2. Backward elimination: superpixels the decision holds without are removed, least useful
-   first, until each remaining one is needed.
+   first, until each remaining one is needed. A set still larger than ``refine_above`` is
+   cut along a finer SLIC (``refine`` superpixels) and pruned again, a run of pieces at a
+   time (found by bisection), until each piece is needed.
 3. ``certify`` reports what each connected region does over the mean colour (at the same
    floor), without pruning; ``locally_minimal`` is the search's own certificate: the
-   decision holds over every fill and no single superpixel can be removed (not that no
-   smaller set of superpixels, or of pixels, exists).
+   decision holds over every fill and no single superpixel (or piece) can be removed (not
+   that no smaller set of superpixels, or of pixels, exists).
 
 >>> ex = explain_regions(hm, x)                 # ex.mask: a few superpixel regions
 >>> ex.search[0]                                # every round: area, worst-case p, held
@@ -64,6 +66,11 @@ class RegionSearch:
     confidence: float = 0.0
     max_area: float = 0.3            # stop growing here (the result then may not hold)
     top_k: int = 12                  # candidates beyond the set's neighbours: best alone
+    # a set that holds but covers more than ``refine_above`` of the image is cut along a
+    # finer SLIC of ``refine`` superpixels and pruned again (None: off); the photos it
+    # took under 10 %: docs/results.md, "Superpixel regions"
+    refine: Optional[int] = 256
+    refine_above: float = 0.1
     act: float = 0.0                 # weight of activation matching (the paper's term, the
     #                                  family's taps, first fill) subtracted from the score
     # sets scored per forward; None: 4 on a CPU, where small batches in channels-last
@@ -78,6 +85,12 @@ class RegionSearch:
         if not 0 < self.max_area <= 1:
             raise CircuitlabError(f"max_area is a fraction of the image, in (0, 1]; got "
                                   f"{self.max_area}")
+        if self.refine is not None and not 2 <= self.refine <= 1024:
+            raise CircuitlabError(f"refine is how many superpixels the finer pass cuts the "
+                                  f"image into, 2 to 1024, or None; got {self.refine}")
+        if not 0 <= self.refine_above <= 1:
+            raise CircuitlabError(f"refine_above is a fraction of the image, in [0, 1]; got "
+                                  f"{self.refine_above}")
         if self.batch_size is not None and self.batch_size < 1:
             raise CircuitlabError(f"batch_size is how many sets a forward scores, at least 1; "
                                   f"got {self.batch_size}")
@@ -196,20 +209,61 @@ def _grow(score: _Scorer, adjacent, floor: float, search: RegionSearch, trail):
             return fallback, False
 
 
-def _shrink(score: _Scorer, chosen: set, floor: float, trail) -> set:
-    """Backward elimination while the decision holds."""
+def _prune(score: _Scorer, chosen: set, floor: float, trail, together: bool = False) -> set:
+    """Backward elimination while the decision holds: each round scores every piece removed
+    alone and removes the least needed one, or (``together``, for many small pieces) the
+    longest run of removable ones, least needed first, that the decision holds without,
+    found by bisection; until no single piece can go."""
     while len(chosen) > 1:
         order = sorted(chosen)
         logp, kept, value = score([chosen - {i} for i in order])
         ok = kept.all(1) & (logp[:, 0].exp() >= floor)
         if not ok.any():
             return chosen
-        best = int(torch.argmax(value.masked_fill(~ok, -float("inf"))))
-        chosen = chosen - {order[best]}
-        trail.append({"step": "remove", "area": score.area(chosen),
-                      "worst_p": float(logp[best].min().exp()),
-                      "p_first_fill": float(logp[best, 0].exp()), "holds": True})
+        ranked = [j for j in torch.argsort(-value).tolist() if ok[j]]
+        run = [order[j] for j in ranked]
+        held = logp[ranked[0]]        # log p per fill of the set that goes on
+        lo, hi = 1, len(run) if together else 1    # the first alone is known to hold
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lp, kp, _ = score([chosen - set(run[:mid])])
+            if bool(kp.all()) and float(lp[0, 0].exp()) >= floor:
+                lo, held = mid, lp[0]
+            else:
+                hi = mid - 1
+        chosen = chosen - set(run[:lo])
+        trail.append({"step": "refine" if together else "remove", "area": score.area(chosen),
+                      "worst_p": float(held.min().exp()), "p_first_fill": float(held[0].exp()),
+                      "holds": True})
     return chosen
+
+
+def _finer(hm, x, search: RegionSearch, mask: torch.Tensor) -> np.ndarray:
+    """Labels 0..k-1 of the pieces a finer SLIC of ``x`` cuts ``mask`` into, -1 outside."""
+    fine = superpixels(hm, x, replace(search, segments=search.refine))
+    inside = mask[0, 0].cpu().numpy() > 0
+    out = np.full(fine.shape, -1)
+    for k, i in enumerate(np.unique(fine[inside])):
+        out[(fine == i) & inside] = k
+    return out
+
+
+def _one(hm, x, target: int, floor: float, search: RegionSearch, seed: int):
+    """One image (1, C, H, W): (mask, the search's rounds, whether the decision held)."""
+    labels = superpixels(hm, x, search)
+    score = _Scorer(hm, x, labels, target, search, seed)
+    trail: list = []
+    chosen, holds = _grow(score, _adjacent(labels, score.pieces.shape[0]), floor, search,
+                          trail)
+    if not holds:
+        return score.mask(chosen), trail, False
+    chosen = _prune(score, chosen, floor, trail)
+    mask = score.mask(chosen)
+    if search.refine and float(mask.mean()) > search.refine_above:
+        fine = _Scorer(hm, x, _finer(hm, x, search, mask), target, search, seed)
+        mask = fine.mask(_prune(fine, set(range(fine.pieces.shape[0])), floor, trail,
+                                together=True))
+    return mask, trail, True
 
 
 def explain_regions(hm: HookedModel, x: torch.Tensor, search: RegionSearch = RegionSearch(),
@@ -224,21 +278,10 @@ def explain_regions(hm: HookedModel, x: torch.Tensor, search: RegionSearch = Reg
         logits = hm(x)
     targets = logits.argmax(-1) if target is None else target_classes(hm, x, target).to(x.device)
     p_image = logits.softmax(-1).gather(1, targets[:, None]).squeeze(1).cpu()
-    masks, trails, found = [], [], []
     with channels_last(hm.model) if search.channels_last else nullcontext():
-        for i in range(x.shape[0]):
-            xi, t = x[i:i + 1], int(targets[i])
-            labels = superpixels(hm, xi, search)
-            score = _Scorer(hm, xi, labels, t, search, seed)
-            floor = search.confidence * float(p_image[i])
-            trail: list = []
-            chosen, holds = _grow(score, _adjacent(labels, score.pieces.shape[0]), floor,
-                                  search, trail)
-            if holds:
-                chosen = _shrink(score, chosen, floor, trail)
-            masks.append(score.mask(chosen))
-            trails.append(trail)
-            found.append(holds)
+        masks, trails, found = zip(*[
+            _one(hm, x[i:i + 1], int(targets[i]), search.confidence * float(p_image[i]),
+                 search, seed) for i in range(x.shape[0])])
     mask = torch.cat(masks)
     floors = torch.minimum(search.confidence * p_image, torch.cat([
         masked_predictions(hm, x[i:i + 1], mask[i:i + 1], int(targets[i]))[0]
@@ -255,4 +298,5 @@ def explain_regions(hm: HookedModel, x: torch.Tensor, search: RegionSearch = Reg
                        history=pd.DataFrame([{"image": i, **r} for i, t in enumerate(trails)
                                              for r in t]),
                        seconds=time.perf_counter() - t0, config=cfg,
-                       found=torch.tensor(found), certificates=certificates, search=trails)
+                       found=torch.tensor(found), certificates=certificates,
+                       search=list(trails))
