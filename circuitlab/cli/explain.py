@@ -209,10 +209,11 @@ def _check(args) -> tuple:
     if args.mode != "per-image" and _execution(args) != Execution():
         raise CircuitlabError("--precision, --compile and --channels-last belong to "
                               "per-image mode")
-    if args.mode == "regions" and (_per_image_flags(args) or args.explainer or args.refine):
+    if args.mode == "regions":
         flags = ", ".join(f for f in (_per_image_flags(args), args.explainer and "--explainer",
                                       args.refine and "--refine") if f)
-        raise CircuitlabError(f"--mode regions builds its own mask: not with {flags}")
+        if flags:
+            raise CircuitlabError(f"--mode regions builds its own mask: not with {flags}")
     if args.mode != "regions" and args.segments is not None:
         raise CircuitlabError("--segments belongs to --mode regions")
     if args.mode == "amortized":

@@ -42,6 +42,7 @@ from skimage.segmentation import slic
 from ..backgrounds import make_backgrounds
 from ..data import denormalize
 from ..errors import CircuitlabError
+from ..execution import Execution
 from ..hooked_model import HookedModel
 from ..kernels import activation_matching
 from ..metrics import target_classes
@@ -123,7 +124,7 @@ class _Scorer:
     """The decision under each fill for sets of superpixels of one image."""
 
     def __init__(self, hm, x, labels, target, search: RegionSearch, seed: int):
-        self.hm, self.x, self.target, self.search = hm, x, target, search
+        self.x, self.target, self.search = x, target, search
         n = int(labels.max()) + 1
         lab = torch.from_numpy(labels).to(x.device)
         self.pieces = torch.stack([(lab == i) for i in range(n)]).float()[:, None]
@@ -134,11 +135,12 @@ class _Scorer:
             points, self.alphas, self.kinds, self.cdims = resolve_taps(
                 hm, preset("default", hm.family.name, min(x.shape[-2:])))
             names = [p.name for p in points]
-        self.read = hm.reader(names)
+        # the reader lays the inputs out as the weights are inside the search's block
+        self.read = hm.reader(names, Execution(channels_last=search.channels_last))
         self.batch = search.batch_size or (4 if x.device.type == "cpu" else 64)
         if search.act:
             with torch.no_grad():
-                self.acts_x = self.read(self._layout(x))[1]
+                self.acts_x = self.read(x)[1]
 
     def area(self, chosen) -> float:
         return float(self.mask(chosen).mean())
@@ -155,8 +157,7 @@ class _Scorer:
         logps, kept, dists = [], [], []
         for i in range(0, len(sets), self.batch):
             m = torch.cat([self.mask(s) for s in sets[i:i + self.batch]])
-            outs = [self.read(self._layout(m * self.x + (1 - m) * fill[None]))
-                    for fill in self.fills]
+            outs = [self.read(m * self.x + (1 - m) * fill[None]) for fill in self.fills]
             per_fill = [logits for logits, _ in outs]
             if self.search.act:       # the taps' distance over the first fill
                 acts = outs[0][1]
@@ -169,10 +170,6 @@ class _Scorer:
         if dists:
             score = score - self.search.act * torch.cat(dists).cpu()
         return logp, torch.cat(kept).cpu(), score
-
-    def _layout(self, e: torch.Tensor) -> torch.Tensor:
-        return e.contiguous(memory_format=torch.channels_last) if self.search.channels_last \
-            else e
 
     def _distance(self, acts_e) -> torch.Tensor:
         return activation_matching(self.acts_x, acts_e, self.alphas, self.kinds, self.cdims)
