@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +15,20 @@ from .errors import CircuitlabError
 from .preprocessing import normalize
 
 KINDS = ("grey", "gaussian", "uniform", "blur")
+# Who draws random fills from a seed. The metrics judge a mask with draws from ``seed``
+# itself; a search that chose the mask by draws of its own must not see those, or "kept
+# under noise" would count the draw it was fitted to (a region search at seed 0 once did).
+STREAMS = ("metrics", "regions")
+
+
+def fill_generator(seed: int, stream: str) -> torch.Generator:
+    """A generator for ``stream``'s fills: ``metrics`` is seeded with ``seed``; every other
+    stream with a SeedSequence of (seed, its index), independent of the metrics' draws."""
+    if stream not in STREAMS:
+        raise CircuitlabError(f"unknown stream {stream!r}; use {', '.join(STREAMS)}")
+    i = STREAMS.index(stream)
+    state = seed if i == 0 else int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+    return torch.Generator().manual_seed(state)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float, border: str = "reflect") -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .backgrounds import KINDS, gaussian_blur, make_backgrounds
+from .backgrounds import KINDS, fill_generator, gaussian_blur, make_backgrounds
 from .errors import CircuitlabError
 from .hooked_model import HookedModel
 from .kernels.reference import activation_distance
@@ -93,7 +93,7 @@ def evaluate_mask(hm: HookedModel, x: torch.Tensor, mask: torch.Tensor, target=N
     px, pe = lx.softmax(-1).cpu(), le.softmax(-1).cpu()
     conf_x, conf_e = px.gather(1, y[:, None]).squeeze(1), pe.gather(1, y[:, None]).squeeze(1)
     kl = (px * (px.clamp_min(1e-12).log() - pe.clamp_min(1e-12).log())).sum(1)
-    g = torch.Generator().manual_seed(seed)
+    g = fill_generator(seed, "metrics")
     kinds = [k for k in backgrounds if k in ("grey", "blur")]
     kinds += [k for k in backgrounds if k in ("gaussian", "uniform")] * n_random
     r = make_backgrounds(x, hm.data_config, kinds, g)                 # (K * B, ...)

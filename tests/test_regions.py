@@ -10,7 +10,7 @@ import torch
 
 import circuitlab
 from circuitlab import CircuitlabError
-from circuitlab.backgrounds import make_backgrounds
+from circuitlab.backgrounds import fill_generator, make_backgrounds
 from circuitlab.explain.regions import RegionSearch, explain_regions, superpixels
 
 # a confidence floor, so that it is checked too (the default is the label alone); the finer
@@ -33,6 +33,17 @@ def _holds(hm, x, m, target, fills, floor):
         float(out[0].softmax(-1)[0, target]) >= floor
 
 
+def _worst(hm, x, m, target, fills, by):
+    """The worst over the fills of log p_target, or of the target's logit less the strongest
+    other class's (``by``: logp, margin)."""
+    with torch.no_grad():
+        out = torch.cat([hm(m * x + (1 - m) * f[None]) for f in fills])
+    other = torch.cat([out[:, :target], out[:, target + 1:]], 1)
+    value = out.log_softmax(-1)[:, target] if by == "logp" else \
+        out[:, target] - other.max(1).values
+    return float(value.min())
+
+
 def test_masks_are_whole_superpixels_that_hold_over_every_fill(setup):
     hm, x, _, ex = setup
     with torch.no_grad():
@@ -48,19 +59,51 @@ def test_masks_are_whole_superpixels_that_hold_over_every_fill(setup):
             assert bool((inside == inside[0]).all())
         assert ex.certificates[i].locally_minimal == bool(ex.found[i])
         fills = make_backgrounds(xi, hm.data_config, SEARCH.fills,
-                                 torch.Generator().manual_seed(3))
-        if not bool(ex.found[i]):                        # the best worst case seen
-            with torch.no_grad():
-                worst = min(float(hm(m * xi + (1 - m) * f[None]).softmax(-1)[0, t])
-                            for f in fills)
-            assert worst == pytest.approx(max(r["worst_p"] for r in ex.search[i]), rel=1e-4)
-            continue
+                                 fill_generator(3, "regions"))
         floor = SEARCH.confidence * float(p_image[i])
+        if not bool(ex.found[i]):              # the first search's best worst log p seen
+            assert _worst(hm, xi, m, t, fills, "logp") == pytest.approx(
+                max(r["score"] for r in ex.search[i] if r["scored_by"] == "logp"), rel=1e-4)
+            continue
         assert _holds(hm, xi, m, t, fills, floor)
         # every superpixel is needed: without any one the decision no longer holds
         for s in np.unique(labels[m[0, 0].numpy() > 0]):
             without = m * torch.from_numpy(labels != s).float()
             assert not _holds(hm, xi, without, t, fills, floor)
+
+
+def test_where_no_set_holds_the_best_of_the_first_search_is_returned(setup):
+    hm, x, _, ex = setup
+    # a floor no set reaches: both scores are tried, neither holds
+    search = replace(SEARCH, confidence=50.0, max_area=0.15)
+    ex = explain_regions(hm, x[:1], search, seed=3)
+    assert not bool(ex.found[0]) and not any(r["holds"] for r in ex.search[0])
+    assert [r["scored_by"] for r in ex.search[0]][::-1].index("logp") > 0   # margin ran last
+    fills = make_backgrounds(x[:1], hm.data_config, search.fills, fill_generator(3, "regions"))
+    assert _worst(hm, x[:1], ex.mask, int(ex.target[0]), fills, "logp") == pytest.approx(
+        max(r["score"] for r in ex.search[0] if r["scored_by"] == "logp"), rel=1e-4)
+
+
+def test_the_margin_search_runs_where_log_p_finds_no_set(setup, monkeypatch):
+    """The control flow of ``scores``: the next score's search runs only where the first
+    found no set, and its set is returned when it holds (on the photos it does where log p
+    does not: docs/results.md)."""
+    from circuitlab.explain import regions
+    hm, x, _, _ = setup
+    calls = []
+
+    def fake(hm, x, target, floor, search, seed, by):
+        calls.append(by)
+        mask = torch.full((1, 1) + x.shape[-2:], float(by == "margin"))
+        return mask, [{"step": "add", "score": 0.0, "holds": by == "margin"}], by == "margin"
+
+    monkeypatch.setattr(regions, "_search", fake)
+    ex = explain_regions(hm, x[:1], SEARCH, seed=3)
+    assert calls == ["logp", "margin"] and bool(ex.found[0]) and bool(ex.mask.all())
+    assert [r["scored_by"] for r in ex.search[0]] == ["logp", "margin"]
+    calls.clear()
+    ex = explain_regions(hm, x[:1], replace(SEARCH, scores=("margin", "logp")), seed=3)
+    assert calls == ["margin"] and bool(ex.found[0])
 
 
 def test_the_regions_sit_on_the_planted_object(setup):
@@ -74,7 +117,8 @@ def test_the_regions_sit_on_the_planted_object(setup):
 
 
 def test_bad_settings_are_one_clear_error():
-    for bad in (dict(segments=1), dict(max_area=0.0), dict(fills=())):
+    for bad in (dict(segments=1), dict(max_area=0.0), dict(fills=()), dict(scores=()),
+                dict(scores=("logp", "nope"))):
         with pytest.raises(CircuitlabError):
             RegionSearch(**bad)
 
@@ -122,8 +166,9 @@ def test_cli_auto_mode(tmp_path, capsys):
 
 
 def test_the_activation_term_is_the_paper_distance_over_the_mean_colour():
-    """RegionSearch(act=w) scores a set by its worst log p_target less w x the activation
-    distance at the family's taps, which an independent traced run reproduces."""
+    """RegionSearch(act=w) scores a set by its worst log p_target (or logit margin) over the
+    fills less w x the activation distance at the family's taps, which an independent traced
+    run reproduces."""
     from circuitlab.explain.config import default_alphas, default_distances
     from circuitlab.explain.regions import _Scorer
     from circuitlab.kernels.reference import activation_matching
@@ -132,19 +177,25 @@ def test_the_activation_term_is_the_paper_distance_over_the_mean_colour():
     search = RegionSearch(segments=24, act=0.7)
     labels = superpixels(hm, x, search)
     t = int(hm(x).argmax(-1))
-    score = _Scorer(hm, x, labels, t, search, seed=1)
+    score = _Scorer(hm, x, labels, t, search, seed=1, by="logp")
     sets = [{0, 1}, {2}, set(range(int(labels.max()) + 1))]
-    logp, _, value = score(sets)
+    fills = make_backgrounds(x, hm.data_config, search.fills, fill_generator(1, "regions"))
     taps = list(hm.taps)
     _, cx = hm.run_with_cache(x, names=taps)
-    for s, lp, v in zip(sets, logp, value):
-        m = score.mask(s)
-        _, ce = hm.run_with_cache(m * x, names=taps)     # the first fill is the mean colour
-        d = activation_matching([cx[n] for n in taps], [ce[n] for n in taps],
-                                default_alphas(len(taps)), default_distances(len(taps), False),
-                                [hm.point(n).unit_axis for n in taps])
-        assert float(v) == pytest.approx(float(lp.min()) - 0.7 * float(d), rel=1e-4, abs=1e-5)
-    assert float(value[-1]) == pytest.approx(float(logp[-1].min()), abs=1e-4)  # whole image
+    for by in ("logp", "margin"):
+        _, _, value = _Scorer(hm, x, labels, t, search, seed=1, by=by)(sets)
+        for s, v in zip(sets, value):
+            m = score.mask(s)
+            _, ce = hm.run_with_cache(m * x, names=taps)     # the first fill: the mean colour
+            d = activation_matching([cx[n] for n in taps], [ce[n] for n in taps],
+                                    default_alphas(len(taps)),
+                                    default_distances(len(taps), False),
+                                    [hm.point(n).unit_axis for n in taps])
+            assert float(v) == pytest.approx(_worst(hm, x, m, t, fills, by) - 0.7 * float(d),
+                                             rel=1e-4, abs=1e-4)
+        # the whole image: no distance left
+        assert float(value[-1]) == pytest.approx(
+            _worst(hm, x, score.mask(sets[-1]), t, fills, by), abs=1e-4)
 
 
 def test_the_cli_default_is_the_search_default():
@@ -172,10 +223,22 @@ def test_the_finer_pass_keeps_whole_pieces_each_needed(setup):
             inside = m[0, 0][torch.from_numpy(pieces == s)]
             assert bool((inside == inside[0]).all())
         fills = make_backgrounds(xi, hm.data_config, SEARCH.fills,
-                                 torch.Generator().manual_seed(3))
+                                 fill_generator(3, "regions"))
         floor = SEARCH.confidence * float(p_image[i])
         assert _holds(hm, xi, m, t, fills, floor)
         for s in np.unique(pieces[m[0, 0].numpy() > 0]):
             assert not _holds(hm, xi, m * torch.from_numpy(pieces != s).float(), t, fills,
                               floor)
 
+
+
+def test_the_search_draws_its_noise_apart_from_the_metrics():
+    # a search fitted to the very draws the metrics judge it with would count them as kept
+    hm = circuitlab.load_model("synthetic-cnn")
+    x = torch.zeros(1, 3, 16, 16)
+    draw = [make_backgrounds(x, hm.data_config, ("gaussian",), fill_generator(s, stream))
+            for s, stream in ((0, "regions"), (0, "metrics"), (0, "regions"), (1, "regions"))]
+    assert torch.equal(draw[0], draw[2])                 # a stream is reproducible
+    assert not torch.allclose(draw[0], draw[1]) and not torch.allclose(draw[0], draw[3])
+    with pytest.raises(CircuitlabError):
+        fill_generator(0, "nope")

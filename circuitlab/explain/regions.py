@@ -11,10 +11,14 @@ superpixels of the image (compact, colour-coherent pieces, ``segments`` of them)
    candidates are the superpixels touching the set and the ``top_k`` best alone, so the set
    grows into a few connected regions. It stops when the top-1 label holds under every fill
    and p_target under the first fill is at least ``confidence`` x the image's (by default
-   0: the label alone), or at ``max_area`` (then the set of the best worst case seen is
-   returned, ``found`` False). The sets are scored a few per forward with the model in
-   channels-last layout (``readers.channels_last``, undone afterwards): on a CPU that
-   forward is 2x faster than 32 at a time in the default layout.
+   0: the label alone), or at ``max_area``. Then the whole search is run again with the
+   sets scored by the target's logit margin over the strongest other class (``scores``),
+   and if that fails too (``found`` False) the first search's set of the best score seen is
+   returned. Noise fills are drawn from the search's own stream
+   (``backgrounds.fill_generator``), never the draws the metrics judge it with. The sets
+   are scored a few per forward with the model in channels-last layout
+   (``readers.channels_last``, undone afterwards): on a CPU that forward is 2x faster than
+   32 at a time in the default layout.
 2. Backward elimination: superpixels the decision holds without are removed, least useful
    first, until each remaining one is needed. A set still larger than ``refine_above`` is
    cut along a finer SLIC (``refine`` superpixels) and pruned again, a run of pieces at a
@@ -39,7 +43,7 @@ import pandas as pd
 import torch
 from skimage.segmentation import slic
 
-from ..backgrounds import make_backgrounds
+from ..backgrounds import fill_generator, make_backgrounds
 from ..data import denormalize
 from ..errors import CircuitlabError
 from ..execution import Execution
@@ -51,6 +55,13 @@ from .certify import certify, masked_predictions
 from .config import preset
 from .objective import resolve_taps
 from .optimize import Explanation
+
+
+# How a set is scored at one fill. log p_target grows the sets a person reads (the cup's rim,
+# the moped's tank), surer ones; the target's logit margin over the strongest other class is
+# what top-1 needs, and finds sets where log p_target raised the target while another class
+# rose faster (docs/results.md, "Superpixel regions").
+SCORES = ("logp", "margin")
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,9 @@ class RegionSearch:
     # took under 10 %: docs/results.md, "Superpixel regions"
     refine: Optional[int] = 256
     refine_above: float = 0.1
+    # how a set is scored at a fill, its worst over the fills being its score; each tried in
+    # turn until a set holds (SCORES)
+    scores: tuple = ("logp", "margin")
     act: float = 0.0                 # weight of activation matching (the paper's term, the
     #                                  family's taps, first fill) subtracted from the score
     # sets scored per forward; None: 4 on a CPU, where small batches in channels-last
@@ -97,6 +111,9 @@ class RegionSearch:
                                   f"got {self.batch_size}")
         if not self.fills:
             raise CircuitlabError("fills: at least one, e.g. ('grey', 'gaussian')")
+        if not self.scores or any(k not in SCORES for k in self.scores):
+            raise CircuitlabError(f"scores: one or more of {', '.join(SCORES)}, tried in turn; "
+                                  f"got {self.scores!r}")
 
 
 def superpixels(hm: HookedModel, x: torch.Tensor, search: RegionSearch) -> np.ndarray:
@@ -123,13 +140,13 @@ def _adjacent(labels: np.ndarray, n: int) -> list:
 class _Scorer:
     """The decision under each fill for sets of superpixels of one image."""
 
-    def __init__(self, hm, x, labels, target, search: RegionSearch, seed: int):
-        self.x, self.target, self.search = x, target, search
+    def __init__(self, hm, x, labels, target, search: RegionSearch, seed: int, by: str):
+        self.x, self.target, self.search, self.by = x, target, search, by
         n = int(labels.max()) + 1
         lab = torch.from_numpy(labels).to(x.device)
         self.pieces = torch.stack([(lab == i) for i in range(n)]).float()[:, None]
-        g = torch.Generator().manual_seed(seed)
-        self.fills = make_backgrounds(x, hm.data_config, search.fills, g)   # (F, C, H, W)
+        self.fills = make_backgrounds(x, hm.data_config, search.fills,
+                                      fill_generator(seed, "regions"))   # (F, C, H, W)
         names = []
         if search.act:
             points, self.alphas, self.kinds, self.cdims = resolve_taps(
@@ -153,8 +170,9 @@ class _Scorer:
     @torch.no_grad()
     def __call__(self, sets: list):
         """(log p_target per fill (S, F), top-1 kept per fill (S, F), the score (S,): the
-        worst log p_target less ``act`` x the activation distance) for each set."""
-        logps, kept, dists = [], [], []
+        worst ``by`` (SCORES) over the fills less ``act`` x the activation distance) for each
+        set."""
+        logps, margins, dists = [], [], []
         for i in range(0, len(sets), self.batch):
             m = torch.cat([self.mask(s) for s in sets[i:i + self.batch]])
             outs = [self.read(m * self.x + (1 - m) * fill[None]) for fill in self.fills]
@@ -164,12 +182,17 @@ class _Scorer:
                 dists.append(torch.stack([self._distance([a[j:j + 1] for a in acts])
                                           for j in range(m.shape[0])]))
             logps.append(torch.stack([f.log_softmax(-1)[:, self.target] for f in per_fill], 1))
-            kept.append(torch.stack([f.argmax(-1) == self.target for f in per_fill], 1))
-        logp = torch.cat(logps).cpu()
-        score = logp.min(1).values
+            margins.append(torch.stack([self._margin(f) for f in per_fill], 1))
+        logp, margin = torch.cat(logps).cpu(), torch.cat(margins).cpu()
+        score = (logp if self.by == "logp" else margin).min(1).values
         if dists:
             score = score - self.search.act * torch.cat(dists).cpu()
-        return logp, torch.cat(kept).cpu(), score
+        return logp, margin > 0, score
+
+    def _margin(self, logits: torch.Tensor) -> torch.Tensor:
+        other = logits.clone()
+        other[:, self.target] = -float("inf")
+        return logits[:, self.target] - other.max(-1).values
 
     def _distance(self, acts_e) -> torch.Tensor:
         return activation_matching(self.acts_x, acts_e, self.alphas, self.kinds, self.cdims)
@@ -177,7 +200,7 @@ class _Scorer:
 
 def _grow(score: _Scorer, adjacent, floor: float, search: RegionSearch, trail):
     """Greedy insertion: (the set that holds, True), or, when none does within max_area,
-    (the set of the best worst case seen, False)."""
+    (the set of the best score seen, False)."""
     n = len(adjacent)
     _, _, alone = score([{i} for i in range(n)])
     prior = [int(i) for i in torch.argsort(-alone)]
@@ -197,7 +220,7 @@ def _grow(score: _Scorer, adjacent, floor: float, search: RegionSearch, trail):
         holds = bool(kept[best].all()) and float(logp[best, 0].exp()) >= floor
         if float(value[best]) > fallback_score:
             fallback, fallback_score = set(chosen), float(value[best])
-        trail.append({"step": "add", "area": score.area(chosen),
+        trail.append({"step": "add", "area": score.area(chosen), "score": float(value[best]),
                       "worst_p": float(worst[best].exp()),
                       "p_first_fill": float(logp[best, 0].exp()), "holds": holds})
         if holds:
@@ -246,9 +269,24 @@ def _finer(hm, x, search: RegionSearch, mask: torch.Tensor) -> np.ndarray:
 
 
 def _one(hm, x, target: int, floor: float, search: RegionSearch, seed: int):
-    """One image (1, C, H, W): (mask, the search's rounds, whether the decision held)."""
+    """One image (1, C, H, W): (mask, the search's rounds, whether the decision held under
+    every fill). Each score of ``search.scores`` is tried in turn until a set holds; if none
+    does, the first search's set of the best score seen."""
+    trail, first = [], None
+    for by in search.scores:
+        mask, rounds, held = _search(hm, x, target, floor, search, seed, by)
+        trail += [{**r, "scored_by": by} for r in rounds]
+        first = mask if first is None else first
+        if held:
+            return mask, trail, True
+    return first, trail, False
+
+
+def _search(hm, x, target: int, floor: float, search: RegionSearch, seed: int, by: str):
+    """Grow, prune and refine on one image, sets scored ``by``: (mask, rounds, whether it
+    held)."""
     labels = superpixels(hm, x, search)
-    score = _Scorer(hm, x, labels, target, search, seed)
+    score = _Scorer(hm, x, labels, target, search, seed, by)
     trail: list = []
     chosen, holds = _grow(score, _adjacent(labels, score.pieces.shape[0]), floor, search,
                           trail)
@@ -257,7 +295,7 @@ def _one(hm, x, target: int, floor: float, search: RegionSearch, seed: int):
     chosen = _prune(score, chosen, floor, trail)
     mask = score.mask(chosen)
     if search.refine and float(mask.mean()) > search.refine_above:
-        fine = _Scorer(hm, x, _finer(hm, x, search, mask), target, search, seed)
+        fine = _Scorer(hm, x, _finer(hm, x, search, mask), target, search, seed, by)
         mask = fine.mask(_prune(fine, set(range(fine.pieces.shape[0])), floor, trail,
                                 together=True))
     return mask, trail, True
@@ -267,8 +305,9 @@ def explain_regions(hm: HookedModel, x: torch.Tensor, search: RegionSearch = Reg
                     *, target=None, seed: int = 0) -> Explanation:
     """A mask of a few compact superpixel regions per image of ``x`` (B, C, H, W) (module
     docstring). ``found`` says per image whether the decision held under every fill within
-    ``max_area`` (if not, the set of the best worst case seen is returned); ``search`` lists
-    its rounds; ``certificates`` the connected regions' check at the confidence floor."""
+    ``max_area`` (if not, the first search's set of the best score seen is returned);
+    ``search`` lists its rounds (``scored_by``: which search); ``certificates`` the
+    connected regions' check at the confidence floor."""
     x = hm.check_input(x)
     t0 = time.perf_counter()
     with torch.no_grad():
