@@ -16,9 +16,10 @@ from .preprocessing import normalize
 
 KINDS = ("grey", "gaussian", "uniform", "blur")
 # Who draws random fills from a seed. The metrics judge a mask with draws from ``seed``
-# itself; a search that chose the mask by draws of its own must not see those, or "kept
-# under noise" would count the draw it was fitted to (a region search at seed 0 once did).
-STREAMS = ("metrics", "regions")
+# itself; an explainer fitting its mask to draws of its own must not see those, or "kept
+# under noise" would count the draw it was fitted to (the region search and the robustness
+# term's fixed backgrounds at seed 0 once did).
+STREAMS = ("metrics", "regions", "objective")
 
 
 def fill_generator(seed: int, stream: str) -> torch.Generator:

@@ -128,6 +128,24 @@ def test_area_budget_schedule_and_bad_values():
     assert large.area_budget == 0.05 and large.steps > preset("default", "cnn", 224).steps
 
 
+def test_the_robustness_term_draws_its_backgrounds_apart_from_the_metrics():
+    """The robustness term's fixed backgrounds are not the draws the metrics judge with (at
+    seed 0 they once were: the mask was fitted to the very noise it was scored on)."""
+    from circuitlab import HookedModel, synthetic
+    from circuitlab.backgrounds import fill_generator
+    from circuitlab.explain import preset
+    from circuitlab.explain.objective import Objective
+    hm = HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG)
+    x = synthetic.make_dataset(1, seed=1).normalized()
+    cfg = preset("paper", "cnn")                      # grey, gaussian, uniform; rob > 0
+    obj = Objective(hm, x, cfg)
+    judged = make_backgrounds(x, hm.data_config, cfg.backgrounds, fill_generator(0, "metrics"))
+    own = make_backgrounds(x, hm.data_config, cfg.backgrounds, fill_generator(0, "objective"))
+    assert torch.equal(obj.backgrounds[:, 0], own)
+    for kind in (1, 2):                               # the noise kinds
+        assert not torch.allclose(obj.backgrounds[kind, 0], judged[kind])
+
+
 @pytest.mark.parametrize("depth, stride, size", [(4, 1, 64), (3, 4, 64), (2, 2, 50)])
 def test_generator_shapes_init_and_determinism(depth, stride, size):
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..backgrounds import make_backgrounds
+from ..backgrounds import fill_generator, make_backgrounds
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from ..metrics import target_classes
@@ -77,7 +77,7 @@ class Objective:
             raise CircuitlabError("budgets: one per image, with config.area_budget set")
         # one generator per image (its noise backgrounds and their order do not depend on
         # the batch), or one shared by the batch, drawn from image by image
-        rng = rng or torch.Generator().manual_seed(0)
+        rng = rng or fill_generator(0, "objective")
         self.rngs = [rng] * x.shape[0] if isinstance(rng, torch.Generator) else list(rng)
         if len(self.rngs) != x.shape[0]:
             raise CircuitlabError(f"rng: one generator per image, {x.shape[0]}; got "

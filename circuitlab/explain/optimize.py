@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..backgrounds import gaussian_blur
+from ..backgrounds import fill_generator, gaussian_blur
 from ..deprecations import renamed
 from ..errors import CircuitlabError
 from ..execution import Execution
@@ -136,7 +136,7 @@ def _optimise(hm, x, cfg: ExplainConfig, seed: int, mask_net, target, progress,
     x_gen = F.avg_pool2d(x, cfg.input_scale) if cfg.generator == "unet" and \
         cfg.input_scale > 1 else x
     # one generator per image: its noise backgrounds do not depend on the batch
-    objective = Objective(hm, x, cfg, [torch.Generator().manual_seed(seed) for _ in range(b)],
+    objective = Objective(hm, x, cfg, [fill_generator(seed, "objective") for _ in range(b)],
                           target, budgets)
     best = BestMasks(objective, x.shape[-2:], cfg.area_budget is not None)
     rows, active, step, t0 = [], list(range(b)), 0, time.perf_counter()
