@@ -108,7 +108,7 @@ def test_region_search_on_gpu():
     torch.manual_seed(0)
     hm = circuitlab.HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG)
     x = synthetic.make_dataset(4, seed=0).normalized()
-    search = RegionSearch(segments=24, max_area=0.6)
+    search = RegionSearch(segments=24, scores=(("logp", 0.6), ("margin", 0.6)))
     cpu = explain_regions(hm, x, search, seed=1)
     hm.to("cuda")
     gpu = explain_regions(hm, x, search, seed=1)

@@ -15,7 +15,8 @@ from circuitlab.explain.regions import RegionSearch, explain_regions, superpixel
 
 # a confidence floor, so that it is checked too (the default is the label alone); the finer
 # pass is checked apart (test_the_finer_pass_...)
-SEARCH = RegionSearch(segments=24, max_area=0.6, confidence=1.0, refine=None)
+SEARCH = RegionSearch(segments=24, confidence=1.0, refine=None,
+                      scores=(("logp", 0.6), ("margin", 0.6)))
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +76,13 @@ def test_masks_are_whole_superpixels_that_hold_over_every_fill(setup):
 def test_where_no_set_holds_the_best_of_the_first_search_is_returned(setup):
     hm, x, _, ex = setup
     # a floor no set reaches: both scores are tried, neither holds
-    search = replace(SEARCH, confidence=50.0, max_area=0.15)
+    search = replace(SEARCH, confidence=50.0, scores=(("logp", 0.15), ("margin", 0.1)))
     ex = explain_regions(hm, x[:1], search, seed=3)
     assert not bool(ex.found[0]) and not any(r["holds"] for r in ex.search[0])
     assert [r["scored_by"] for r in ex.search[0]][::-1].index("logp") > 0   # margin ran last
+    for by, largest in search.scores:          # each search grew until its own largest area
+        areas = [r["area"] for r in ex.search[0] if r["scored_by"] == by and r["step"] == "add"]
+        assert areas[-1] >= largest > areas[-2]
     fills = make_backgrounds(x[:1], hm.data_config, search.fills, fill_generator(3, "regions"))
     assert _worst(hm, x[:1], ex.mask, int(ex.target[0]), fills, "logp") == pytest.approx(
         max(r["score"] for r in ex.search[0] if r["scored_by"] == "logp"), rel=1e-4)
@@ -92,18 +96,19 @@ def test_the_margin_search_runs_where_log_p_finds_no_set(setup, monkeypatch):
     hm, x, _, _ = setup
     calls = []
 
-    def fake(hm, x, target, floor, search, seed, by):
-        calls.append(by)
+    def fake(hm, x, target, floor, search, seed, by, max_area):
+        calls.append((by, max_area))
         mask = torch.full((1, 1) + x.shape[-2:], float(by == "margin"))
         return mask, [{"step": "add", "score": 0.0, "holds": by == "margin"}], by == "margin"
 
     monkeypatch.setattr(regions, "_search", fake)
     ex = explain_regions(hm, x[:1], SEARCH, seed=3)
-    assert calls == ["logp", "margin"] and bool(ex.found[0]) and bool(ex.mask.all())
+    assert calls == list(SEARCH.scores) and bool(ex.found[0]) and bool(ex.mask.all())
     assert [r["scored_by"] for r in ex.search[0]] == ["logp", "margin"]
     calls.clear()
-    ex = explain_regions(hm, x[:1], replace(SEARCH, scores=("margin", "logp")), seed=3)
-    assert calls == ["margin"] and bool(ex.found[0])
+    ex = explain_regions(hm, x[:1], replace(SEARCH, scores=(("margin", 0.3), ("logp", 0.3))),
+                         seed=3)
+    assert calls == [("margin", 0.3)] and bool(ex.found[0])
 
 
 def test_the_regions_sit_on_the_planted_object(setup):
@@ -117,8 +122,9 @@ def test_the_regions_sit_on_the_planted_object(setup):
 
 
 def test_bad_settings_are_one_clear_error():
-    for bad in (dict(segments=1), dict(max_area=0.0), dict(fills=()), dict(scores=()),
-                dict(scores=("logp", "nope"))):
+    for bad in (dict(segments=1), dict(fills=()), dict(scores=()), dict(scores=("logp",)),
+                dict(scores=(("logp", 0.2), ("nope", 0.3))), dict(scores=(("logp", 0.0),)),
+                dict(scores=(("margin", 1.5),))):
         with pytest.raises(CircuitlabError):
             RegionSearch(**bad)
 

@@ -11,10 +11,10 @@ superpixels of the image (compact, colour-coherent pieces, ``segments`` of them)
    candidates are the superpixels touching the set and the ``top_k`` best alone, so the set
    grows into a few connected regions. It stops when the top-1 label holds under every fill
    and p_target under the first fill is at least ``confidence`` x the image's (by default
-   0: the label alone), or at ``max_area``. Then the whole search is run again with the
-   sets scored by the target's logit margin over the strongest other class (``scores``),
-   and if that fails too (``found`` False) the first search's set of the best score seen is
-   returned. Noise fills are drawn from the search's own stream
+   0: the label alone), or at the stage's largest area (15 %). Then the whole search is run
+   again with the sets scored by the target's logit margin over the strongest other class,
+   up to 30 % (``scores``), and if that fails too (``found`` False) the first search's set
+   of the best score seen is returned. Noise fills are drawn from the search's own stream
    (``backgrounds.fill_generator``), never the draws the metrics judge it with. The sets
    are scored a few per forward with the model in channels-last layout
    (``readers.channels_last``, undone afterwards): on a CPU that forward is 2x faster than
@@ -76,16 +76,16 @@ class RegionSearch:
     # p_target under the first fill >= this x the image's; 0: the top-1 label under every
     # fill is the decision (1 holds on fewer photos, at larger areas: docs/results.md)
     confidence: float = 0.0
-    max_area: float = 0.3            # stop growing here (the result then may not hold)
     top_k: int = 12                  # candidates beyond the set's neighbours: best alone
     # a set that holds but covers more than ``refine_above`` of the image is cut along a
     # finer SLIC of ``refine`` superpixels and pruned again (None: off); the photos it
     # took under 10 %: docs/results.md, "Superpixel regions"
     refine: Optional[int] = 256
     refine_above: float = 0.1
-    # how a set is scored at a fill, its worst over the fills being its score; each tried in
-    # turn until a set holds (SCORES)
-    scores: tuple = ("logp", "margin")
+    # (how a set is scored at a fill (SCORES), the area at which that search stops growing),
+    # tried in turn until a set holds; log p first, for its readable sets, but only to 15 %:
+    # the sets it found past that were rare and slow (docs/results.md, "Superpixel regions")
+    scores: tuple = (("logp", 0.15), ("margin", 0.3))
     act: float = 0.0                 # weight of activation matching (the paper's term, the
     #                                  family's taps, first fill) subtracted from the score
     # sets scored per forward; None: 4 on a CPU, where small batches in channels-last
@@ -97,9 +97,6 @@ class RegionSearch:
         if not 2 <= self.segments <= 1024:
             raise CircuitlabError(f"segments is how many superpixels, 2 to 1024; got "
                                   f"{self.segments}")
-        if not 0 < self.max_area <= 1:
-            raise CircuitlabError(f"max_area is a fraction of the image, in (0, 1]; got "
-                                  f"{self.max_area}")
         if self.refine is not None and not 2 <= self.refine <= 1024:
             raise CircuitlabError(f"refine is how many superpixels the finer pass cuts the "
                                   f"image into, 2 to 1024, or None; got {self.refine}")
@@ -111,9 +108,13 @@ class RegionSearch:
                                   f"got {self.batch_size}")
         if not self.fills:
             raise CircuitlabError("fills: at least one, e.g. ('grey', 'gaussian')")
-        if not self.scores or any(k not in SCORES for k in self.scores):
-            raise CircuitlabError(f"scores: one or more of {', '.join(SCORES)}, tried in turn; "
-                                  f"got {self.scores!r}")
+        if not self.scores or not all(
+                isinstance(st, (tuple, list)) and len(st) == 2 and st[0] in SCORES and
+                isinstance(st[1], (int, float)) and 0 < st[1] <= 1 for st in self.scores):
+            raise CircuitlabError(f"scores: one or more (score, largest area) pairs, the score "
+                                  f"one of {', '.join(SCORES)} and the area in (0, 1], tried in "
+                                  f"turn, e.g. (('logp', 0.15), ('margin', 0.3)); got "
+                                  f"{self.scores!r}")
 
 
 def superpixels(hm: HookedModel, x: torch.Tensor, search: RegionSearch) -> np.ndarray:
@@ -198,7 +199,8 @@ class _Scorer:
         return activation_matching(self.acts_x, acts_e, self.alphas, self.kinds, self.cdims)
 
 
-def _grow(score: _Scorer, adjacent, floor: float, search: RegionSearch, trail):
+def _grow(score: _Scorer, adjacent, floor: float, max_area: float, search: RegionSearch,
+          trail):
     """Greedy insertion: (the set that holds, True), or, when none does within max_area,
     (the set of the best score seen, False)."""
     n = len(adjacent)
@@ -225,7 +227,7 @@ def _grow(score: _Scorer, adjacent, floor: float, search: RegionSearch, trail):
                       "p_first_fill": float(logp[best, 0].exp()), "holds": holds})
         if holds:
             return chosen, True
-        if score.area(chosen) >= search.max_area:
+        if score.area(chosen) >= max_area:
             return fallback, False
 
 
@@ -270,11 +272,11 @@ def _finer(hm, x, search: RegionSearch, mask: torch.Tensor) -> np.ndarray:
 
 def _one(hm, x, target: int, floor: float, search: RegionSearch, seed: int):
     """One image (1, C, H, W): (mask, the search's rounds, whether the decision held under
-    every fill). Each score of ``search.scores`` is tried in turn until a set holds; if none
-    does, the first search's set of the best score seen."""
+    every fill). Each (score, largest area) of ``search.scores`` is tried in turn until a set
+    holds; if none does, the first search's set of the best score seen."""
     trail, first = [], None
-    for by in search.scores:
-        mask, rounds, held = _search(hm, x, target, floor, search, seed, by)
+    for by, max_area in search.scores:
+        mask, rounds, held = _search(hm, x, target, floor, search, seed, by, max_area)
         trail += [{**r, "scored_by": by} for r in rounds]
         first = mask if first is None else first
         if held:
@@ -282,14 +284,15 @@ def _one(hm, x, target: int, floor: float, search: RegionSearch, seed: int):
     return first, trail, False
 
 
-def _search(hm, x, target: int, floor: float, search: RegionSearch, seed: int, by: str):
-    """Grow, prune and refine on one image, sets scored ``by``: (mask, rounds, whether it
-    held)."""
+def _search(hm, x, target: int, floor: float, search: RegionSearch, seed: int, by: str,
+            max_area: float):
+    """Grow (to ``max_area`` at most), prune and refine on one image, sets scored ``by``:
+    (mask, rounds, whether it held)."""
     labels = superpixels(hm, x, search)
     score = _Scorer(hm, x, labels, target, search, seed, by)
     trail: list = []
-    chosen, holds = _grow(score, _adjacent(labels, score.pieces.shape[0]), floor, search,
-                          trail)
+    chosen, holds = _grow(score, _adjacent(labels, score.pieces.shape[0]), floor, max_area,
+                          search, trail)
     if not holds:
         return score.mask(chosen), trail, False
     chosen = _prune(score, chosen, floor, trail)
@@ -305,7 +308,7 @@ def explain_regions(hm: HookedModel, x: torch.Tensor, search: RegionSearch = Reg
                     *, target=None, seed: int = 0) -> Explanation:
     """A mask of a few compact superpixel regions per image of ``x`` (B, C, H, W) (module
     docstring). ``found`` says per image whether the decision held under every fill within
-    ``max_area`` (if not, the first search's set of the best score seen is returned);
+    a search's largest area (if not, the first search's set of the best score seen);
     ``search`` lists its rounds (``scored_by``: which search); ``certificates`` the
     connected regions' check at the confidence floor."""
     x = hm.check_input(x)
