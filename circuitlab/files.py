@@ -49,12 +49,29 @@ def refuse_overwrite(paths: Iterable[PathLike], force: bool,
         raise CircuitlabError(f"{clash[0]} exists ({many}); {hint}")
 
 
+def make_folder(folder: PathLike) -> None:
+    """Create ``folder`` and its parents; where the system refuses (a read-only or virtual
+    file system, a name the file system rejects), one CircuitlabError naming why."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(folder, e) from None
+
+
+def _unwritable(folder: PathLike, e: OSError) -> CircuitlabError:
+    return CircuitlabError(f"cannot write in the folder {folder} ({e.strerror or e}); pass "
+                           f"--out a folder you can write to")
+
+
 def write_atomic(path: PathLike, write: Callable) -> None:
     """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place:
     a reader (or an interrupted run) never sees half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    make_folder(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _unwritable(path.parent, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -81,7 +98,7 @@ def locked(target: PathLike):
     over. The lock is a file beside the target: ``.<name>.circuitlab-lock``."""
     target = Path(target)
     lock = target.parent / f".{target.name}.circuitlab-lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(lock.parent)
     me = f"{socket.gethostname()} {os.getpid()}"
     while True:
         try:
@@ -94,6 +111,8 @@ def locked(target: PathLike):
                                       f"choose another --out") from None
             lock.unlink(missing_ok=True)   # its run died: take over
             continue
+        except OSError as e:
+            raise _unwritable(lock.parent, e) from None
         with os.fdopen(fd, "w") as f:
             f.write(me)
         break
@@ -122,11 +141,14 @@ def staged(target: PathLike, outputs: Iterable[str]):
     are left alone); on failure ``target`` is untouched. A rerun with --force therefore never
     leaves a folder mixing new files with old ones."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    make_folder(target.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    except OSError as e:
+        raise _unwritable(target.parent, e) from None
     try:
         yield tmp
-        target.mkdir(parents=True, exist_ok=True)
+        make_folder(target)
         made = {p.name for p in tmp.iterdir()}
         for name in outputs:
             if name not in made:

@@ -1,10 +1,11 @@
 """Outputs are written atomically and never replace what the user has unless asked."""
 import os
+from pathlib import Path
 
 import pytest
 
 from circuitlab.errors import CircuitlabError
-from circuitlab.files import refuse_overwrite, write_atomic, write_text
+from circuitlab.files import locked, refuse_overwrite, staged, write_atomic, write_text
 
 
 def test_refuse_overwrite_names_the_first_clash(tmp_path):
@@ -68,3 +69,34 @@ def test_written_files_get_the_mode_of_a_plain_open(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_folder_the_system_refuses_is_one_clear_error(tmp_path, monkeypatch):
+    """A read-only or virtual file system (--out under /proc) refuses what os.access allows
+    root: every writer answers with one CircuitlabError naming the folder and why."""
+    import errno
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    new = tmp_path / "new"
+    attempts = [lambda: write_text(new / "a.txt", "x"),
+                lambda: locked(new / "o").__enter__(),
+                lambda: staged(new / "o", ["a.txt"]).__enter__()]
+    with monkeypatch.context() as m:
+        m.setattr(Path, "mkdir", refuse)
+        for attempt in attempts:
+            with pytest.raises(CircuitlabError, match="cannot write in the folder .*new "
+                                                      r"\(Read-only file system\)"):
+                attempt()
+    new.mkdir()                                  # the folder is there, files cannot be made
+    for name in ("mkstemp", "mkdtemp"):
+        with monkeypatch.context() as m:
+            m.setattr(tempfile, name, refuse)
+            with pytest.raises(CircuitlabError, match="cannot write in the folder"):
+                (attempts[0] if name == "mkstemp" else attempts[2])()
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", refuse)
+        with pytest.raises(CircuitlabError, match="cannot write in the folder"):
+            attempts[1]()

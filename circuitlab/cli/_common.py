@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CircuitlabError
-from ..files import write_atomic
+from ..files import make_folder, write_atomic
 
 SEED_MAX = 2 ** 63 - 1      # torch.manual_seed's range
 
@@ -216,7 +216,7 @@ def save_mask_pngs(out: Path, hm, x, mask) -> None:
     from .. import data
     m = mask[0, 0].cpu().numpy()
     rgb = data.denormalize(x[0], hm).permute(1, 2, 0).cpu().numpy()
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     save_png(out / "mask.png", (m * 255).astype(np.uint8))
     save_png(out / "overlay.png", overlay(rgb, m[..., None]))
 
