@@ -49,18 +49,21 @@ def refuse_overwrite(paths: Iterable[PathLike], force: bool,
         raise CircuitlabError(f"{clash[0]} exists ({many}); {hint}")
 
 
-def make_folder(folder: PathLike) -> None:
-    """Create ``folder`` and its parents; where the system refuses (a read-only or virtual
-    file system, a name the file system rejects), one CircuitlabError naming why."""
+@contextlib.contextmanager
+def _writing_in(folder: PathLike):
+    """Inside the block, a refusal of the file system (read-only or virtual, a name it
+    rejects) to make something in ``folder`` becomes one CircuitlabError naming why."""
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        yield
     except OSError as e:
-        raise _unwritable(folder, e) from None
+        raise CircuitlabError(f"cannot write in the folder {folder} ({e.strerror or e}); "
+                              f"pass --out a folder you can write to") from None
 
 
-def _unwritable(folder: PathLike, e: OSError) -> CircuitlabError:
-    return CircuitlabError(f"cannot write in the folder {folder} ({e.strerror or e}); pass "
-                           f"--out a folder you can write to")
+def make_folder(folder: PathLike) -> None:
+    """Create ``folder`` and its parents, or one CircuitlabError naming why not."""
+    with _writing_in(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
 
 
 def write_atomic(path: PathLike, write: Callable) -> None:
@@ -68,10 +71,8 @@ def write_atomic(path: PathLike, write: Callable) -> None:
     a reader (or an interrupted run) never sees half a file."""
     path = Path(path)
     make_folder(path.parent)
-    try:
+    with _writing_in(path.parent):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise _unwritable(path.parent, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -101,21 +102,21 @@ def locked(target: PathLike):
     make_folder(lock.parent)
     me = f"{socket.gethostname()} {os.getpid()}"
     while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = lock.read_text(errors="replace").split() if lock.exists() else []
-            if len(owner) == 2 and _alive(*owner):
-                raise CircuitlabError(f"{target} is being written by another circuitlab run "
-                                      f"(process {owner[1]} on {owner[0]}); wait for it or "
-                                      f"choose another --out") from None
-            lock.unlink(missing_ok=True)   # its run died: take over
-            continue
-        except OSError as e:
-            raise _unwritable(lock.parent, e) from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        break
+        with _writing_in(lock.parent):          # any refusal but a clash: one line
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                fd = None
+        if fd is not None:
+            break
+        owner = lock.read_text(errors="replace").split() if lock.exists() else []
+        if len(owner) == 2 and _alive(*owner):
+            raise CircuitlabError(f"{target} is being written by another circuitlab run "
+                                  f"(process {owner[1]} on {owner[0]}); wait for it or "
+                                  f"choose another --out")
+        lock.unlink(missing_ok=True)   # its run died: take over
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
     try:
         yield target
     finally:
@@ -142,10 +143,8 @@ def staged(target: PathLike, outputs: Iterable[str]):
     leaves a folder mixing new files with old ones."""
     target = Path(target)
     make_folder(target.parent)
-    try:
+    with _writing_in(target.parent):
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
-    except OSError as e:
-        raise _unwritable(target.parent, e) from None
     try:
         yield tmp
         make_folder(target)
