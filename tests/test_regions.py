@@ -96,7 +96,7 @@ def test_the_margin_search_runs_where_log_p_finds_no_set(setup, monkeypatch):
     hm, x, _, _ = setup
     calls = []
 
-    def fake(hm, x, target, floor, search, seed, by, max_area):
+    def fake(hm, x, labels, target, floor, search, seed, by, max_area):
         calls.append((by, max_area))
         mask = torch.full((1, 1) + x.shape[-2:], float(by == "margin"))
         return mask, [{"step": "add", "score": 0.0, "holds": by == "margin"}], by == "margin"

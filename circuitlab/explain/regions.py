@@ -275,8 +275,10 @@ def _one(hm, x, target: int, floor: float, search: RegionSearch, seed: int):
     every fill). Each (score, largest area) of ``search.scores`` is tried in turn until a set
     holds; if none does, the first search's set of the best score seen."""
     trail, first = [], None
+    labels = superpixels(hm, x, search)          # every stage grows sets of the same pieces
     for by, max_area in search.scores:
-        mask, rounds, held = _search(hm, x, target, floor, search, seed, by, max_area)
+        mask, rounds, held = _search(hm, x, labels, target, floor, search, seed, by,
+                                     max_area)
         trail += [{**r, "scored_by": by} for r in rounds]
         first = mask if first is None else first
         if held:
@@ -284,11 +286,10 @@ def _one(hm, x, target: int, floor: float, search: RegionSearch, seed: int):
     return first, trail, False
 
 
-def _search(hm, x, target: int, floor: float, search: RegionSearch, seed: int, by: str,
-            max_area: float):
-    """Grow (to ``max_area`` at most), prune and refine on one image, sets scored ``by``:
-    (mask, rounds, whether it held)."""
-    labels = superpixels(hm, x, search)
+def _search(hm, x, labels: np.ndarray, target: int, floor: float, search: RegionSearch,
+            seed: int, by: str, max_area: float):
+    """Grow sets of the superpixels ``labels`` (to ``max_area`` at most), prune and refine
+    on one image, sets scored ``by``: (mask, rounds, whether it held)."""
     score = _Scorer(hm, x, labels, target, search, seed, by)
     trail: list = []
     chosen, holds = _grow(score, _adjacent(labels, score.pieces.shape[0]), floor, max_area,
