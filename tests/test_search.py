@@ -102,14 +102,22 @@ def test_refinement_never_goes_below_the_true_minimum(evidence):
 
 
 def test_refined_circuits_are_smaller_and_still_pass_the_validation(trained_cnn):
-    hm, data, refs = trained_cnn
-    x = data[1:2]       # on image 0 the searched circuit is already as small as gates get it
-    plain = read_circuit(hm, x, reference=refs, edges="none")
-    refined = read_circuit(hm, x, reference=refs, edges="none", refine_steps=30)
-    assert refined.meta["search_units"] < plain.meta["search_units"]
-    keep = faithfulness(hm, x, refined, reference=refs, n_random=0).set_index("test") \
-        .loc["keep"]
-    assert keep["contrast_fraction"] >= 0.8 and keep["top1_kept"]
+    """Refinement never grows a circuit, and shrinks some: on a few images, since which
+    ones the searched circuit is already as small as gates get depends on the trained
+    weights, which differ between CPUs (float rounding in training)."""
+    hm, _, refs = trained_cnn
+    data = circuitlab.synthetic.make_dataset(4, seed=123).normalized()
+    shrunk = 0
+    for i in range(data.shape[0]):
+        x = data[i:i + 1]
+        plain = read_circuit(hm, x, reference=refs, edges="none")
+        refined = read_circuit(hm, x, reference=refs, edges="none", refine_steps=30)
+        assert refined.meta["search_units"] <= plain.meta["search_units"]
+        shrunk += refined.meta["search_units"] < plain.meta["search_units"]
+        keep = faithfulness(hm, x, refined, reference=refs, n_random=0).set_index("test") \
+            .loc["keep"]
+        assert keep["contrast_fraction"] >= 0.8 and keep["top1_kept"]
+    assert shrunk >= 1
     assert keep["contrast_fraction"] == pytest.approx(refined.meta["search_contrast"],
                                                       abs=1e-4)
 
