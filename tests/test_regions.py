@@ -96,10 +96,11 @@ def test_the_margin_search_runs_where_log_p_finds_no_set(setup, monkeypatch):
     hm, x, _, _ = setup
     calls = []
 
-    def fake(hm, x, labels, target, floor, search, seed, by, max_area):
+    def fake(hm, x, labels, target, p_image, search, seed, by, max_area, memo):
         calls.append((by, max_area))
         mask = torch.full((1, 1) + x.shape[-2:], float(by == "margin"))
-        return mask, [{"step": "add", "score": 0.0, "holds": by == "margin"}], by == "margin"
+        return (mask, [{"step": "add", "score": 0.0, "holds": by == "margin"}],
+                by == "margin", 0.0)
 
     monkeypatch.setattr(regions, "_search", fake)
     ex = explain_regions(hm, x[:1], SEARCH, seed=3)
@@ -124,7 +125,8 @@ def test_the_regions_sit_on_the_planted_object(setup):
 def test_bad_settings_are_one_clear_error():
     for bad in (dict(segments=1), dict(fills=()), dict(scores=()), dict(scores=("logp",)),
                 dict(scores=(("logp", 0.2), ("nope", 0.3))), dict(scores=(("logp", 0.0),)),
-                dict(scores=(("margin", 1.5),))):
+                dict(scores=(("margin", 1.5),)), dict(confident_within=0.0),
+                dict(confident_within=2)):
         with pytest.raises(CircuitlabError):
             RegionSearch(**bad)
 
@@ -139,14 +141,27 @@ def test_cli_regions_mode(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mode"] == "regions" and metrics["segments"] == 24
     assert metrics["region_search"] and "found" in metrics and "region_effects" in metrics
+    assert metrics["confident_within"] == RegionSearch().confident_within
+    capsys.readouterr()
+    # the raise to the image's confidence off: no raise rounds, and metrics.json says so
+    code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
+                 str(tmp_path / "off"), "--mode", "regions", "--segments", "24",
+                 "--confident-within", "off", "--json"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "off" / "metrics.json").read_text())
+    assert metrics["confident_within"] == "off"
+    assert not any(r["step"] == "raise" for r in metrics["region_search"])
     capsys.readouterr()
     for bad in (["--area", "0.1"], ["--refine", "3"], ["--precision", "bf16"],
-                ["--steps", "5"], ["--no-minimal"], ["--reasons", "2"]):
+                ["--steps", "5"], ["--no-minimal"], ["--reasons", "2"],
+                ["--confident-within", "2"], ["--confident-within", "most"]):
         code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
                      str(tmp_path / "bad"), "--mode", "regions", *bad])
         assert code == 2 and bad[0] in capsys.readouterr().err, bad
     for bad in (["--segments", "30", "--mode", "per-image"], ["--segments", "30", "--area",
-                                                              "0.1"]):
+                                                              "0.1"],
+                ["--confident-within", "0.2", "--mode", "per-image"],
+                ["--confident-within", "0.2", "--steps", "5"]):
         code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
                      str(tmp_path / "bad"), *bad])
         assert code == 2 and "--mode regions" in capsys.readouterr().err, bad
@@ -163,7 +178,8 @@ def test_cli_auto_mode(tmp_path, capsys):
     assert resolved_mode("per-image", 224) == "per-image"
     assert resolved_mode("amortized", 224) == "amortized"
     runs = {"small": ([], "per-image"), "segments": (["--segments", "24"], "regions"),
-            "steps": (["--steps", "30"], "per-image")}
+            "steps": (["--steps", "30"], "per-image"),
+            "within": (["--confident-within", "0.2"], "regions")}
     for name, (flags, mode) in runs.items():
         code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
                      str(tmp_path / name), "--json", *flags])
@@ -176,20 +192,20 @@ def test_the_activation_term_is_the_paper_distance_over_the_mean_colour():
     fills less w x the activation distance at the family's taps, which an independent traced
     run reproduces."""
     from circuitlab.explain.config import default_alphas, default_distances
-    from circuitlab.explain.regions import _Scorer
+    from circuitlab.explain.pieces import Scorer
     from circuitlab.kernels.reference import activation_matching
     hm = circuitlab.load_model("synthetic-cnn")
     x = circuitlab.synthetic.make_dataset(1, seed=5).normalized()
     search = RegionSearch(segments=24, act=0.7)
     labels = superpixels(hm, x, search)
     t = int(hm(x).argmax(-1))
-    score = _Scorer(hm, x, labels, t, search, seed=1, by="logp")
+    score = Scorer(hm, x, labels, t, search, seed=1, by="logp")
     sets = [{0, 1}, {2}, set(range(int(labels.max()) + 1))]
     fills = make_backgrounds(x, hm.data_config, search.fills, fill_generator(1, "regions"))
     taps = list(hm.taps)
     _, cx = hm.run_with_cache(x, names=taps)
     for by in ("logp", "margin"):
-        _, _, value = _Scorer(hm, x, labels, t, search, seed=1, by=by)(sets)
+        _, _, value = Scorer(hm, x, labels, t, search, seed=1, by=by)(sets)
         for s, v in zip(sets, value):
             m = score.mask(s)
             _, ce = hm.run_with_cache(m * x, names=taps)     # the first fill: the mean colour
@@ -205,8 +221,9 @@ def test_the_activation_term_is_the_paper_distance_over_the_mean_colour():
 
 
 def test_the_cli_default_is_the_search_default():
-    from circuitlab.cli.explain import SEGMENTS
+    from circuitlab.cli.explain import CONFIDENT_WITHIN, SEGMENTS
     assert SEGMENTS == RegionSearch().segments
+    assert CONFIDENT_WITHIN == RegionSearch().confident_within
 
 
 def test_the_finer_pass_keeps_whole_pieces_each_needed(setup):
@@ -248,3 +265,58 @@ def test_the_search_draws_its_noise_apart_from_the_metrics():
     assert not torch.allclose(draw[0], draw[1]) and not torch.allclose(draw[0], draw[3])
     with pytest.raises(CircuitlabError):
         fill_generator(0, "nope")
+
+
+def test_a_set_that_holds_is_raised_to_the_image_confidence_where_it_can_be(setup):
+    """``confident_within``: from the set that holds the label, the search grows on until
+    p_target under the mean colour is the image's; where it gets there the mask holds at
+    that floor over every fill and needs each superpixel at it, where it does not the mask
+    is the label's set (as with the raise off). Checked by direct forwards."""
+    hm, x, _, _ = setup
+    label = replace(SEARCH, confidence=0.0, confident_within=None)
+    raised = explain_regions(hm, x, replace(label, confident_within=0.9), seed=3)
+    plain = explain_regions(hm, x, label, seed=3)
+    with torch.no_grad():
+        p_image = hm(x).softmax(-1).gather(1, raised.target[:, None]).squeeze(1)
+    sure = [any(r["step"] == "raise" and r["holds"] for r in t) for t in raised.search]
+    ran = [any(r["step"] == "raise" for r in t) for t in raised.search]
+    assert any(sure), "no image was raised: the test checks nothing"
+    for i in torch.nonzero(raised.found).flatten().tolist():
+        xi, m, t = x[i:i + 1], raised.mask[i:i + 1], int(raised.target[i])
+        fills = make_backgrounds(xi, hm.data_config, SEARCH.fills,
+                                 fill_generator(3, "regions"))
+        if not sure[i]:
+            assert torch.equal(m, plain.mask[i:i + 1])
+            continue
+        floor = float(p_image[i])
+        assert ran[i] and _holds(hm, xi, m, t, fills, floor)
+        labels = superpixels(hm, xi, SEARCH)
+        for s in np.unique(labels[m[0, 0].numpy() > 0]):
+            without = m * torch.from_numpy(labels != s).float()
+            assert not _holds(hm, xi, without, t, fills, floor)
+        # the certificate reads the regions at the floor the set held at
+        assert raised.certificates[i].kept
+
+
+def test_a_set_is_scored_once():
+    """The scorer keeps what it scored: sets asked again (here, or by a later stage sharing
+    its memo) cost no forward, and give the same numbers."""
+    from circuitlab.explain.pieces import Scorer
+    hm = circuitlab.load_model("synthetic-cnn")
+    x = circuitlab.synthetic.make_dataset(1, seed=5).normalized()
+    search = RegionSearch(segments=24, batch_size=2)
+    labels = superpixels(hm, x, search)
+    score = Scorer(hm, x, labels, 0, search, seed=1, by="logp")
+    images = []
+    read = score.read
+    score.read = lambda batch: (images.append(batch.shape[0]), read(batch))[1]
+    first = score([{0}, {1, 2}, {0}, {3}])
+    assert sum(images) == 3 * len(search.fills)            # {0} once
+    again = Scorer(hm, x, labels, 0, search, seed=1, by="margin", memo=score.memo)
+    again.read = score.read
+    second = again([{2, 1}, {0}])
+    assert sum(images) == 3 * len(search.fills)            # nothing new
+    assert torch.equal(second[0], first[0][[1, 0]])
+    fresh = Scorer(hm, x, labels, 0, search, seed=1, by="margin")([{1, 2}, {0}])
+    assert torch.equal(second[2], fresh[2]) and torch.equal(second[1], fresh[1])
+

@@ -18,6 +18,9 @@ from ._folder import run_folder, run_one
 OUTPUTS = ("mask.png", "explanation.png", "overlay.png", "metrics.json")
 MAX_REASONS = 10
 SEGMENTS = 128       # --mode regions: explain.regions.RegionSearch's default, without torch
+CONFIDENT_WITHIN = 0.15      # the same for --confident-within
+# flags of regions mode: under --mode auto, giving any of them picks regions mode
+REGION_FLAGS = ("segments", "confident_within")
 # flags of per-image mode and their defaults: under --mode auto, giving any of them picks
 # per-image mode whatever the input size
 PER_IMAGE_FLAGS = {"area": None, "reasons": 1, "preset": "default", "steps": None,
@@ -34,8 +37,10 @@ def _first_pass(hm, x, args):
     from ..explain import explain
     if args.mode == "regions":
         from ..explain.regions import RegionSearch, explain_regions
-        given = {k: v for k, v in (("segments", args.segments),
-                                   ("confidence", args.confidence)) if v is not None}
+        given = {k: getattr(args, k) for k in REGION_FLAGS + ("confidence",)
+                 if getattr(args, k) is not None}
+        if given.get("confident_within") == "off":
+            given["confident_within"] = None
         return explain_regions(hm, x, RegionSearch(**given),
                                target=target_index(hm, args.target), seed=args.seed)
     if args.mode == "amortized":
@@ -95,7 +100,9 @@ def _finish_one(hm, x, free, ex, image, out: Path, args, shared_seconds: float) 
         "seconds": shared_seconds + time.perf_counter() - t0, **provenance(args, hm),
     }
     if regions:
-        result.update(segments=args.segments or SEGMENTS, found=bool(ex.found[0]),
+        within = CONFIDENT_WITHIN if args.confident_within is None else args.confident_within
+        result.update(segments=args.segments or SEGMENTS, confident_within=within,
+                      found=bool(ex.found[0]),
                       region_search=ex.search[0])
     if cert is not None:
         result.update(minimal_area=float(cert.mask.mean()),
@@ -164,6 +171,11 @@ def _save_reasons(out: Path, hm, x, found) -> list:
     return rows
 
 
+def _within(text: str):
+    """--confident-within: a fraction of the image, or off."""
+    return "off" if text == "off" else fraction(text)
+
+
 def resolved_mode(mode: str, image_size: int) -> str:
     """--mode auto once the input size is known: regions for photos (inputs of at least
     ``explain.config.LARGE_INPUT`` px a side), per-image below (superpixels of a small input
@@ -184,14 +196,24 @@ def _per_image_flags(args) -> str:
     return ", ".join(given)
 
 
+def _region_flags(args) -> str:
+    """The regions-mode flags given, as the command line spells them ('' when none)."""
+    return ", ".join("--" + k.replace("_", "-") for k in REGION_FLAGS
+                     if getattr(args, k) is not None)
+
+
+def _belong(flags: str) -> str:
+    return "belong" if "," in flags else "belongs"
+
+
 def _auto_mode(args) -> str:
     """--mode auto before the model loads: per-image when a per-image flag is given, regions
-    when --segments is, else still auto (the input size decides, in ``_explain_batch``)."""
-    per_image = _per_image_flags(args)
-    if args.segments is not None and per_image:
-        raise CircuitlabError(f"--segments belongs to --mode regions, {per_image} to "
-                              f"per-image mode: drop one, or name the mode with --mode")
-    return "regions" if args.segments is not None else "per-image" if per_image else "auto"
+    when a regions flag is, else still auto (the input size decides, in ``_explain_batch``)."""
+    per_image, regions = _per_image_flags(args), _region_flags(args)
+    if regions and per_image:
+        raise CircuitlabError(f"{regions} {_belong(regions)} to --mode regions, {per_image} "
+                              f"to per-image mode: drop one, or name the mode with --mode")
+    return "regions" if regions else "per-image" if per_image else "auto"
 
 
 def _check(args) -> tuple:
@@ -214,8 +236,9 @@ def _check(args) -> tuple:
                                       args.refine and "--refine") if f)
         if flags:
             raise CircuitlabError(f"--mode regions builds its own mask: not with {flags}")
-    if args.mode != "regions" and args.segments is not None:
-        raise CircuitlabError("--segments belongs to --mode regions")
+    regions = _region_flags(args)
+    if args.mode != "regions" and regions:
+        raise CircuitlabError(f"{regions} {_belong(regions)} to --mode regions")
     if args.mode == "amortized":
         if not args.explainer:
             raise CircuitlabError("--mode amortized needs --explainer FILE (train one with "
@@ -271,6 +294,11 @@ def register(sub) -> None:
     p.add_argument("--segments", type=positive_int, default=None,
                    help=f"regions mode: superpixels to build the mask from (default "
                         f"{SEGMENTS})")
+    p.add_argument("--confident-within", type=_within, default=None, metavar="AREA|off",
+                   help=f"regions mode: where the set that keeps the label is less sure than "
+                        f"the image, grow it until it is as sure, to at most this fraction "
+                        f"of the image, and prune it again at that confidence; off keeps the "
+                        f"label's set (default {CONFIDENT_WITHIN})")
     p.add_argument("--explainer", help="explainer checkpoint from `circuitlab "
                                        "train-explainer` (amortized mode)")
     p.add_argument("--refine", type=count, default=0,
