@@ -96,7 +96,8 @@ def test_the_margin_search_runs_where_log_p_finds_no_set(setup, monkeypatch):
     hm, x, _, _ = setup
     calls = []
 
-    def fake(hm, x, labels, target, p_image, search, seed, by, max_area, memo):
+    def fake(hm, x, score, touching, p_image, search, seed, max_area):
+        by = score.by
         calls.append((by, max_area))
         mask = torch.full((1, 1) + x.shape[-2:], float(by == "margin"))
         return (mask, [{"step": "add", "score": 0.0, "holds": by == "margin"}],
@@ -299,8 +300,8 @@ def test_a_set_that_holds_is_raised_to_the_image_confidence_where_it_can_be(setu
 
 
 def test_a_set_is_scored_once():
-    """The scorer keeps what it scored: sets asked again (here, or by a later stage sharing
-    its memo) cost no forward, and give the same numbers."""
+    """The scorer keeps what it scored: sets asked again (here, or by the scorer of another
+    score it makes for a later stage) cost no forward, and give the same numbers."""
     from circuitlab.explain.pieces import Scorer
     hm = circuitlab.load_model("synthetic-cnn")
     x = circuitlab.synthetic.make_dataset(1, seed=5).normalized()
@@ -312,8 +313,7 @@ def test_a_set_is_scored_once():
     score.read = lambda batch: (images.append(batch.shape[0]), read(batch))[1]
     first = score([{0}, {1, 2}, {0}, {3}])
     assert sum(images) == 3 * len(search.fills)            # {0} once
-    again = Scorer(hm, x, labels, 0, search, seed=1, by="margin", memo=score.memo)
-    again.read = score.read
+    again = score.scoring("margin")
     second = again([{2, 1}, {0}])
     assert sum(images) == 3 * len(search.fills)            # nothing new
     assert torch.equal(second[0], first[0][[1, 0]])

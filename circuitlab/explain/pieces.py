@@ -10,6 +10,7 @@ scored again.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -120,12 +121,11 @@ def adjacent(labels: np.ndarray, n: int) -> list:
 class Scorer:
     """The decision under each fill for sets of superpixels of one image."""
 
-    def __init__(self, hm, x, labels, target, search: RegionSearch, seed: int, by: str,
-                 memo: Optional[dict] = None):
+    def __init__(self, hm, x, labels, target, search: RegionSearch, seed: int, by: str):
         self.x, self.target, self.search, self.by = x, target, search, by
-        # per set of pieces: (log p per fill, margin per fill, activation distance); stages
-        # over the same pieces and fills share it
-        self.memo = {} if memo is None else memo
+        # per set of pieces: (log p per fill, margin per fill, activation distance); shared
+        # with the scorers ``scoring`` makes
+        self.memo: dict = {}
         n = int(labels.max()) + 1
         lab = torch.from_numpy(labels).to(x.device)
         self.pieces = torch.stack([(lab == i) for i in range(n)]).float()[:, None]
@@ -142,6 +142,13 @@ class Scorer:
         if search.act:
             with torch.no_grad():
                 self.acts_x = self.read(x)[1]
+
+    def scoring(self, by: str) -> "Scorer":
+        """This scorer with the sets scored ``by`` (SCORES): the same pieces, fills, reader
+        and kept scores, so a set scored by either is not scored again."""
+        other = copy.copy(self)
+        other.by = by
+        return other
 
     def area(self, chosen) -> float:
         return float(self.mask(chosen).mean())

@@ -43,7 +43,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import replace
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -78,16 +77,23 @@ def _grow(score: Scorer, touching: list, floor: float, max_area: float, search: 
         worst = logp.min(1).values
         best = int(torch.argmax(value))
         chosen = chosen | {cands[best]}
-        holds = bool(kept[best].all()) and float(logp[best, 0].exp()) >= floor
+        area = score.area(chosen)
+        holds = bool(_holding(logp, kept, floor)[best])
         if float(value[best]) > fallback_score:
             fallback, fallback_score = set(chosen), float(value[best])
-        trail.append({"step": step, "area": score.area(chosen), "score": float(value[best]),
+        trail.append({"step": step, "area": area, "score": float(value[best]),
                       "worst_p": float(worst[best].exp()),
                       "p_first_fill": float(logp[best, 0].exp()), "holds": holds})
         if holds:
             return chosen, True
-        if score.area(chosen) >= max_area:
+        if area >= max_area:
             return fallback, False
+
+
+def _holding(logp: torch.Tensor, kept: torch.Tensor, floor: float) -> torch.Tensor:
+    """Per set scored: whether the decision holds (top-1 under every fill, and p_target under
+    the first at least ``floor``)."""
+    return kept.all(1) & (logp[:, 0].exp() >= floor)
 
 
 def _prune(score: Scorer, chosen: set, floor: float, trail, together: bool = False) -> set:
@@ -98,7 +104,7 @@ def _prune(score: Scorer, chosen: set, floor: float, trail, together: bool = Fal
     while len(chosen) > 1:
         order = sorted(chosen)
         logp, kept, value = score([chosen - {i} for i in order])
-        ok = kept.all(1) & (logp[:, 0].exp() >= floor)
+        ok = _holding(logp, kept, floor)
         if not ok.any():
             return chosen
         ranked = [j for j in torch.argsort(-value).tolist() if ok[j]]
@@ -108,7 +114,7 @@ def _prune(score: Scorer, chosen: set, floor: float, trail, together: bool = Fal
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lp, kp, _ = score([chosen - set(run[:mid])])
-            if bool(kp.all()) and float(lp[0, 0].exp()) >= floor:
+            if bool(_holding(lp, kp, floor)[0]):
                 lo, held = mid, lp[0]
             else:
                 hi = mid - 1
@@ -125,11 +131,13 @@ def _one(hm, x, target: int, p_image: float, search: RegionSearch, seed: int):
     ``search.scores`` is tried in turn until a set holds; if none does, the first search's
     set of the best score seen."""
     trail, first = [], None
-    labels = superpixels(hm, x, search)          # every stage grows sets of the same pieces
-    memo: dict = {}                              # and scores them under the same fills
+    # every stage grows sets of the same pieces, scored under the same fills, each set once
+    labels = superpixels(hm, x, search)
+    pieces = Scorer(hm, x, labels, target, search, seed, search.scores[0][0])
+    touching = adjacent(labels, pieces.pieces.shape[0])
     for by, max_area in search.scores:
-        mask, rounds, held, floor = _search(hm, x, labels, target, p_image, search, seed,
-                                            by, max_area, memo)
+        mask, rounds, held, floor = _search(hm, x, pieces.scoring(by), touching, p_image,
+                                            search, seed, max_area)
         trail += [{**r, "scored_by": by} for r in rounds]
         first = (mask, floor) if first is None else first
         if held:
@@ -137,28 +145,26 @@ def _one(hm, x, target: int, p_image: float, search: RegionSearch, seed: int):
     return first[0], trail, False, first[1]
 
 
-def _search(hm, x, labels: np.ndarray, target: int, p_image: float, search: RegionSearch,
-            seed: int, by: str, max_area: float, memo: dict):
-    """Grow sets of the superpixels ``labels`` (to ``max_area`` at most), prune, raise to
-    the image's confidence and refine on one image, sets scored ``by``: (mask, rounds,
-    whether it held, the floor on p_target it held at)."""
-    score = Scorer(hm, x, labels, target, search, seed, by, memo)
-    touching = adjacent(labels, score.pieces.shape[0])
+def _search(hm, x, score: Scorer, touching: list, p_image: float, search: RegionSearch,
+            seed: int, max_area: float):
+    """Grow sets of the scorer's pieces (to ``max_area`` at most), prune, raise to the
+    image's confidence and refine on one image: (mask, rounds, whether it held, the floor
+    on p_target it held at)."""
     floor, trail = search.confidence * p_image, []
     chosen, holds = _grow(score, touching, floor, max_area, search, trail)
     if not holds:
         return score.mask(chosen), trail, False, floor
     chosen = _prune(score, chosen, floor, trail)
     if search.confident_within and float(score([chosen])[0][0, 0].exp()) < p_image:
-        surer = Scorer(hm, x, labels, target, search, seed, "logp", memo)
-        more, sure = _grow(surer, touching, p_image, search.confident_within,
+        more, sure = _grow(score.scoring("logp"), touching, p_image, search.confident_within,
                            replace(search, top_k=0), trail,
                            start=frozenset(chosen), step="raise")
         if sure:
             chosen, floor = _prune(score, more, p_image, trail), p_image
     mask = score.mask(chosen)
     if search.refine and float(mask.mean()) > search.refine_above:
-        fine = Scorer(hm, x, finer(hm, x, search, mask), target, search, seed, by)
+        fine = Scorer(hm, x, finer(hm, x, search, mask), score.target, search, seed,
+                      score.by)
         mask = fine.mask(_prune(fine, set(range(fine.pieces.shape[0])), floor, trail,
                                 together=True))
     return mask, trail, True, floor
