@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 import circuitlab as cl
-from circuitlab.files import refuse_overwrite, write_atomic, write_text
+from circuitlab.files import make_folder, refuse_overwrite, write_atomic, write_text
 
 # distinct photos (scikit-image's "cat" is chelsea again)
 PHOTOS = ("coffee", "chelsea", "rocket", "astronaut", "flower", "grace_hopper")
@@ -74,9 +74,12 @@ def start(prog: str, out: Path, outputs: Sequence[str], force: bool,
     refused = refuse_clash(prog, out, outputs, force)
     if refused is not None:
         return refused
+    try:
+        make_folder(out)
+    except cl.CircuitlabError as e:
+        return fail(prog, str(e))
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    out.mkdir(parents=True, exist_ok=True)
     if quick:
         write_text(out / "WARNING.txt", QUICK_NOTE + "\n")
     else:

@@ -106,6 +106,10 @@ def test_analyses_refuse_to_overwrite(outputs, capsys):
     assert "--models" in capsys.readouterr().err
     assert _main("compare_methods")(["--out", str(outputs / "none"), "--gather"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # a folder the system will not make: one line, as the circuitlab commands give
+    assert _main("sanity")(["--quick", "--out", "/proc/circuitlab-nope/x"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write in the folder" in err and "\n" not in err.strip()
 
 
 def test_circuits_quick(outputs):
