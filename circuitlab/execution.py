@@ -16,11 +16,15 @@ class Execution:
     """``precision``: ``fp32``, or ``bf16`` autocast (activations read in bf16, logits
     returned in fp32); ``compile``: None or a ``torch.compile`` mode (``reduce-overhead``
     replays CUDA graphs on a GPU); ``channels_last``: the model's weights and the inputs in
-    channels-last layout (the weights stay converted)."""
+    channels-last layout (the weights stay converted); ``fold_batchnorm``: the reader runs a
+    copy of the model with each eval-mode BatchNorm folded into the convolution that feeds
+    it (``folding``; the same logits up to float rounding, the weights as they were when
+    the reader was made)."""
 
     precision: str = "fp32"
     compile: Optional[str] = None
     channels_last: bool = False
+    fold_batchnorm: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

@@ -251,9 +251,15 @@ class HookedModel:
     def reader(self, names: Sequence[str], execution: Execution = Execution()) -> TapReader:
         """A plain-torch ``reader(x) -> (logits, [activations])`` of the named points, in the
         order given, for a hot loop (``readers.TapReader``: no trace per call; compilable,
-        bf16); one per (points, execution), kept, so a compiled one compiles once."""
+        bf16); one per (points, execution), kept, so a compiled one compiles once; one that
+        folds BatchNorm is made anew, a copy of the weights as they are now."""
         points = [self.point(n) for n in ([names] if isinstance(names, str) else names)]
         key = (tuple(p.name for p in points), execution)
+        if execution.fold_batchnorm:
+            example = torch.randn((1, *self.input_size),
+                                  generator=torch.Generator().manual_seed(0))
+            return TapReader(self.model, points, execution,
+                             example.to(device=self.device, dtype=self.dtype))
         if key not in self._readers:
             self._readers[key] = TapReader(self.model, points, execution)
         return self._readers[key]

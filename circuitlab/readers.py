@@ -9,6 +9,9 @@ reader gives the tensors a trace saves, operation for operation (tested).
 
 An eager reader puts its hooks on for each call and takes them off after it; a compiled one
 keeps them on (its graph was traced with them; unarmed, each returns at once) until ``close``.
+A reader that folds BatchNorm (``Execution.fold_batchnorm``) runs its own folded copy of the
+model, made when the reader is; points whose values the folding changes (a folded
+convolution's output, its norm's input) are refused.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from torch import nn
 
 from .errors import CircuitlabError
 from .execution import Execution
+from .folding import fold_batchnorm
 from .hook_points import HookPoint
 
 # the autocast dtype of each precision
@@ -31,8 +35,14 @@ class TapReader:
     produced them (a point's ``view`` applied), logits in fp32."""
 
     def __init__(self, model: nn.Module, points: Sequence[HookPoint],
-                 execution: Execution = Execution()):
+                 execution: Execution = Execution(), example: torch.Tensor = None):
         self.model, self.points, self.execution = model, list(points), execution
+        self.folded: list = []       # (convolution, norm) paths folded together
+        if execution.fold_batchnorm:
+            if example is None:
+                raise CircuitlabError("a reader that folds BatchNorm needs an example input")
+            self.model, self.folded = fold_batchnorm(model, example)
+            self._check_unfolded()
         self._armed = False
         self._store: dict = {}
         self._calls: dict = {}
@@ -40,7 +50,7 @@ class TapReader:
         self._unfused = sorted({p.needs_unfused for p in self.points if p.needs_unfused})
         self._keys = sorted({(p.module, p.io) for p in self.points if p.module})
         if execution.channels_last:
-            model.to(memory_format=torch.channels_last)
+            self.model.to(memory_format=torch.channels_last)
         # eager: hooks on for each call only, so the model carries none between calls (it
         # pickles, deep-copies and runs as it did); compiled: kept on, as the compiled graph
         # was traced with them (``close`` takes them off)
@@ -48,6 +58,15 @@ class TapReader:
         if execution.compile is not None:
             self._attach()
             self._fn = torch.compile(self._forward, mode=execution.compile)
+
+    def _check_unfolded(self) -> None:
+        changed = {(c, "output") for c, _ in self.folded} | \
+            {(n, "input") for _, n in self.folded}
+        for p in self.points:
+            if (p.module, p.io) in changed:
+                raise CircuitlabError(
+                    f"{p.name} reads inside a convolution and the BatchNorm folded into it; "
+                    f"read the norm's output instead, or run without fold_batchnorm")
 
     def _attach(self) -> None:
         for module_path, io in self._keys:

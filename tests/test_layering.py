@@ -16,7 +16,7 @@ LAYERS = [
     ("errors",),
     ("files", "preprocessing", "kernels", "deprecations", "distributed",  # leaves
      "execution"),
-    ("checkpoints", "backgrounds", "cache", "hook_points", "engine", "sources"),
+    ("checkpoints", "backgrounds", "cache", "hook_points", "engine", "sources", "folding"),
     ("readers",),                                # plain-torch reads for hot loops
     ("families", "interventions", "hook_names"),
     ("hooked_model",),                           # hooks

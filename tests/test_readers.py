@@ -179,11 +179,43 @@ def test_explain_cli_runs_in_bf16_and_records_it(tmp_path, capsys):
     import json
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["execution"] == {"precision": "bf16", "compile": None,
-                                    "channels_last": False}
+                                    "channels_last": False, "fold_batchnorm": False}
     assert metrics["top1_kept"] in (True, False) and 0 < metrics["area_fraction"] <= 1
     code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:3", "--out",
                  str(tmp_path / "f"), "--precision", "fp16"])
     assert code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_explain_cli_folds_batchnorm_on_request_and_records_it(tmp_path, capsys):
+    """--fold-batchnorm: the loop's reader runs a folded copy (the synthetic CNN has four
+    norms), metrics.json says so, the model the checks run is the unfolded one; a flag of
+    per-image mode, refused in regions mode."""
+    import json
+    from circuitlab.cli import main
+    from circuitlab import readers
+    made = []
+    init = readers.TapReader.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(len(self.folded))
+
+    readers.TapReader.__init__ = spy
+    try:
+        code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:3", "--out",
+                     str(tmp_path / "e"), "--no-minimal", "--steps", "30",
+                     "--fold-batchnorm", "--json"])
+    finally:
+        readers.TapReader.__init__ = init
+    assert code == 0, capsys.readouterr().err
+    assert made and all(n == 4 for n in made)
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["execution"]["fold_batchnorm"] is True
+    capsys.readouterr()
+    code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:3", "--out",
+                 str(tmp_path / "f"), "--mode", "regions", "--fold-batchnorm"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--fold-batchnorm" in err and len(err.strip().splitlines()) == 1
 
 
 def test_gpu_throughput_plan_covers_the_issue_grid():

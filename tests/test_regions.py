@@ -96,7 +96,7 @@ def test_the_margin_search_runs_where_log_p_finds_no_set(setup, monkeypatch):
     hm, x, _, _ = setup
     calls = []
 
-    def fake(hm, x, score, touching, p_image, search, seed, max_area):
+    def fake(hm, x, score, touching, p_image, search, max_area):
         by = score.by
         calls.append((by, max_area))
         mask = torch.full((1, 1) + x.shape[-2:], float(by == "margin"))
@@ -297,26 +297,3 @@ def test_a_set_that_holds_is_raised_to_the_image_confidence_where_it_can_be(setu
             assert not _holds(hm, xi, without, t, fills, floor)
         # the certificate reads the regions at the floor the set held at
         assert raised.certificates[i].kept
-
-
-def test_a_set_is_scored_once():
-    """The scorer keeps what it scored: sets asked again (here, or by the scorer of another
-    score it makes for a later stage) cost no forward, and give the same numbers."""
-    from circuitlab.explain.pieces import Scorer
-    hm = circuitlab.load_model("synthetic-cnn")
-    x = circuitlab.synthetic.make_dataset(1, seed=5).normalized()
-    search = RegionSearch(segments=24, batch_size=2)
-    labels = superpixels(hm, x, search)
-    score = Scorer(hm, x, labels, 0, search, seed=1, by="logp")
-    images = []
-    read = score.read
-    score.read = lambda batch: (images.append(batch.shape[0]), read(batch))[1]
-    first = score([{0}, {1, 2}, {0}, {3}])
-    assert sum(images) == 3 * len(search.fills)            # {0} once
-    again = score.scoring("margin")
-    second = again([{2, 1}, {0}])
-    assert sum(images) == 3 * len(search.fills)            # nothing new
-    assert torch.equal(second[0], first[0][[1, 0]])
-    fresh = Scorer(hm, x, labels, 0, search, seed=1, by="margin")([{1, 2}, {0}])
-    assert torch.equal(second[2], fresh[2]) and torch.equal(second[1], fresh[1])
-

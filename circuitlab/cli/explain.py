@@ -25,7 +25,7 @@ REGION_FLAGS = ("segments", "confident_within")
 # per-image mode whatever the input size
 PER_IMAGE_FLAGS = {"area": None, "reasons": 1, "preset": "default", "steps": None,
                    "minimal": True, "precision": "fp32", "compile": "off",
-                   "channels_last": False}
+                   "channels_last": False, "fold_batchnorm": False}
 # reason i's colour in reasons.png (RGB in [0, 1]): distinct, readable on photos
 _REASON_COLOURS = ((0.9, 0.2, 0.1), (0.1, 0.5, 0.95), (0.1, 0.8, 0.2), (0.95, 0.8, 0.1),
                    (0.7, 0.2, 0.9))
@@ -59,7 +59,7 @@ def _first_pass(hm, x, args):
 
 def _execution(args) -> Execution:
     return Execution(args.precision, None if args.compile == "off" else args.compile,
-                     args.channels_last)
+                     args.channels_last, args.fold_batchnorm)
 
 
 def _second_pass(hm, x, free, args):
@@ -229,8 +229,8 @@ def _check(args) -> tuple:
             raise CircuitlabError("--reasons belongs to per-image mode without --area")
         names += ("reasons.png",) + tuple(f"reason_{i}.png" for i in range(1, args.reasons + 1))
     if args.mode != "per-image" and _execution(args) != Execution():
-        raise CircuitlabError("--precision, --compile and --channels-last belong to "
-                              "per-image mode")
+        raise CircuitlabError("--precision, --compile, --channels-last and --fold-batchnorm "
+                              "belong to per-image mode")
     if args.mode == "regions":
         flags = ", ".join(f for f in (_per_image_flags(args), args.explainer and "--explainer",
                                       args.refine and "--refine") if f)
@@ -339,6 +339,10 @@ def register(sub) -> None:
                         "graphs); pays on a GPU over many images, not for one on a CPU")
     p.add_argument("--channels-last", action="store_true",
                    help="run convolutions in channels-last layout (GPUs with tensor cores)")
+    p.add_argument("--fold-batchnorm", action="store_true",
+                   help="run the loop's forwards on a copy of the model with each BatchNorm "
+                        "folded into its convolution (faster; masks differ from the "
+                        "unfolded run's, docs/cli.md)")
     add_seed(p)
     add_batch_args(p)
     add_outputs(p, "output folder", "replace existing output files (a folder run: redo "

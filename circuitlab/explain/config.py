@@ -58,10 +58,12 @@ class ExplainConfig:
     min_steps: int = 20
     patience: int = 10                    # early stop: binary, label kept, area flat this long
     # how the classifier runs in the loop (readers.Execution): fp32 or bf16 autocast, a
-    # torch.compile mode (reduce-overhead: CUDA graphs), channels-last layout
+    # torch.compile mode (reduce-overhead: CUDA graphs), channels-last layout, BatchNorm
+    # folded into the convolutions
     precision: str = "fp32"
     compile: Optional[str] = None
     channels_last: bool = False
+    fold_batchnorm: bool = False
 
     def replace(self, **changes) -> "ExplainConfig":
         unknown = set(changes) - set(asdict(self))
@@ -71,11 +73,11 @@ class ExplainConfig:
 
     @property
     def execution(self) -> Execution:
-        return Execution(self.precision, self.compile, self.channels_last)
+        return Execution(self.precision, self.compile, self.channels_last,
+                         self.fold_batchnorm)
 
     def with_execution(self, e: Execution) -> "ExplainConfig":
-        return self.replace(precision=e.precision, compile=e.compile,
-                            channels_last=e.channels_last)
+        return self.replace(**asdict(e))
 
     def __post_init__(self):
         self.execution  # validates precision and compile mode

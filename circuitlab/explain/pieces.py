@@ -2,11 +2,13 @@
 builds a mask from and how a set of them is scored: SLIC superpixels of the image, which
 touch which, and the decision under each fill (the rest of the image at the dataset mean,
 Gaussian noise, ...) for a set of them, a few sets per forward; a set scored once is not
-scored again.
+scored again, and the best set of a round is found scoring most sets under one fill only
+(``Scorer.best``).
 
 >>> labels = superpixels(hm, x, RegionSearch())
 >>> score = Scorer(hm, x, labels, target, RegionSearch(), seed=0, by="logp")
 >>> logp, kept, value = score([{0, 3}, {5}])     # per set: log p and top-1 per fill, score
+>>> i, logp_i, kept_i, value_i = score.best([{0, 3}, {5}])   # the argmax of value, cheaper
 """
 from __future__ import annotations
 
@@ -69,6 +71,10 @@ class RegionSearch:
     # layout ran fastest (docs/results.md, "Superpixel regions"), 64 on a GPU
     batch_size: Optional[int] = None
     channels_last: bool = True       # the model in channels-last layout during the search
+    # the sets scored by a copy of the model with its BatchNorms folded into the convolutions
+    # (``folding``): the same logits up to float rounding and the same masks on the photos,
+    # in fewer operations a forward (docs/results.md, "Superpixel regions")
+    fold_batchnorm: bool = True
 
     def __post_init__(self):
         if not 2 <= self.segments <= 1024:
@@ -123,12 +129,11 @@ class Scorer:
 
     def __init__(self, hm, x, labels, target, search: RegionSearch, seed: int, by: str):
         self.x, self.target, self.search, self.by = x, target, search, by
-        # per set of pieces: (log p per fill, margin per fill, activation distance); shared
-        # with the scorers ``scoring`` makes
-        self.memo: dict = {}
-        n = int(labels.max()) + 1
-        lab = torch.from_numpy(labels).to(x.device)
-        self.pieces = torch.stack([(lab == i) for i in range(n)]).float()[:, None]
+        # per (set of pieces, fill): (log p, margin); per set: the activation distance;
+        # per score: the fill scored first by ``best``; shared with the scorers ``scoring``
+        # makes
+        self.memo, self.dists, self.leads = {}, {}, {}
+        self.pieces = _pieces(labels, x.device)
         self.fills = make_backgrounds(x, hm.data_config, search.fills,
                                       fill_generator(seed, "regions"))   # (F, C, H, W)
         names = []
@@ -137,7 +142,8 @@ class Scorer:
                 hm, preset("default", hm.family.name, min(x.shape[-2:])))
             names = [p.name for p in points]
         # the reader lays the inputs out as the weights are inside the search's block
-        self.read = hm.reader(names, Execution(channels_last=search.channels_last))
+        self.read = hm.reader(names, Execution(channels_last=search.channels_last,
+                                               fold_batchnorm=search.fold_batchnorm))
         self.batch = search.batch_size or (4 if x.device.type == "cpu" else 64)
         if search.act:
             with torch.no_grad():
@@ -148,6 +154,13 @@ class Scorer:
         and kept scores, so a set scored by either is not scored again."""
         other = copy.copy(self)
         other.by = by
+        return other
+
+    def over(self, labels: np.ndarray) -> "Scorer":
+        """This scorer over other pieces (labels 0..k-1, -1 for none): the same fills, reader
+        and score, its own kept scores."""
+        other = copy.copy(self)
+        other.pieces, other.memo, other.dists = _pieces(labels, self.x.device), {}, {}
         return other
 
     def area(self, chosen) -> float:
@@ -164,25 +177,77 @@ class Scorer:
         worst ``by`` (SCORES) over the fills less ``act`` x the activation distance) for each
         set; a set scored before is not scored again."""
         keys = [frozenset(s) for s in sets]
-        todo = [k for k in dict.fromkeys(keys) if k not in self.memo]
-        for i in range(0, len(todo), self.batch):
-            self._score(todo[i:i + self.batch])
-        logp, margin, dist = (torch.stack([self.memo[k][j] for k in keys]) for j in range(3))
+        for j in range(len(self.fills)):
+            self._fill(keys, j)
+        logp, margin = (torch.stack([torch.stack([self.memo[k, j][i] for j in
+                                                  range(len(self.fills))]) for k in keys])
+                        for i in range(2))
         score = (logp if self.by == "logp" else margin).min(1).values
+        dist = torch.stack([self.dists[k] for k in keys]) if self.search.act else 0
         return logp, margin > 0, score - self.search.act * dist
 
-    def _score(self, sets: list) -> None:
-        m = torch.cat([self.mask(s) for s in sets])
-        outs = [self.read(m * self.x + (1 - m) * fill[None]) for fill in self.fills]
-        logp = torch.stack([logits.log_softmax(-1)[:, self.target] for logits, _ in outs], 1)
-        margin = torch.stack([self._margin(logits) for logits, _ in outs], 1)
-        dist = torch.zeros(len(sets))
-        if self.search.act:       # the taps' distance over the first fill
-            acts = outs[0][1]
-            dist = torch.stack([self._distance([a[j:j + 1] for a in acts]).reshape(())
-                                for j in range(len(sets))])
-        for j, s in enumerate(sets):
-            self.memo[s] = (logp[j].cpu(), margin[j].cpu(), dist[j].cpu())
+    @torch.no_grad()
+    def best(self, sets: list, floor: Optional[float] = None):
+        """(index, log p per fill, top-1 kept per fill, score) of the set of ``sets`` with the
+        highest score (the first of a tie), of those that hold at ``floor`` (``holding``)
+        when one is given; None where none does. The same set as the scores ``__call__``
+        gives, for fewer forwards: a set's score under one fill bounds its worst over the
+        fills, so the lead fill (the one whose scores were lowest so far) is scored for every
+        set, the others, best bound first, only until no bound left can beat the best found.
+        """
+        keys = [frozenset(s) for s in sets]
+        order = list(range(len(keys)))
+        if not self.search.act and len(self.fills) > 1:
+            lead = self._lead()
+            self._fill(keys, lead)
+            bound = [float(self.memo[k, lead][SCORES.index(self.by)]) for k in keys]
+            if floor is not None:     # a set that loses top-1 under the lead fill fails
+                order = [i for i in order if float(self.memo[keys[i], lead][1]) > 0]
+            order.sort(key=lambda i: -bound[i])
+        else:
+            bound = [float("inf")] * len(keys)
+        top = None
+        for start in range(0, len(order), self.batch):
+            chunk = [i for i in order[start:start + self.batch]
+                     if top is None or bound[i] >= top[3]]
+            if not chunk:
+                break
+            logp, kept, value = self([keys[i] for i in chunk])
+            ok = holding(logp, kept, floor) if floor is not None else torch.ones(len(chunk))
+            for j, i in enumerate(chunk):
+                v = float(value[j])
+                if ok[j] and (top is None or v > top[3] or (v == top[3] and i < top[0])):
+                    top = (i, logp[j], kept[j], v)
+        return top
+
+    def _lead(self) -> int:
+        """The fill whose ``by`` scores were lowest on average over the sets scored under
+        every fill so far (the last fill before any is)."""
+        if self.by not in self.leads:
+            at = SCORES.index(self.by)
+            full = [k for k in {k for k, _ in self.memo}
+                    if all((k, j) in self.memo for j in range(len(self.fills)))]
+            if not full:
+                return len(self.fills) - 1
+            means = [sum(float(self.memo[k, j][at]) for k in full) / len(full)
+                     for j in range(len(self.fills))]
+            self.leads[self.by] = int(np.argmin(means))
+        return self.leads[self.by]
+
+    def _fill(self, keys: list, j: int) -> None:
+        """Score under fill ``j`` the sets of ``keys`` not scored under it yet."""
+        todo = [k for k in dict.fromkeys(keys) if (k, j) not in self.memo]
+        for i in range(0, len(todo), self.batch):
+            sets = todo[i:i + self.batch]
+            m = torch.cat([self.mask(s) for s in sets])
+            logits, acts = self.read(m * self.x + (1 - m) * self.fills[j][None])
+            logp = logits.log_softmax(-1)[:, self.target].cpu()
+            margin = self._margin(logits).cpu()
+            for b, s in enumerate(sets):
+                self.memo[s, j] = (logp[b], margin[b])
+            if self.search.act and j == 0:       # the taps' distance over the first fill
+                for b, s in enumerate(sets):
+                    self.dists[s] = self._distance([a[b:b + 1] for a in acts]).reshape(()).cpu()
 
     def _margin(self, logits: torch.Tensor) -> torch.Tensor:
         other = logits.clone()
@@ -191,6 +256,18 @@ class Scorer:
 
     def _distance(self, acts_e) -> torch.Tensor:
         return activation_matching(self.acts_x, acts_e, self.alphas, self.kinds, self.cdims)
+
+
+def holding(logp: torch.Tensor, kept: torch.Tensor, floor: float) -> torch.Tensor:
+    """Per set scored: whether the decision holds (top-1 under every fill, and p_target under
+    the first at least ``floor``)."""
+    return kept.all(1) & (logp[:, 0].exp() >= floor)
+
+
+def _pieces(labels: np.ndarray, device) -> torch.Tensor:
+    """One 0/1 mask (1, H, W) per label 0..k-1 of ``labels``: (k, 1, H, W)."""
+    lab = torch.from_numpy(labels).to(device)
+    return torch.stack([(lab == i) for i in range(int(labels.max()) + 1)]).float()[:, None]
 
 
 def finer(hm, x, search: RegionSearch, mask: torch.Tensor) -> np.ndarray:

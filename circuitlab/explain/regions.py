@@ -15,11 +15,15 @@ superpixels of the image (compact, colour-coherent pieces, ``segments`` of them)
    again with the sets scored by the target's logit margin over the strongest other class,
    up to 30 % (``scores``), and if that fails too (``found`` False) the first search's set
    of the best score seen is returned. A set is scored once per image (the stages share
-   the scores of the sets they both try, the superpixels alone first). Noise fills are
+   the scores of the sets they both try, the superpixels alone first), and a round's best
+   set is found without scoring every set under every fill: a set's score under one fill
+   bounds its worst over them, so the other fills are scored only for the sets that could
+   still win (``Scorer.best``; the same choice). Noise fills are
    drawn from the search's own stream (``backgrounds.fill_generator``), never the draws
    the metrics judge it with. The sets are scored a few per forward with the model in
    channels-last layout (``readers.channels_last``, undone afterwards): on a CPU that
-   forward is 2x faster than 32 at a time in the default layout.
+   forward is 2x faster than 32 at a time in the default layout; by a copy of the model
+   with its BatchNorms folded into the convolutions (``RegionSearch.fold_batchnorm``).
 2. Backward elimination: superpixels the decision holds without are removed, least useful
    first, until each remaining one is needed.
 3. Raised to the image's confidence: where p_target under the first fill is below the
@@ -52,7 +56,7 @@ from ..readers import channels_last
 from .certify import certify, masked_predictions
 from .config import preset
 from .optimize import Explanation
-from .pieces import RegionSearch, Scorer, adjacent, finer, superpixels
+from .pieces import RegionSearch, Scorer, adjacent, finer, holding, superpixels
 
 __all__ = ["RegionSearch", "explain_regions", "superpixels"]
 
@@ -73,56 +77,63 @@ def _grow(score: Scorer, touching: list, floor: float, max_area: float, search: 
         cands = cands or [i for i in prior if i not in chosen]
         if not cands:
             return fallback, False
-        logp, kept, value = score([chosen | {i} for i in cands])
-        worst = logp.min(1).values
-        best = int(torch.argmax(value))
+        best, logp, kept, value = score.best([chosen | {i} for i in cands])
         chosen = chosen | {cands[best]}
         area = score.area(chosen)
-        holds = bool(_holding(logp, kept, floor)[best])
-        if float(value[best]) > fallback_score:
-            fallback, fallback_score = set(chosen), float(value[best])
-        trail.append({"step": step, "area": area, "score": float(value[best]),
-                      "worst_p": float(worst[best].exp()),
-                      "p_first_fill": float(logp[best, 0].exp()), "holds": holds})
+        holds = bool(holding(logp[None], kept[None], floor)[0])
+        if value > fallback_score:
+            fallback, fallback_score = set(chosen), value
+        trail.append(_round(step, area, logp, score=value, holds=holds))
         if holds:
             return chosen, True
         if area >= max_area:
             return fallback, False
 
 
-def _holding(logp: torch.Tensor, kept: torch.Tensor, floor: float) -> torch.Tensor:
-    """Per set scored: whether the decision holds (top-1 under every fill, and p_target under
-    the first at least ``floor``)."""
-    return kept.all(1) & (logp[:, 0].exp() >= floor)
+def _prune(score: Scorer, chosen: set, floor: float, trail) -> set:
+    """Backward elimination while the decision holds: each round removes the piece whose
+    removal the decision holds best without, until no single piece can go."""
+    while len(chosen) > 1:
+        order = sorted(chosen)
+        found = score.best([chosen - {i} for i in order], floor)
+        if found is None:
+            break
+        chosen = chosen - {order[found[0]]}
+        trail.append(_round("remove", score.area(chosen), found[1]))
+    return chosen
 
 
-def _prune(score: Scorer, chosen: set, floor: float, trail, together: bool = False) -> set:
-    """Backward elimination while the decision holds: each round scores every piece removed
-    alone and removes the least needed one, or (``together``, for many small pieces) the
-    longest run of removable ones, least needed first, that the decision holds without,
-    found by bisection; until no single piece can go."""
+def _cut(score: Scorer, chosen: set, floor: float, trail) -> set:
+    """Backward elimination for many small pieces: each round ranks the pieces the decision
+    holds without, least needed first, and removes the longest run of them it holds
+    without (found by bisection), until no single piece can go."""
     while len(chosen) > 1:
         order = sorted(chosen)
         logp, kept, value = score([chosen - {i} for i in order])
-        ok = _holding(logp, kept, floor)
+        ok = holding(logp, kept, floor)
         if not ok.any():
-            return chosen
+            break
         ranked = [j for j in torch.argsort(-value).tolist() if ok[j]]
         run = [order[j] for j in ranked]
         held = logp[ranked[0]]        # log p per fill of the set that goes on
-        lo, hi = 1, len(run) if together else 1    # the first alone is known to hold
+        lo, hi = 1, len(run)          # the first alone is known to hold
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lp, kp, _ = score([chosen - set(run[:mid])])
-            if bool(_holding(lp, kp, floor)[0]):
+            if bool(holding(lp, kp, floor)[0]):
                 lo, held = mid, lp[0]
             else:
                 hi = mid - 1
         chosen = chosen - set(run[:lo])
-        trail.append({"step": "refine" if together else "remove", "area": score.area(chosen),
-                      "worst_p": float(held.min().exp()), "p_first_fill": float(held[0].exp()),
-                      "holds": True})
+        trail.append(_round("refine", score.area(chosen), held))
     return chosen
+
+
+def _round(step: str, area: float, logp: torch.Tensor, score=None, holds=True) -> dict:
+    """One round of the trail: the set's area, score and log p ``logp`` per fill."""
+    return {"step": step, "area": area, **({} if score is None else {"score": score}),
+            "worst_p": float(logp.min().exp()), "p_first_fill": float(logp[0].exp()),
+            "holds": holds}
 
 
 def _one(hm, x, target: int, p_image: float, search: RegionSearch, seed: int):
@@ -137,7 +148,7 @@ def _one(hm, x, target: int, p_image: float, search: RegionSearch, seed: int):
     touching = adjacent(labels, pieces.pieces.shape[0])
     for by, max_area in search.scores:
         mask, rounds, held, floor = _search(hm, x, pieces.scoring(by), touching, p_image,
-                                            search, seed, max_area)
+                                            search, max_area)
         trail += [{**r, "scored_by": by} for r in rounds]
         first = (mask, floor) if first is None else first
         if held:
@@ -146,7 +157,7 @@ def _one(hm, x, target: int, p_image: float, search: RegionSearch, seed: int):
 
 
 def _search(hm, x, score: Scorer, touching: list, p_image: float, search: RegionSearch,
-            seed: int, max_area: float):
+            max_area: float):
     """Grow sets of the scorer's pieces (to ``max_area`` at most), prune, raise to the
     image's confidence and refine on one image: (mask, rounds, whether it held, the floor
     on p_target it held at)."""
@@ -163,10 +174,8 @@ def _search(hm, x, score: Scorer, touching: list, p_image: float, search: Region
             chosen, floor = _prune(score, more, p_image, trail), p_image
     mask = score.mask(chosen)
     if search.refine and float(mask.mean()) > search.refine_above:
-        fine = Scorer(hm, x, finer(hm, x, search, mask), score.target, search, seed,
-                      score.by)
-        mask = fine.mask(_prune(fine, set(range(fine.pieces.shape[0])), floor, trail,
-                                together=True))
+        fine = score.over(finer(hm, x, search, mask))
+        mask = fine.mask(_cut(fine, set(range(fine.pieces.shape[0])), floor, trail))
     return mask, trail, True, floor
 
 

@@ -1,0 +1,79 @@
+"""The region search's scorer (``explain.pieces.Scorer``): each set scored once, and the best
+set of a round found with fewer forwards but exactly as scoring every set under every fill
+would (the independent oracle: a fresh scorer's full scores)."""
+import random
+
+import pytest
+import torch
+
+import circuitlab
+from circuitlab.explain.pieces import RegionSearch, Scorer, holding, superpixels
+
+
+@pytest.fixture(scope="module")
+def image():
+    hm = circuitlab.load_model("synthetic-cnn")
+    x = circuitlab.synthetic.make_dataset(1, seed=5).normalized()
+    search = RegionSearch(segments=24, batch_size=2)
+    return hm, x, search, superpixels(hm, x, search)
+
+
+def _counting(score):
+    """The scorer with the images of each forward counted."""
+    images, read = [], score.read
+    score.read = lambda batch: (images.append(batch.shape[0]), read(batch))[1]
+    return images
+
+
+def test_a_set_is_scored_once(image):
+    """The scorer keeps what it scored: sets asked again (here, or by the scorer of another
+    score it makes for a later stage) cost no forward, and give the same numbers."""
+    hm, x, search, labels = image
+    score = Scorer(hm, x, labels, 0, search, seed=1, by="logp")
+    images = _counting(score)
+    first = score([{0}, {1, 2}, {0}, {3}])
+    assert sum(images) == 3 * len(search.fills)            # {0} once
+    again = score.scoring("margin")
+    second = again([{2, 1}, {0}])
+    assert sum(images) == 3 * len(search.fills)            # nothing new
+    assert torch.equal(second[0], first[0][[1, 0]])
+    fresh = Scorer(hm, x, labels, 0, search, seed=1, by="margin")([{1, 2}, {0}])
+    assert torch.equal(second[2], fresh[2]) and torch.equal(second[1], fresh[1])
+
+
+
+@pytest.mark.parametrize("by", ["logp", "margin"])
+def test_the_best_set_is_the_one_every_score_picks_for_fewer_forwards(image, by):
+    """``best``: the first set of the highest score (of those that hold at a floor, when one
+    is given), with its log p, top-1 kept and score, as a fresh scorer scoring every set
+    under every fill gives them; None where none holds."""
+    hm, x, search, labels = image
+    n = int(labels.max()) + 1
+    target = int(hm(x).argmax(-1))
+    rng = random.Random(0)
+    rounds = [[set(rng.sample(range(n), rng.randint(1, n // 2))) for _ in range(12)]
+              for _ in range(6)]
+    rounds.append(rounds[0][:3] * 2)                     # ties: the first of them
+    score = Scorer(hm, x, labels, target, search, seed=1, by=by)
+    images = _counting(score)
+    asked = 0
+    for sets in rounds:
+        for floor in (None, 0.0, 0.5, 1.1):
+            oracle = Scorer(hm, x, labels, target, search, seed=1, by=by)
+            logp, kept, value = oracle(sets)
+            ok = holding(logp, kept, floor) if floor is not None else \
+                torch.ones(len(sets), dtype=torch.bool)
+            found = score.best(sets, floor)
+            if not ok.any():
+                assert found is None
+                continue
+            want = int(torch.argmax(torch.where(ok, value, -float("inf"))))
+            i, lp, kp, v = found
+            assert i == want
+            # equal up to the rounding of other batch compositions
+            torch.testing.assert_close(lp, logp[want], rtol=1e-5, atol=1e-5)
+            assert torch.equal(kp, kept[want]) and v == pytest.approx(float(value[want]),
+                                                                      abs=1e-5)
+        asked += len({frozenset(s) for s in sets})
+    # the lead fill for every set, the other fill for far fewer than all
+    assert len(search.fills) * asked > sum(images) >= asked
