@@ -77,3 +77,27 @@ def test_the_best_set_is_the_one_every_score_picks_for_fewer_forwards(image, by)
         asked += len({frozenset(s) for s in sets})
     # the lead fill for every set, the other fill for far fewer than all
     assert len(search.fills) * asked > sum(images) >= asked
+
+
+def test_the_ranking_of_the_sets_that_hold_is_every_scores(image):
+    """``rank``: the sets that hold at the floor, highest score first, with their log p, as
+    a fresh scorer scoring every set under every fill ranks them."""
+    hm, x, search, labels = image
+    n = int(labels.max()) + 1
+    target = int(hm(x).argmax(-1))
+    rng = random.Random(1)
+    score = Scorer(hm, x, labels, target, search, seed=1, by="margin")
+    sizes = []
+    for floor in (0.0, 0.3, 0.9):
+        sets = [set(rng.sample(range(n), rng.randint(1, n - 1))) for _ in range(16)]
+        logp, kept, value = Scorer(hm, x, labels, target, search, seed=1, by="margin")(sets)
+        ok = holding(logp, kept, floor)
+        want = [i for i in torch.argsort(-value, stable=True).tolist() if ok[i]]
+        ranked, lp = score.rank(sets, floor)
+        assert ranked == want
+        sizes.append(len(want))
+        if want:
+            torch.testing.assert_close(lp, logp[want], rtol=1e-5, atol=1e-5)
+        else:
+            assert lp is None
+    assert max(sizes) > 1 and min(sizes) < 16, sizes      # some hold, some do not

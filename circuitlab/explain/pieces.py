@@ -196,16 +196,8 @@ class Scorer:
         set, the others, best bound first, only until no bound left can beat the best found.
         """
         keys = [frozenset(s) for s in sets]
-        order = list(range(len(keys)))
-        if not self.search.act and len(self.fills) > 1:
-            lead = self._lead()
-            self._fill(keys, lead)
-            bound = [float(self.memo[k, lead][SCORES.index(self.by)]) for k in keys]
-            if floor is not None:     # a set that loses top-1 under the lead fill fails
-                order = [i for i in order if float(self.memo[keys[i], lead][1]) > 0]
-            order.sort(key=lambda i: -bound[i])
-        else:
-            bound = [float("inf")] * len(keys)
+        idx, bound = self._bounds(keys, floor)
+        order = sorted(idx, key=lambda i: -bound[i])
         top = None
         for start in range(0, len(order), self.batch):
             chunk = [i for i in order[start:start + self.batch]
@@ -219,6 +211,33 @@ class Scorer:
                 if ok[j] and (top is None or v > top[3] or (v == top[3] and i < top[0])):
                     top = (i, logp[j], kept[j], v)
         return top
+
+    @torch.no_grad()
+    def rank(self, sets: list, floor: float):
+        """(indices of the sets of ``sets`` that hold at ``floor``, highest score first (the
+        first of a tie first), their log p per fill), as the scores ``__call__`` gives; a set
+        that loses top-1 under the lead fill is scored under it alone."""
+        keys = [frozenset(s) for s in sets]
+        idx, _ = self._bounds(keys, floor)
+        if not idx:
+            return [], None
+        logp, kept, value = self([keys[i] for i in idx])
+        ok = holding(logp, kept, floor)
+        pos = sorted((j for j in range(len(idx)) if ok[j]), key=lambda j: -float(value[j]))
+        return [idx[j] for j in pos], logp[pos]
+
+    def _bounds(self, keys: list, floor: Optional[float]):
+        """(indices of the sets of ``keys`` worth scoring under every fill, an upper bound of
+        each one's score): where bounds pay (no activation term, more than one fill), the
+        lead fill scored for every set, its score the bound, and with a floor the sets that
+        lose top-1 under it left out (they cannot hold)."""
+        if self.search.act or len(self.fills) == 1:
+            return list(range(len(keys))), [float("inf")] * len(keys)
+        lead = self._lead()
+        self._fill(keys, lead)
+        scored = [self.memo[k, lead] for k in keys]
+        bound = [float(sc[SCORES.index(self.by)]) for sc in scored]
+        return [i for i in range(len(keys)) if floor is None or float(scored[i][1]) > 0], bound
 
     def _lead(self) -> int:
         """The fill whose ``by`` scores were lowest on average over the sets scored under

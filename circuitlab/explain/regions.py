@@ -109,18 +109,16 @@ def _cut(score: Scorer, chosen: set, floor: float, trail) -> set:
     without (found by bisection), until no single piece can go."""
     while len(chosen) > 1:
         order = sorted(chosen)
-        logp, kept, value = score([chosen - {i} for i in order])
-        ok = holding(logp, kept, floor)
-        if not ok.any():
+        ranked, logp = score.rank([chosen - {i} for i in order], floor)
+        if not ranked:
             break
-        ranked = [j for j in torch.argsort(-value).tolist() if ok[j]]
         run = [order[j] for j in ranked]
-        held = logp[ranked[0]]        # log p per fill of the set that goes on
+        held = logp[0]                # log p per fill of the set that goes on
         lo, hi = 1, len(run)          # the first alone is known to hold
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lp, kp, _ = score([chosen - set(run[:mid])])
-            if bool(holding(lp, kp, floor)[0]):
+            holds, lp = score.rank([chosen - set(run[:mid])], floor)
+            if holds:
                 lo, held = mid, lp[0]
             else:
                 hi = mid - 1
