@@ -19,7 +19,6 @@ Prints a table and writes CSV (default benchmarks/results/circuits.csv).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 import circuitlab as cl  # noqa: E402
 from circuitlab.circuits import read_circuit  # noqa: E402
-from _common import report  # noqa: E402
+from _common import report, run_benchmark, start  # noqa: E402
 
 
 def _sync():
@@ -100,6 +99,7 @@ def main(argv=None) -> int:
                    "untrained: timing only, no training on the GPU)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "circuits.csv"))
     args = p.parse_args(argv)
+    start(args.out, args.device)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     reps = 1 if args.quick else args.reps
@@ -127,4 +127,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_benchmark(main)

@@ -30,6 +30,7 @@ from circuitlab.explain import Explainer, amortized_preset, explain, minimize, p
 from circuitlab.explain import train_explainer  # noqa: E402
 from circuitlab.explain.reasons import all_reasons  # noqa: E402
 from circuitlab.files import write_text  # noqa: E402
+from _common import run_benchmark, start  # noqa: E402
 
 
 def fwd_bwd_seconds(hm, x, reps=5):
@@ -195,6 +196,7 @@ def main(argv=None) -> int:
                    help="run only these parts (repeatable; default all)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "explain.csv"))
     args = p.parse_args(argv)
+    start(args.out)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     steps = 5 if args.quick else None
@@ -232,4 +234,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_benchmark(main)

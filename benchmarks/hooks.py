@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from circuitlab import HookedModel  # noqa: E402
-from _common import report  # noqa: E402
+from _common import report, run_benchmark, start  # noqa: E402
 
 CONFIGS = {
     "full": [("resnet50", {}, 224), ("vit_small_patch16_224", {}, 224)],
@@ -104,6 +104,7 @@ def main(argv=None) -> int:
                                                         "7 above)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "hooks.csv"))
     args = p.parse_args(argv)
+    start(args.out, args.device)
     device = torch.device(args.device)
     warnings.filterwarnings("ignore")
     rows = []
@@ -119,4 +120,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_benchmark(main)

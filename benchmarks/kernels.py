@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -33,7 +32,7 @@ if not torch.cuda.is_available():          # Triton on a CPU only runs under its
 import pandas as pd  # noqa: E402
 
 import circuitlab.kernels as kernels  # noqa: E402
-from _common import report  # noqa: E402
+from _common import report, run_benchmark, start  # noqa: E402
 from circuitlab.kernels import reference as R  # noqa: E402
 
 RESNET50 = [(64, 112), (256, 56), (512, 28), (1024, 14), (2048, 7)]      # (C, side)
@@ -201,6 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.csv"))
     args = p.parse_args(argv)
+    start(args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.quick:
         print("the kernel benchmark needs a CUDA GPU; run with --quick for a CPU smoke run "
@@ -249,4 +249,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_benchmark(main)

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from _common import report
+from _common import report, run_benchmark, start
 from circuitlab import synthetic
 from circuitlab.files import write_text
 
@@ -124,6 +124,7 @@ def main(argv=None) -> int:
                    help="comma-separated subset of: " + ", ".join(COMMANDS))
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.csv"))
     args = p.parse_args(argv)
+    start(args.out, args.device)
     gpu = args.device != "cpu"
     n = args.images or (8 if args.quick else 256 if gpu else 64)
     batches = [1, 4] if args.quick else ([1, 16, 64, 256] if gpu else [1, 4, 16, 64])
@@ -163,4 +164,4 @@ def table(rows: list) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_benchmark(main)

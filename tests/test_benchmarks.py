@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -77,3 +78,23 @@ def test_throughput_benchmark_smoke(tmp_path):
     assert set(df["command"]) == {"explain --no-minimal", "saliency gradcam"}
     assert (df["images_per_s"] > 0).all() and (df["same_masks"] == 1.0).all()
     assert df.loc[df["batch"] == 1, "vs_one_at_a_time"].eq(1.0).all()
+
+
+@pytest.mark.parametrize("script", ["hooks", "explain", "kernels", "circuits", "throughput"])
+def test_a_benchmark_refuses_an_output_it_cannot_write_at_once(tmp_path, script):
+    """Before minutes of timing, not at the end: one line, exit status 2."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = _run(f"benchmarks/{script}.py", "--quick", "--out", blocker / "out.csv", timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--out" in lines[0], r.stderr[-2000:]
+
+
+def test_a_benchmark_refuses_a_device_it_does_not_have(tmp_path):
+    bad = ["nope"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        r = _run("benchmarks/hooks.py", "--quick", "--device", device, "--out",
+                 tmp_path / "h.csv", timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "--device" in lines[0], r.stderr
+    assert not (tmp_path / "h.csv").exists()
