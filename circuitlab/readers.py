@@ -16,6 +16,8 @@ convolution's output, its norm's input) are refused.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -58,6 +60,15 @@ class TapReader:
         if execution.compile is not None:
             self._attach()
             self._fn = torch.compile(self._forward, mode=execution.compile)
+
+    def replica(self) -> "TapReader":
+        """This reader over its own copy of its model, for another thread: a call arms hooks
+        and switches attention kernels on the reader's model, so two threads share no
+        reader."""
+        other = TapReader(copy.deepcopy(self.model), self.points,
+                          dataclasses.replace(self.execution, fold_batchnorm=False))
+        other.folded = self.folded
+        return other
 
     def _check_unfolded(self) -> None:
         changed = {(c, "output") for c, _ in self.folded} | \

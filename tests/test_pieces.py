@@ -2,6 +2,7 @@
 set of a round found with fewer forwards but exactly as scoring every set under every fill
 would (the independent oracle: a fresh scorer's full scores)."""
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,9 +20,13 @@ def image():
 
 
 def _counting(score):
-    """The scorer with the images of each forward counted."""
-    images, read = [], score.read
-    score.read = lambda batch: (images.append(batch.shape[0]), read(batch))[1]
+    """The scorer with the images of each forward (by any of its workers) counted."""
+    images = []
+
+    def counted(read):
+        return lambda batch: (images.append(batch.shape[0]), read(batch))[1]
+
+    score.reads[:] = [counted(r) for r in score.reads]
     return images
 
 
@@ -101,3 +106,24 @@ def test_the_ranking_of_the_sets_that_hold_is_every_scores(image):
         else:
             assert lp is None
     assert max(sizes) > 1 and min(sizes) < 16, sizes      # some hold, some do not
+
+
+@pytest.mark.parametrize("act", [0.0, 0.5])      # with taps read by each worker's hooks
+def test_forwards_run_at_once_give_what_one_at_a_time_gives(image, act):
+    """``workers``: the sets' chunks scored by several single-threaded forwards at once, each
+    worker on its own copy of the model, give the scores one worker gives (up to the
+    rounding of another thread count), and torch's thread count is put back."""
+    hm, x, search, labels = image
+    n = int(labels.max()) + 1
+    rng = random.Random(2)
+    sets = [set(rng.sample(range(n), rng.randint(1, n - 1))) for _ in range(11)]
+    threads = torch.get_num_threads()
+    one = Scorer(hm, x, labels, 0, replace(search, workers=1, act=act), seed=1, by="margin")
+    three = Scorer(hm, x, labels, 0, replace(search, workers=3, act=act), seed=1, by="margin")
+    assert len(three.reads) == 3 and len(one.reads) == 1
+    assert len({id(r.model) for r in three.reads}) == 3            # no model shared
+    for a, b in zip(one(sets), three(sets)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert torch.get_num_threads() == threads
+    with pytest.raises(circuitlab.CircuitlabError, match="workers"):
+        RegionSearch(workers=0)

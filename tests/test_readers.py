@@ -57,6 +57,29 @@ def test_reader_later_calls_views_and_fused_attention(small_vit):
     assert [m.fused_attn for m in vit.model.modules() if hasattr(m, "fused_attn")] == fused
 
 
+def test_a_replica_reads_the_same_on_its_own_copy_from_another_thread(small_vit):
+    """``replica``: a reader for another thread; both at once read what the trace reads, and
+    each model's attention kernels are as they were after."""
+    from concurrent.futures import ThreadPoolExecutor
+    vit = small_vit
+    names = ["blocks.1.attn.hook_pattern", "blocks.0.hook_resid_post"]
+    read = vit.reader(names)
+    twin = read.replica()
+    assert twin.model is not read.model
+    fused = [[m.fused_attn for m in r.model.modules() if hasattr(m, "fused_attn")]
+             for r in (read, twin)]
+    x = batch_for(vit)
+    ref_logits, cache = vit.run_with_cache(x, names=names)
+    with ThreadPoolExecutor(2) as pool:       # one thread a reader, both at once
+        outs = sum(pool.map(lambda r: [r(x) for _ in range(4)], [read, twin]), [])
+    for logits, acts in outs:
+        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+        for n, a in zip(names, acts):
+            torch.testing.assert_close(a, cache[n], rtol=0, atol=0)
+    assert fused == [[m.fused_attn for m in r.model.modules() if hasattr(m, "fused_attn")]
+                     for r in (read, twin)]
+
+
 def test_an_eager_reader_leaves_no_hook_on_the_model():
     import copy
     import pickle

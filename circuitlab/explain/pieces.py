@@ -13,6 +13,7 @@ scored again, and the best set of a round is found scoring most sets under one f
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -71,6 +72,10 @@ class RegionSearch:
     # layout ran fastest (docs/results.md, "Superpixel regions"), 64 on a GPU
     batch_size: Optional[int] = None
     channels_last: bool = True       # the model in channels-last layout during the search
+    # forwards run at once on a CPU, each in one thread on its own copy of the model: on 2
+    # cores two single-threaded forwards outran one forward on both (docs/results.md,
+    # "Superpixel regions"); None: torch's thread count, at most 8 (one on a GPU)
+    workers: Optional[int] = None
     # the sets scored by a copy of the model with its BatchNorms folded into the convolutions
     # (``folding``): the same logits up to float rounding and the same masks on the photos,
     # in fewer operations a forward (docs/results.md, "Superpixel regions")
@@ -86,6 +91,9 @@ class RegionSearch:
         if not 0 <= self.refine_above <= 1:
             raise CircuitlabError(f"refine_above is a fraction of the image, in [0, 1]; got "
                                   f"{self.refine_above}")
+        if self.workers is not None and self.workers < 1:
+            raise CircuitlabError(f"workers is how many forwards run at once, at least 1; got "
+                                  f"{self.workers}")
         if self.batch_size is not None and self.batch_size < 1:
             raise CircuitlabError(f"batch_size is how many sets a forward scores, at least 1; "
                                   f"got {self.batch_size}")
@@ -145,6 +153,9 @@ class Scorer:
         self.read = hm.reader(names, Execution(channels_last=search.channels_last,
                                                fold_batchnorm=search.fold_batchnorm))
         self.batch = search.batch_size or (4 if x.device.type == "cpu" else 64)
+        workers = search.workers or (min(torch.get_num_threads(), 8)
+                                     if x.device.type == "cpu" else 1)
+        self.reads = [self.read] + [self.read.replica() for _ in range(workers - 1)]
         if search.act:
             with torch.no_grad():
                 self.acts_x = self.read(x)[1]
@@ -198,9 +209,9 @@ class Scorer:
         keys = [frozenset(s) for s in sets]
         idx, bound = self._bounds(keys, floor)
         order = sorted(idx, key=lambda i: -bound[i])
-        top = None
-        for start in range(0, len(order), self.batch):
-            chunk = [i for i in order[start:start + self.batch]
+        top, step = None, self.batch * len(self.reads)     # a batch for each worker
+        for start in range(0, len(order), step):
+            chunk = [i for i in order[start:start + step]
                      if top is None or bound[i] >= top[3]]
             if not chunk:
                 break
@@ -256,17 +267,39 @@ class Scorer:
     def _fill(self, keys: list, j: int) -> None:
         """Score under fill ``j`` the sets of ``keys`` not scored under it yet."""
         todo = [k for k in dict.fromkeys(keys) if (k, j) not in self.memo]
-        for i in range(0, len(todo), self.batch):
-            sets = todo[i:i + self.batch]
-            m = torch.cat([self.mask(s) for s in sets])
-            logits, acts = self.read(m * self.x + (1 - m) * self.fills[j][None])
-            logp = logits.log_softmax(-1)[:, self.target].cpu()
-            margin = self._margin(logits).cpu()
+        chunks = [todo[i:i + self.batch] for i in range(0, len(todo), self.batch)]
+        n = min(len(chunks), len(self.reads))
+        if n > 1:     # worker w scores chunks w, w + n, ... with its own reader, one thread
+            def work(w):
+                return [self._forward(c, j, self.reads[w]) for c in chunks[w::n]]
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(n) as pool:
+                    parts = list(pool.map(work, range(n)))
+            finally:
+                torch.set_num_threads(threads)
+            outs = [parts[i % n][i // n] for i in range(len(chunks))]
+        else:
+            outs = [self._forward(c, j, self.reads[0]) for c in chunks]
+        for sets, (logp, margin, dist) in zip(chunks, outs):
             for b, s in enumerate(sets):
                 self.memo[s, j] = (logp[b], margin[b])
-            if self.search.act and j == 0:       # the taps' distance over the first fill
-                for b, s in enumerate(sets):
-                    self.dists[s] = self._distance([a[b:b + 1] for a in acts]).reshape(()).cpu()
+                if dist is not None:
+                    self.dists[s] = dist[b]
+
+    @torch.no_grad()
+    def _forward(self, sets: list, j: int, read):
+        """(log p, margin, activation distance or None) of ``sets`` under fill ``j``."""
+        m = torch.cat([self.mask(s) for s in sets])
+        logits, acts = read(m * self.x + (1 - m) * self.fills[j][None])
+        dist = None
+        if self.search.act and j == 0:       # the taps' distance over the first fill
+            dist = torch.stack([self._distance([a[b:b + 1] for a in acts]).reshape(())
+                                for b in range(len(sets))]).cpu()
+        return (logits.log_softmax(-1)[:, self.target].cpu(), self._margin(logits).cpu(),
+                dist)
 
     def _margin(self, logits: torch.Tensor) -> torch.Tensor:
         other = logits.clone()

@@ -23,7 +23,8 @@ superpixels of the image (compact, colour-coherent pieces, ``segments`` of them)
    the metrics judge it with. The sets are scored a few per forward with the model in
    channels-last layout (``readers.channels_last``, undone afterwards): on a CPU that
    forward is 2x faster than 32 at a time in the default layout; by a copy of the model
-   with its BatchNorms folded into the convolutions (``RegionSearch.fold_batchnorm``).
+   with its BatchNorms folded into the convolutions (``RegionSearch.fold_batchnorm``); on a
+   CPU several such forwards at once, one thread each (``RegionSearch.workers``).
 2. Backward elimination: superpixels the decision holds without are removed, least useful
    first, until each remaining one is needed.
 3. Raised to the image's confidence: where p_target under the first fill is below the
