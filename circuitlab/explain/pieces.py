@@ -149,26 +149,27 @@ class Scorer:
             points, self.alphas, self.kinds, self.cdims = resolve_taps(
                 hm, preset("default", hm.family.name, min(x.shape[-2:])))
             names = [p.name for p in points]
-        # the reader lays the inputs out as the weights are inside the search's block
-        self.read = hm.reader(names, Execution(channels_last=search.channels_last,
-                                               fold_batchnorm=search.fold_batchnorm))
+        # the reader lays the inputs out as the weights are inside the search's block; one
+        # per worker
+        read = hm.reader(names, Execution(channels_last=search.channels_last,
+                                          fold_batchnorm=search.fold_batchnorm))
         self.batch = search.batch_size or (4 if x.device.type == "cpu" else 64)
         workers = search.workers or (min(torch.get_num_threads(), 8)
                                      if x.device.type == "cpu" else 1)
-        self.reads = [self.read] + [self.read.replica() for _ in range(workers - 1)]
+        self.reads = [read] + [read.replica() for _ in range(workers - 1)]
         if search.act:
             with torch.no_grad():
-                self.acts_x = self.read(x)[1]
+                self.acts_x = read(x)[1]
 
     def scoring(self, by: str) -> "Scorer":
-        """This scorer with the sets scored ``by`` (SCORES): the same pieces, fills, reader
+        """This scorer with the sets scored ``by`` (SCORES): the same pieces, fills, readers
         and kept scores, so a set scored by either is not scored again."""
         other = copy.copy(self)
         other.by = by
         return other
 
     def over(self, labels: np.ndarray) -> "Scorer":
-        """This scorer over other pieces (labels 0..k-1, -1 for none): the same fills, reader
+        """This scorer over other pieces (labels 0..k-1, -1 for none): the same fills, readers
         and score, its own kept scores."""
         other = copy.copy(self)
         other.pieces, other.memo, other.dists = _pieces(labels, self.x.device), {}, {}
