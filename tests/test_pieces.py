@@ -84,6 +84,31 @@ def test_the_best_set_is_the_one_every_score_picks_for_fewer_forwards(image, by)
     assert len(search.fills) * asked > sum(images) >= asked
 
 
+def test_the_best_bound_is_scored_alone_first(image):
+    """``best`` scores the other fills for the set of the best bound first, alone: where that
+    set's score is its bound and no other bound reaches it, one forward beyond the lead
+    fill's is all a round costs (a batch of sets would cost one forward each)."""
+    hm, x, search, labels = image
+    n = int(labels.max()) + 1
+    target = int(hm(x).argmax(-1))
+    rng = random.Random(3)
+    seen = 0
+    for _ in range(12):
+        sets = [set(rng.sample(range(n), rng.randint(1, n // 2))) for _ in range(10)]
+        oracle = Scorer(hm, x, labels, target, search, seed=1, by="logp")
+        logp, _, value = oracle(sets)
+        lead = logp[:, -1]                       # a fresh scorer's lead: the last fill
+        first, second = torch.topk(lead, 2).indices.tolist()
+        if not (value[first] == lead[first] and lead[second] < lead[first]):
+            continue
+        seen += 1
+        score = Scorer(hm, x, labels, target, search, seed=1, by="logp")
+        images = _counting(score)
+        assert score.best(sets)[0] == first
+        assert sum(images) == len({frozenset(s) for s in sets}) + 1
+    assert seen       # the case happened (else the test says nothing)
+
+
 def test_the_ranking_of_the_sets_that_hold_is_every_scores(image):
     """``rank``: the sets that hold at the floor, highest score first, with their log p, as
     a fresh scorer scoring every set under every fill ranks them."""

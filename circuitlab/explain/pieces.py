@@ -210,10 +210,11 @@ class Scorer:
         keys = [frozenset(s) for s in sets]
         idx, bound = self._bounds(keys, floor)
         order = sorted(idx, key=lambda i: -bound[i])
-        top, step = None, self.batch * len(self.reads)     # a batch for each worker
-        for start in range(0, len(order), step):
-            chunk = [i for i in order[start:start + step]
-                     if top is None or bound[i] >= top[3]]
+        # the best bound alone first (its score is usually its bound, and then no other
+        # set needs a forward), then a batch for each worker at a time
+        top, step = None, self.batch * len(self.reads)
+        for start, end in _chunks(len(order), step):
+            chunk = [i for i in order[start:end] if top is None or bound[i] >= top[3]]
             if not chunk:
                 break
             logp, kept, value = self([keys[i] for i in chunk])
@@ -309,6 +310,12 @@ class Scorer:
 
     def _distance(self, acts_e) -> torch.Tensor:
         return activation_matching(self.acts_x, acts_e, self.alphas, self.kinds, self.cdims)
+
+
+def _chunks(n: int, step: int):
+    """(start, end) of the first item alone, then of ``step`` items at a time, over n."""
+    bounds = [0] + list(range(1, n, step)) + [n]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def holding(logp: torch.Tensor, kept: torch.Tensor, floor: float) -> torch.Tensor:
