@@ -141,7 +141,7 @@ class Scorer:
         # per score: the fill scored first by ``best``; shared with the scorers ``scoring``
         # makes
         self.memo, self.dists, self.leads = {}, {}, {}
-        self.pieces = _pieces(labels, x.device)
+        self.labels, self.count = _labels(labels, x.device)
         self.fills = make_backgrounds(x, hm.data_config, search.fills,
                                       fill_generator(seed, "regions"))   # (F, C, H, W)
         names = []
@@ -172,16 +172,17 @@ class Scorer:
         """This scorer over other pieces (labels 0..k-1, -1 for none): the same fills, readers
         and score, its own kept scores."""
         other = copy.copy(self)
-        other.pieces, other.memo, other.dists = _pieces(labels, self.x.device), {}, {}
+        other.labels, other.count = _labels(labels, self.x.device)
+        other.memo, other.dists = {}, {}
         return other
 
     def area(self, chosen) -> float:
         return float(self.mask(chosen).mean())
 
     def mask(self, chosen) -> torch.Tensor:
-        idx = torch.tensor(sorted(chosen), dtype=torch.long, device=self.x.device)
-        return self.pieces[idx].sum(0, keepdim=True).clamp(max=1) if len(idx) else \
-            torch.zeros_like(self.pieces[:1])
+        keep = torch.zeros(self.count + 1, device=self.x.device)
+        keep[torch.tensor(sorted(chosen), dtype=torch.long, device=self.x.device) + 1] = 1
+        return keep[self.labels][None, None]
 
     @torch.no_grad()
     def __call__(self, sets: list):
@@ -324,10 +325,10 @@ def holding(logp: torch.Tensor, kept: torch.Tensor, floor: float) -> torch.Tenso
     return kept.all(1) & (logp[:, 0].exp() >= floor)
 
 
-def _pieces(labels: np.ndarray, device) -> torch.Tensor:
-    """One 0/1 mask (1, H, W) per label 0..k-1 of ``labels``: (k, 1, H, W)."""
-    lab = torch.from_numpy(labels).to(device)
-    return torch.stack([(lab == i) for i in range(int(labels.max()) + 1)]).float()[:, None]
+def _labels(labels: np.ndarray, device):
+    """(``labels`` + 1 as a tensor, 0 where no piece, the number of pieces k): a set's mask
+    is one lookup per pixel, not a sum of k masks (2 ms a set of 40 at 224 px)."""
+    return torch.from_numpy(labels + 1).long().to(device), int(labels.max()) + 1
 
 
 def finer(hm, x, search: RegionSearch, mask: torch.Tensor) -> np.ndarray:

@@ -144,7 +144,7 @@ def _one(hm, x, target: int, p_image: float, search: RegionSearch, seed: int):
     # every stage grows sets of the same pieces, scored under the same fills, each set once
     labels = superpixels(hm, x, search)
     pieces = Scorer(hm, x, labels, target, search, seed, search.scores[0][0])
-    touching = adjacent(labels, pieces.pieces.shape[0])
+    touching = adjacent(labels, pieces.count)
     for by, max_area in search.scores:
         mask, rounds, held, floor = _search(hm, x, pieces.scoring(by), touching, p_image,
                                             search, max_area)
@@ -174,7 +174,7 @@ def _search(hm, x, score: Scorer, touching: list, p_image: float, search: Region
     mask = score.mask(chosen)
     if search.refine and float(mask.mean()) > search.refine_above:
         fine = score.over(finer(hm, x, search, mask))
-        mask = fine.mask(_cut(fine, set(range(fine.pieces.shape[0])), floor, trail))
+        mask = fine.mask(_cut(fine, set(range(fine.count)), floor, trail))
     return mask, trail, True, floor
 
 
