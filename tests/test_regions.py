@@ -127,7 +127,7 @@ def test_bad_settings_are_one_clear_error():
     for bad in (dict(segments=1), dict(fills=()), dict(scores=()), dict(scores=("logp",)),
                 dict(scores=(("logp", 0.2), ("nope", 0.3))), dict(scores=(("logp", 0.0),)),
                 dict(scores=(("margin", 1.5),)), dict(confident_within=0.0),
-                dict(confident_within=2)):
+                dict(confident_within=2), dict(fills=("grey", "noise"))):
         with pytest.raises(CircuitlabError):
             RegionSearch(**bad)
 
@@ -143,6 +143,7 @@ def test_cli_regions_mode(tmp_path, capsys):
     assert metrics["mode"] == "regions" and metrics["segments"] == 24
     assert metrics["region_search"] and "found" in metrics and "region_effects" in metrics
     assert metrics["confident_within"] == RegionSearch().confident_within
+    assert metrics["fills"] == list(RegionSearch().fills)
     capsys.readouterr()
     # the raise to the image's confidence off: no raise rounds, and metrics.json says so
     code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
@@ -166,6 +167,38 @@ def test_cli_regions_mode(tmp_path, capsys):
         code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
                      str(tmp_path / "bad"), *bad])
         assert code == 2 and "--mode regions" in capsys.readouterr().err, bad
+    assert not (tmp_path / "bad").exists()
+
+
+def test_more_fills_are_more_draws_the_mask_holds_under(tmp_path, capsys):
+    """--fills / RegionSearch(fills=...): a kind named twice is two draws of it, and the mask
+    that holds holds under each of them (checked by direct forwards)."""
+    from circuitlab.cli import main
+    hm = circuitlab.load_model("synthetic-cnn")
+    x = circuitlab.synthetic.make_dataset(4, seed=123).normalized()
+    search = replace(SEARCH, fills=("grey", "gaussian", "gaussian"))
+    ex = explain_regions(hm, x, search, seed=3)
+    assert ex.found.any()
+    for i in np.flatnonzero(ex.found.numpy()):
+        xi = x[i:i + 1]
+        fills = make_backgrounds(xi, hm.data_config, search.fills, fill_generator(3, "regions"))
+        assert not torch.equal(fills[1], fills[2])             # two draws, not one twice
+        with torch.no_grad():
+            p_image = float(hm(xi).softmax(-1)[0, ex.target[i]])
+        assert _holds(hm, xi, ex.mask[i:i + 1], int(ex.target[i]), fills, p_image)
+    code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
+                 str(tmp_path / "f"), "--segments", "24", "--fills", "grey, gaussian,uniform",
+                 "--json"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "f" / "metrics.json").read_text())
+    assert metrics["mode"] == "regions"                    # --fills picks regions mode
+    assert metrics["fills"] == ["grey", "gaussian", "uniform"]
+    capsys.readouterr()
+    for bad in ("grey,noise", "grey,,gaussian"):
+        code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
+                     str(tmp_path / "bad"), "--fills", bad])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "fills" in err, err
     assert not (tmp_path / "bad").exists()
 
 

@@ -20,7 +20,8 @@ MAX_REASONS = 10
 SEGMENTS = 128       # --mode regions: explain.regions.RegionSearch's default, without torch
 CONFIDENT_WITHIN = 0.15      # the same for --confident-within
 # flags of regions mode: under --mode auto, giving any of them picks regions mode
-REGION_FLAGS = ("segments", "confident_within")
+REGION_FLAGS = ("segments", "confident_within", "fills")
+FILLS = ("grey", "gaussian")    # the same for --fills
 # flags of per-image mode and their defaults: under --mode auto, giving any of them picks
 # per-image mode whatever the input size
 PER_IMAGE_FLAGS = {"area": None, "reasons": 1, "preset": "default", "steps": None,
@@ -102,6 +103,7 @@ def _finish_one(hm, x, free, ex, image, out: Path, args, shared_seconds: float) 
     if regions:
         within = CONFIDENT_WITHIN if args.confident_within is None else args.confident_within
         result.update(segments=args.segments or SEGMENTS, confident_within=within,
+                      fills=list(args.fills or FILLS),
                       found=bool(ex.found[0]),
                       region_search=ex.search[0])
     if cert is not None:
@@ -169,6 +171,15 @@ def _save_reasons(out: Path, hm, x, found) -> list:
     for stale in range(len(found) + 1, MAX_REASONS + 1):   # an earlier --force run's extras
         (out / f"reason_{stale}.png").unlink(missing_ok=True)
     return rows
+
+
+def _fills(text: str) -> tuple:
+    """--fills: a comma-separated list of fills (checked against the kinds by the search)."""
+    kinds = tuple(k.strip() for k in text.split(","))
+    if not all(kinds):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of fills, e.g. "
+                                         f"grey,gaussian; got {text!r}")
+    return kinds
 
 
 def _within(text: str):
@@ -299,6 +310,12 @@ def register(sub) -> None:
                         f"the image, grow it until it is as sure, to at most this fraction "
                         f"of the image, and prune it again at that confidence; off keeps the "
                         f"label's set (default {CONFIDENT_WITHIN})")
+    p.add_argument("--fills", type=_fills, default=None, metavar="KIND,KIND,...",
+                   help=f"regions mode: what fills the rest of the image while a set is "
+                        f"scored; the label must hold under each (grey, gaussian, uniform, "
+                        f"blur; a kind named twice is two draws): more noise draws give "
+                        f"masks kept under more fresh noise, larger and slower (docs/"
+                        f"results.md) (default {','.join(FILLS)})")
     p.add_argument("--explainer", help="explainer checkpoint from `circuitlab "
                                        "train-explainer` (amortized mode)")
     p.add_argument("--refine", type=count, default=0,

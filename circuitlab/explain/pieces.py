@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from skimage.segmentation import slic
 
-from ..backgrounds import fill_generator, make_backgrounds
+from ..backgrounds import KINDS, fill_generator, make_backgrounds
 from ..data import denormalize
 from ..errors import CircuitlabError
 from ..execution import Execution
@@ -100,8 +100,9 @@ class RegionSearch:
         if self.confident_within is not None and not 0 < self.confident_within <= 1:
             raise CircuitlabError(f"confident_within is a fraction of the image, in (0, 1], "
                                   f"or None; got {self.confident_within}")
-        if not self.fills:
-            raise CircuitlabError("fills: at least one, e.g. ('grey', 'gaussian')")
+        if not self.fills or not all(k in KINDS for k in self.fills):
+            raise CircuitlabError(f"fills: one or more of {', '.join(KINDS)} (a kind twice is "
+                                  f"two draws), e.g. ('grey', 'gaussian'); got {self.fills!r}")
         if not self.scores or not all(
                 isinstance(st, (tuple, list)) and len(st) == 2 and st[0] in SCORES and
                 isinstance(st[1], (int, float)) and 0 < st[1] <= 1 for st in self.scores):
