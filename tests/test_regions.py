@@ -123,6 +123,16 @@ def test_the_regions_sit_on_the_planted_object(setup):
                for i, c in enumerate(ex.certificates))
 
 
+def test_a_batch_gives_each_image_the_mask_it_gets_alone(setup):
+    """The images of one call share the search's readers (one copy of the model per worker,
+    made once): nothing of one image's search leaks into the next's."""
+    hm, x, _, ex = setup
+    for i in (0, x.shape[0] - 1):
+        alone = explain_regions(hm, x[i:i + 1], SEARCH, seed=3)
+        assert torch.equal(alone.mask[0], ex.mask[i])
+        assert bool(alone.found[0]) == bool(ex.found[i])
+
+
 def test_bad_settings_are_one_clear_error():
     for bad in (dict(segments=1), dict(fills=()), dict(scores=()), dict(scores=("logp",)),
                 dict(scores=(("logp", 0.2), ("nope", 0.3))), dict(scores=(("logp", 0.0),)),

@@ -133,10 +133,30 @@ def adjacent(labels: np.ndarray, n: int) -> list:
     return out
 
 
+def search_readers(hm: HookedModel, search: RegionSearch, x: torch.Tensor) -> list:
+    """The readers a search over images like ``x`` scores sets with, one per worker, each on
+    its own copy of the model (a reader arms hooks and switches attention kernels on its
+    model, so threads share none); made once per ``explain_regions`` call and handed to
+    each image's scorer. Inside the search's channels-last block the reader lays the
+    inputs out as the weights are."""
+    names = [p.name for p in _taps(hm, x)[0]] if search.act else []
+    read = hm.reader(names, Execution(channels_last=search.channels_last,
+                                      fold_batchnorm=search.fold_batchnorm))
+    workers = search.workers or (min(torch.get_num_threads(), 8)
+                                 if x.device.type == "cpu" else 1)
+    return [read] + [read.replica() for _ in range(workers - 1)]
+
+
+def _taps(hm: HookedModel, x: torch.Tensor):
+    """The activation term's taps, weights, distances and channel dims (the family's)."""
+    return resolve_taps(hm, preset("default", hm.family.name, min(x.shape[-2:])))
+
+
 class Scorer:
     """The decision under each fill for sets of superpixels of one image."""
 
-    def __init__(self, hm, x, labels, target, search: RegionSearch, seed: int, by: str):
+    def __init__(self, hm, x, labels, target, search: RegionSearch, seed: int, by: str,
+                 reads: Optional[list] = None):
         self.x, self.target, self.search, self.by = x, target, search, by
         # per (set of pieces, fill): (log p, margin); per set: the activation distance;
         # per score: the fill scored first by ``best``; shared with the scorers ``scoring``
@@ -145,22 +165,12 @@ class Scorer:
         self.labels, self.count = _labels(labels, x.device)
         self.fills = make_backgrounds(x, hm.data_config, search.fills,
                                       fill_generator(seed, "regions"))   # (F, C, H, W)
-        names = []
-        if search.act:
-            points, self.alphas, self.kinds, self.cdims = resolve_taps(
-                hm, preset("default", hm.family.name, min(x.shape[-2:])))
-            names = [p.name for p in points]
-        # the reader lays the inputs out as the weights are inside the search's block; one
-        # per worker
-        read = hm.reader(names, Execution(channels_last=search.channels_last,
-                                          fold_batchnorm=search.fold_batchnorm))
         self.batch = search.batch_size or (4 if x.device.type == "cpu" else 64)
-        workers = search.workers or (min(torch.get_num_threads(), 8)
-                                     if x.device.type == "cpu" else 1)
-        self.reads = [read] + [read.replica() for _ in range(workers - 1)]
+        self.reads = list(reads or search_readers(hm, search, x))
         if search.act:
+            _, self.alphas, self.kinds, self.cdims = _taps(hm, x)
             with torch.no_grad():
-                self.acts_x = read(x)[1]
+                self.acts_x = self.reads[0](x)[1]
 
     def scoring(self, by: str) -> "Scorer":
         """This scorer with the sets scored ``by`` (SCORES): the same pieces, fills, readers

@@ -57,7 +57,8 @@ from ..readers import channels_last
 from .certify import certify, masked_predictions
 from .config import preset
 from .optimize import Explanation
-from .pieces import RegionSearch, Scorer, adjacent, finer, holding, superpixels
+from .pieces import (RegionSearch, Scorer, adjacent, finer, holding, search_readers,
+                     superpixels)
 
 __all__ = ["RegionSearch", "explain_regions", "superpixels"]
 
@@ -135,7 +136,7 @@ def _round(step: str, area: float, logp: torch.Tensor, score=None, holds=True) -
             "holds": holds}
 
 
-def _one(hm, x, target: int, p_image: float, search: RegionSearch, seed: int):
+def _one(hm, x, target: int, p_image: float, search: RegionSearch, seed: int, reads: list):
     """One image (1, C, H, W): (mask, the search's rounds, whether the decision held under
     every fill, the floor on p_target it held at). Each (score, largest area) of
     ``search.scores`` is tried in turn until a set holds; if none does, the first search's
@@ -143,7 +144,7 @@ def _one(hm, x, target: int, p_image: float, search: RegionSearch, seed: int):
     trail, first = [], None
     # every stage grows sets of the same pieces, scored under the same fills, each set once
     labels = superpixels(hm, x, search)
-    pieces = Scorer(hm, x, labels, target, search, seed, search.scores[0][0])
+    pieces = Scorer(hm, x, labels, target, search, seed, search.scores[0][0], reads)
     touching = adjacent(labels, pieces.count)
     for by, max_area in search.scores:
         mask, rounds, held, floor = _search(hm, x, pieces.scoring(by), touching, p_image,
@@ -192,8 +193,9 @@ def explain_regions(hm: HookedModel, x: torch.Tensor, search: RegionSearch = Reg
     targets = logits.argmax(-1) if target is None else target_classes(hm, x, target).to(x.device)
     p_image = logits.softmax(-1).gather(1, targets[:, None]).squeeze(1).cpu()
     with channels_last(hm.model) if search.channels_last else nullcontext():
+        reads = search_readers(hm, search, x)          # the images' scorers share them
         masks, trails, found, used = zip(*[
-            _one(hm, x[i:i + 1], int(targets[i]), float(p_image[i]), search, seed)
+            _one(hm, x[i:i + 1], int(targets[i]), float(p_image[i]), search, seed, reads)
             for i in range(x.shape[0])])
     mask = torch.cat(masks)
     floors = torch.minimum(torch.tensor(used, dtype=p_image.dtype), torch.cat([
