@@ -15,11 +15,12 @@ from .errors import CircuitlabError
 from .preprocessing import normalize
 
 KINDS = ("grey", "gaussian", "uniform", "blur")
+RANDOM_KINDS = ("gaussian", "uniform")     # drawn anew each time; the others are fixed
 # Who draws random fills from a seed. The metrics judge a mask with draws from ``seed``
 # itself; an explainer fitting its mask to draws of its own must not see those, or "kept
 # under noise" would count the draw it was fitted to (the region search and the robustness
 # term's fixed backgrounds at seed 0 once did).
-STREAMS = ("metrics", "regions", "objective")
+STREAMS = ("metrics", "regions", "objective", "robust")
 
 
 def fill_generator(seed: int, stream: str) -> torch.Generator:

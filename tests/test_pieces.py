@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import circuitlab
-from circuitlab.explain.pieces import RegionSearch, Scorer, holding, superpixels
+from circuitlab.explain import RegionSearch
+from circuitlab.explain.pieces import Scorer, holding, superpixels
 
 
 @pytest.fixture(scope="module")

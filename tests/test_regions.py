@@ -133,11 +133,43 @@ def test_a_batch_gives_each_image_the_mask_it_gets_alone(setup):
         assert bool(alone.found[0]) == bool(ex.found[i])
 
 
+def test_robust_masks_hold_by_the_margin_under_fresh_draws_of_their_own(setup):
+    """RegionSearch(robust_draws=k): the set found grows on by whole superpixels until top-1
+    holds by ``robust_margin`` under the mean colour and k draws of each noise fill of the
+    robust stream (checked by direct forwards), then is pruned under them; where it does not
+    get there within ``robust_within``, the mask is the one found without it."""
+    hm, x, _, ex = setup
+    search = replace(SEARCH, robust_draws=3, robust_within=0.9)
+    assert search.robust_fills == ("grey", "gaussian", "gaussian", "gaussian")
+    assert replace(search, fills=("grey", "gaussian", "uniform", "blur"),
+                   robust_draws=2).robust_fills == ("grey", "gaussian", "gaussian", "uniform",
+                                                    "uniform")    # blur is one image
+    robust = explain_regions(hm, x, search, seed=3)
+    grown = 0
+    for i in np.flatnonzero(ex.found.numpy()):
+        xi, t = x[i:i + 1], int(ex.target[i])
+        rows = [r for r in robust.search[i] if r["step"] == "robust"]
+        assert rows                                        # it ran on every set that held
+        if not rows[-1]["holds"]:
+            assert torch.equal(robust.mask[i], ex.mask[i])
+            continue
+        grown += 1
+        fills = make_backgrounds(xi, hm.data_config, search.robust_fills,
+                                 fill_generator(3, "robust"))
+        assert _worst(hm, xi, robust.mask[i:i + 1], t, fills, "margin") >= \
+            search.robust_margin - 1e-4
+        assert not torch.equal(fills, make_backgrounds(    # not the search's own draws
+            xi, hm.data_config, search.robust_fills, fill_generator(3, "regions")))
+    assert grown
+
+
 def test_bad_settings_are_one_clear_error():
     for bad in (dict(segments=1), dict(fills=()), dict(scores=()), dict(scores=("logp",)),
                 dict(scores=(("logp", 0.2), ("nope", 0.3))), dict(scores=(("logp", 0.0),)),
                 dict(scores=(("margin", 1.5),)), dict(confident_within=0.0),
-                dict(confident_within=2), dict(fills=("grey", "noise"))):
+                dict(confident_within=2), dict(fills=("grey", "noise")),
+                dict(robust_draws=-1), dict(robust_within=0.0), dict(robust_margin=-1.0),
+                dict(fills=("grey", "blur"), robust_draws=2)):
         with pytest.raises(CircuitlabError):
             RegionSearch(**bad)
 
@@ -182,7 +214,8 @@ def test_cli_regions_mode(tmp_path, capsys):
 
 def test_more_fills_are_more_draws_the_mask_holds_under(tmp_path, capsys):
     """--fills / RegionSearch(fills=...): a kind named twice is two draws of it, and the mask
-    that holds holds under each of them (checked by direct forwards)."""
+    that holds holds under each of them (checked by direct forwards); --robust-draws on the
+    command line, and what metrics.json says of both."""
     from circuitlab.cli import main
     hm = circuitlab.load_model("synthetic-cnn")
     x = circuitlab.synthetic.make_dataset(4, seed=123).normalized()
@@ -204,11 +237,22 @@ def test_more_fills_are_more_draws_the_mask_holds_under(tmp_path, capsys):
     assert metrics["mode"] == "regions"                    # --fills picks regions mode
     assert metrics["fills"] == ["grey", "gaussian", "uniform"]
     capsys.readouterr()
-    for bad in ("grey,noise", "grey,,gaussian"):
+    assert metrics["robust_draws"] == 0 and metrics["robust_held"] is None
+    code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
+                 str(tmp_path / "r"), "--segments", "24", "--robust-draws", "2", "--json"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["mode"] == "regions" and metrics["robust_draws"] == 2
+    grown = [r for r in metrics["region_search"] if r["step"] == "robust"]
+    assert metrics["robust_held"] == (bool(grown) and grown[-1]["holds"])
+    capsys.readouterr()
+    for bad in (["--fills", "grey,noise"], ["--fills", "grey,,gaussian"],
+                ["--robust-draws", "0"], ["--robust-draws", "2", "--fills", "grey,blur"],
+                ["--robust-draws", "2", "--mode", "per-image"]):
         code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
-                     str(tmp_path / "bad"), "--fills", bad])
+                     str(tmp_path / "bad"), *bad])
         err = capsys.readouterr().err
-        assert code == 2 and len(err.strip().splitlines()) == 1 and "fills" in err, err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and bad[0][2:6] in err, err
     assert not (tmp_path / "bad").exists()
 
 
@@ -265,9 +309,10 @@ def test_the_activation_term_is_the_paper_distance_over_the_mean_colour():
 
 
 def test_the_cli_default_is_the_search_default():
-    from circuitlab.cli.explain import CONFIDENT_WITHIN, SEGMENTS
+    from circuitlab.cli._modes import CONFIDENT_WITHIN, FILLS, SEGMENTS
     assert SEGMENTS == RegionSearch().segments
     assert CONFIDENT_WITHIN == RegionSearch().confident_within
+    assert FILLS == RegionSearch().fills
 
 
 def test_the_finer_pass_keeps_whole_pieces_each_needed(setup):

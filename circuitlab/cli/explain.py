@@ -14,19 +14,12 @@ from ._common import (add_batch_args, add_image_arg, add_model_args, add_outputs
                       bars_on, count, emit, fraction, overlay, positive_int, provenance, ratio,
                       save_mask_pngs, save_png, steps_bar, target_index)
 from ._folder import run_folder, run_one
+from ._modes import (CONFIDENT_WITHIN, FILLS, PER_IMAGE_FLAGS, SEGMENTS, auto_mode, belong,
+                     fills_arg, per_image_flags, region_flags, region_report, region_settings,
+                     resolved_mode, within_arg)
 
 OUTPUTS = ("mask.png", "explanation.png", "overlay.png", "metrics.json")
 MAX_REASONS = 10
-SEGMENTS = 128       # --mode regions: explain.regions.RegionSearch's default, without torch
-CONFIDENT_WITHIN = 0.15      # the same for --confident-within
-# flags of regions mode: under --mode auto, giving any of them picks regions mode
-REGION_FLAGS = ("segments", "confident_within", "fills")
-FILLS = ("grey", "gaussian")    # the same for --fills
-# flags of per-image mode and their defaults: under --mode auto, giving any of them picks
-# per-image mode whatever the input size
-PER_IMAGE_FLAGS = {"area": None, "reasons": 1, "preset": "default", "steps": None,
-                   "minimal": True, "precision": "fp32", "compile": "off",
-                   "channels_last": False, "fold_batchnorm": False}
 # reason i's colour in reasons.png (RGB in [0, 1]): distinct, readable on photos
 _REASON_COLOURS = ((0.9, 0.2, 0.1), (0.1, 0.5, 0.95), (0.1, 0.8, 0.2), (0.95, 0.8, 0.1),
                    (0.7, 0.2, 0.9))
@@ -38,11 +31,7 @@ def _first_pass(hm, x, args):
     from ..explain import explain
     if args.mode == "regions":
         from ..explain.regions import RegionSearch, explain_regions
-        given = {k: getattr(args, k) for k in REGION_FLAGS + ("confidence",)
-                 if getattr(args, k) is not None}
-        if given.get("confident_within") == "off":
-            given["confident_within"] = None
-        return explain_regions(hm, x, RegionSearch(**given),
+        return explain_regions(hm, x, RegionSearch(**region_settings(args)),
                                target=target_index(hm, args.target), seed=args.seed)
     if args.mode == "amortized":
         if args.target is not None:
@@ -101,10 +90,7 @@ def _finish_one(hm, x, free, ex, image, out: Path, args, shared_seconds: float) 
         "seconds": shared_seconds + time.perf_counter() - t0, **provenance(args, hm),
     }
     if regions:
-        within = CONFIDENT_WITHIN if args.confident_within is None else args.confident_within
-        result.update(segments=args.segments or SEGMENTS, confident_within=within,
-                      fills=list(args.fills or FILLS),
-                      found=bool(ex.found[0]),
+        result.update(region_report(args, ex.search[0]), found=bool(ex.found[0]),
                       region_search=ex.search[0])
     if cert is not None:
         result.update(minimal_area=float(cert.mask.mean()),
@@ -173,65 +159,11 @@ def _save_reasons(out: Path, hm, x, found) -> list:
     return rows
 
 
-def _fills(text: str) -> tuple:
-    """--fills: a comma-separated list of fills (checked against the kinds by the search)."""
-    kinds = tuple(k.strip() for k in text.split(","))
-    if not all(kinds):
-        raise argparse.ArgumentTypeError(f"a comma-separated list of fills, e.g. "
-                                         f"grey,gaussian; got {text!r}")
-    return kinds
-
-
-def _within(text: str):
-    """--confident-within: a fraction of the image, or off."""
-    return "off" if text == "off" else fraction(text)
-
-
-def resolved_mode(mode: str, image_size: int) -> str:
-    """--mode auto once the input size is known: regions for photos (inputs of at least
-    ``explain.config.LARGE_INPUT`` px a side), per-image below (superpixels of a small input
-    are as large as its objects: docs/results.md); any other mode as it is."""
-    from ..explain.config import LARGE_INPUT
-    if mode != "auto":
-        return mode
-    return "regions" if image_size >= LARGE_INPUT else "per-image"
-
-
-def _per_image_flags(args) -> str:
-    """The per-image flags given, as the command line spells them ('' when none)."""
-    given = []
-    for name, default in PER_IMAGE_FLAGS.items():
-        value = getattr(args, name)
-        if value != default:   # --no-minimal is the one off-switch among them
-            given.append(f"--no-{name}" if value is False else "--" + name.replace("_", "-"))
-    return ", ".join(given)
-
-
-def _region_flags(args) -> str:
-    """The regions-mode flags given, as the command line spells them ('' when none)."""
-    return ", ".join("--" + k.replace("_", "-") for k in REGION_FLAGS
-                     if getattr(args, k) is not None)
-
-
-def _belong(flags: str) -> str:
-    return "belong" if "," in flags else "belongs"
-
-
-def _auto_mode(args) -> str:
-    """--mode auto before the model loads: per-image when a per-image flag is given, regions
-    when a regions flag is, else still auto (the input size decides, in ``_explain_batch``)."""
-    per_image, regions = _per_image_flags(args), _region_flags(args)
-    if regions and per_image:
-        raise CircuitlabError(f"{regions} {_belong(regions)} to --mode regions, {per_image} "
-                              f"to per-image mode: drop one, or name the mode with --mode")
-    return "regions" if regions else "per-image" if per_image else "auto"
-
-
 def _check(args) -> tuple:
     """Settings that do not fit together, before anything loads: (outputs to write)."""
     names = OUTPUTS
     if args.mode == "auto" and not (args.explainer or args.refine):
-        args.mode = _auto_mode(args)
+        args.mode = auto_mode(args)
     if not 1 <= args.reasons <= MAX_REASONS:
         raise CircuitlabError(f"--reasons is how many reasons to look for, 1 to "
                               f"{MAX_REASONS}; got {args.reasons}")
@@ -243,13 +175,13 @@ def _check(args) -> tuple:
         raise CircuitlabError("--precision, --compile, --channels-last and --fold-batchnorm "
                               "belong to per-image mode")
     if args.mode == "regions":
-        flags = ", ".join(f for f in (_per_image_flags(args), args.explainer and "--explainer",
+        flags = ", ".join(f for f in (per_image_flags(args), args.explainer and "--explainer",
                                       args.refine and "--refine") if f)
         if flags:
             raise CircuitlabError(f"--mode regions builds its own mask: not with {flags}")
-    regions = _region_flags(args)
+    regions = region_flags(args)
     if args.mode != "regions" and regions:
-        raise CircuitlabError(f"{regions} {_belong(regions)} to --mode regions")
+        raise CircuitlabError(f"{regions} {belong(regions)} to --mode regions")
     if args.mode == "amortized":
         if not args.explainer:
             raise CircuitlabError("--mode amortized needs --explainer FILE (train one with "
@@ -305,17 +237,24 @@ def register(sub) -> None:
     p.add_argument("--segments", type=positive_int, default=None,
                    help=f"regions mode: superpixels to build the mask from (default "
                         f"{SEGMENTS})")
-    p.add_argument("--confident-within", type=_within, default=None, metavar="AREA|off",
+    p.add_argument("--confident-within", type=within_arg, default=None, metavar="AREA|off",
                    help=f"regions mode: where the set that keeps the label is less sure than "
                         f"the image, grow it until it is as sure, to at most this fraction "
                         f"of the image, and prune it again at that confidence; off keeps the "
                         f"label's set (default {CONFIDENT_WITHIN})")
-    p.add_argument("--fills", type=_fills, default=None, metavar="KIND,KIND,...",
+    p.add_argument("--fills", type=fills_arg, default=None, metavar="KIND,KIND,...",
                    help=f"regions mode: what fills the rest of the image while a set is "
                         f"scored; the label must hold under each (grey, gaussian, uniform, "
                         f"blur; a kind named twice is two draws): more noise draws give "
                         f"masks kept under more fresh noise, larger and slower (docs/"
                         f"results.md) (default {','.join(FILLS)})")
+    p.add_argument("--robust-draws", type=positive_int, default=None,
+                   metavar="K",
+                   help="regions mode: grow the set found by whole superpixels until top-1 "
+                        "holds by a margin under the mean colour and K fresh draws of each "
+                        "noise fill, then prune it under them (to at most 40 %% of the "
+                        "image; else the set found stays): masks kept under fresh noise, "
+                        "larger and slower (docs/explain.md) (default off)")
     p.add_argument("--explainer", help="explainer checkpoint from `circuitlab "
                                        "train-explainer` (amortized mode)")
     p.add_argument("--refine", type=count, default=0,

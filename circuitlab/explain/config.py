@@ -1,9 +1,11 @@
-"""Objective weights, taps, generator and optimiser settings; the presets."""
+"""Objective weights, taps, generator and optimiser settings; the presets; the region
+search's settings (``RegionSearch``)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
+from ..backgrounds import KINDS, RANDOM_KINDS
 from ..errors import CircuitlabError
 from ..execution import Execution
 
@@ -170,3 +172,107 @@ def amortized_preset(family: str = "generic", image_size: Optional[int] = None,
                       out_stride=1 if small else 2, input_scale=1 if small else 2,
                       init_keep=None)
     return cfg.replace(**overrides) if overrides else cfg
+
+
+# How a set is scored at one fill. log p_target grows the sets a person reads (the cup's rim,
+# the moped's tank), surer ones; the target's logit margin over the strongest other class is
+# what top-1 needs, and finds sets where log p_target raised the target while another class
+# rose faster (docs/results.md, "Superpixel regions").
+SCORES = ("logp", "margin")
+
+
+@dataclass(frozen=True)
+class RegionSearch:
+    """Settings of ``explain_regions``."""
+
+    # SLIC superpixels asked for (it returns about as many); 128 over 64 on the photos:
+    # smaller sets that hold more often (docs/results.md, "Superpixel regions")
+    segments: int = 128
+    compactness: float = 20.0        # SLIC: higher gives rounder, less colour-bound pieces
+    fills: tuple = ("grey", "gaussian")   # the rest of the image, as backgrounds.KINDS
+    # p_target under the first fill >= this x the image's; 0: the top-1 label under every
+    # fill is the decision (1 holds on fewer photos, at larger areas: docs/results.md)
+    confidence: float = 0.0
+    # a set that holds is grown on around its regions by its worst log p, to this area at
+    # most, until p_target under the first fill is the image's, then pruned at that floor
+    # (the finer pass may cut it again); where it does not get there the set that holds is
+    # kept. 0.15 over 0.1: the image's confidence on four photos of eight, not three
+    # (docs/results.md, "Superpixel regions"); None: off
+    confident_within: Optional[float] = 0.15
+    top_k: int = 12                  # candidates beyond the set's neighbours: best alone
+    # a set that holds but covers more than ``refine_above`` of the image is cut along a
+    # finer SLIC of ``refine`` superpixels and pruned again (None: off); the photos it
+    # took under 10 %: docs/results.md, "Superpixel regions"
+    refine: Optional[int] = 256
+    refine_above: float = 0.1
+    # (how a set is scored at a fill (SCORES), the area at which that search stops growing),
+    # tried in turn until a set holds; log p first, for its readable sets, but only to 15 %:
+    # the sets it found past that were rare and slow (docs/results.md, "Superpixel regions")
+    scores: tuple = (("logp", 0.15), ("margin", 0.3))
+    act: float = 0.0                 # weight of activation matching (the paper's term, the
+    #                                  family's taps, first fill) subtracted from the score
+    # sets scored per forward; None: 4 on a CPU, where small batches in channels-last
+    # layout ran fastest (docs/results.md, "Superpixel regions"), 64 on a GPU
+    batch_size: Optional[int] = None
+    channels_last: bool = True       # the model in channels-last layout during the search
+    # forwards run at once on a CPU, each in one thread on its own copy of the model: on 2
+    # cores two single-threaded forwards outran one forward on both (docs/results.md,
+    # "Superpixel regions"); None: torch's thread count, at most 8 (one on a GPU)
+    workers: Optional[int] = None
+    # the sets scored by a copy of the model with its BatchNorms folded into the convolutions
+    # (``folding``): the same logits up to float rounding and the same masks on the photos,
+    # in fewer operations a forward (docs/results.md, "Superpixel regions")
+    fold_batchnorm: bool = True
+    # robust: the set found is grown on by whole superpixels around it, by its worst logit
+    # margin, until top-1 holds by at least ``robust_margin`` over the mean colour and
+    # ``robust_draws`` fresh draws of each noise fill (a stream of their own), to at most
+    # ``robust_within`` of the image, and pruned again under them; 0: off. The masks that
+    # hold over one noise draw lose the label under most fresh ones, and a set kept under
+    # every fresh draw needs 4-40 % of the image (docs/results.md, "Superpixel regions")
+    robust_draws: int = 0
+    robust_margin: float = 0.5
+    robust_within: float = 0.4
+
+    @property
+    def robust_fills(self) -> tuple:
+        """The fills the robust growth holds under: the first fill, then ``robust_draws``
+        draws of each random fill of ``fills``."""
+        noise = [k for k in dict.fromkeys(self.fills[1:]) if k in RANDOM_KINDS]
+        return self.fills[:1] + tuple(k for k in noise for _ in range(self.robust_draws))
+
+    def __post_init__(self):
+        if not 2 <= self.segments <= 1024:
+            raise CircuitlabError(f"segments is how many superpixels, 2 to 1024; got "
+                                  f"{self.segments}")
+        if self.refine is not None and not 2 <= self.refine <= 1024:
+            raise CircuitlabError(f"refine is how many superpixels the finer pass cuts the "
+                                  f"image into, 2 to 1024, or None; got {self.refine}")
+        if not 0 <= self.refine_above <= 1:
+            raise CircuitlabError(f"refine_above is a fraction of the image, in [0, 1]; got "
+                                  f"{self.refine_above}")
+        if self.workers is not None and self.workers < 1:
+            raise CircuitlabError(f"workers is how many forwards run at once, at least 1; got "
+                                  f"{self.workers}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise CircuitlabError(f"batch_size is how many sets a forward scores, at least 1; "
+                                  f"got {self.batch_size}")
+        if self.confident_within is not None and not 0 < self.confident_within <= 1:
+            raise CircuitlabError(f"confident_within is a fraction of the image, in (0, 1], "
+                                  f"or None; got {self.confident_within}")
+        if not self.fills or not all(k in KINDS for k in self.fills):
+            raise CircuitlabError(f"fills: one or more of {', '.join(KINDS)} (a kind twice is "
+                                  f"two draws), e.g. ('grey', 'gaussian'); got {self.fills!r}")
+        if self.robust_draws < 0 or self.robust_margin < 0 or not 0 < self.robust_within <= 1:
+            raise CircuitlabError(f"robust_draws >= 0 (0: off), robust_margin >= 0 (logits) and "
+                                  f"robust_within in (0, 1]; got {self.robust_draws}, "
+                                  f"{self.robust_margin}, {self.robust_within}")
+        if self.robust_draws and len(self.robust_fills) == 1:
+            raise CircuitlabError(f"robust_draws: fresh draws of the random fills among fills "
+                                  f"({', '.join(RANDOM_KINDS)}); {self.fills!r} has none")
+        if not self.scores or not all(
+                isinstance(st, (tuple, list)) and len(st) == 2 and st[0] in SCORES and
+                isinstance(st[1], (int, float)) and 0 < st[1] <= 1 for st in self.scores):
+            raise CircuitlabError(f"scores: one or more (score, largest area) pairs, the score "
+                                  f"one of {', '.join(SCORES)} and the area in (0, 1], tried in "
+                                  f"turn, e.g. (('logp', 0.15), ('margin', 0.3)); got "
+                                  f"{self.scores!r}")

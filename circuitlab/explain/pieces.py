@@ -1,5 +1,5 @@
-"""The region search's settings (``RegionSearch``; the search is ``regions``), the pieces it
-builds a mask from and how a set of them is scored: SLIC superpixels of the image, which
+"""The pieces the region search (``regions``; its settings ``config.RegionSearch``) builds a
+mask from and how a set of them is scored: SLIC superpixels of the image, which
 touch which, and the decision under each fill (the rest of the image at the dataset mean,
 Gaussian noise, ...) for a set of them, a few sets per forward; a set scored once is not
 scored again, and the best set of a round is found scoring most sets under one fill only
@@ -14,102 +14,20 @@ from __future__ import annotations
 
 import copy
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
 import torch
 from skimage.segmentation import slic
 
-from ..backgrounds import KINDS, fill_generator, make_backgrounds
+from ..backgrounds import fill_generator, make_backgrounds
 from ..data import denormalize
-from ..errors import CircuitlabError
 from ..execution import Execution
 from ..hooked_model import HookedModel
 from ..kernels import activation_matching
-from .config import preset
+from .config import SCORES, RegionSearch, preset
 from .objective import resolve_taps
-
-
-# How a set is scored at one fill. log p_target grows the sets a person reads (the cup's rim,
-# the moped's tank), surer ones; the target's logit margin over the strongest other class is
-# what top-1 needs, and finds sets where log p_target raised the target while another class
-# rose faster (docs/results.md, "Superpixel regions").
-SCORES = ("logp", "margin")
-
-
-@dataclass(frozen=True)
-class RegionSearch:
-    """Settings of ``explain_regions``."""
-
-    # SLIC superpixels asked for (it returns about as many); 128 over 64 on the photos:
-    # smaller sets that hold more often (docs/results.md, "Superpixel regions")
-    segments: int = 128
-    compactness: float = 20.0        # SLIC: higher gives rounder, less colour-bound pieces
-    fills: tuple = ("grey", "gaussian")   # the rest of the image, as backgrounds.KINDS
-    # p_target under the first fill >= this x the image's; 0: the top-1 label under every
-    # fill is the decision (1 holds on fewer photos, at larger areas: docs/results.md)
-    confidence: float = 0.0
-    # a set that holds is grown on around its regions by its worst log p, to this area at
-    # most, until p_target under the first fill is the image's, then pruned at that floor
-    # (the finer pass may cut it again); where it does not get there the set that holds is
-    # kept. 0.15 over 0.1: the image's confidence on four photos of eight, not three
-    # (docs/results.md, "Superpixel regions"); None: off
-    confident_within: Optional[float] = 0.15
-    top_k: int = 12                  # candidates beyond the set's neighbours: best alone
-    # a set that holds but covers more than ``refine_above`` of the image is cut along a
-    # finer SLIC of ``refine`` superpixels and pruned again (None: off); the photos it
-    # took under 10 %: docs/results.md, "Superpixel regions"
-    refine: Optional[int] = 256
-    refine_above: float = 0.1
-    # (how a set is scored at a fill (SCORES), the area at which that search stops growing),
-    # tried in turn until a set holds; log p first, for its readable sets, but only to 15 %:
-    # the sets it found past that were rare and slow (docs/results.md, "Superpixel regions")
-    scores: tuple = (("logp", 0.15), ("margin", 0.3))
-    act: float = 0.0                 # weight of activation matching (the paper's term, the
-    #                                  family's taps, first fill) subtracted from the score
-    # sets scored per forward; None: 4 on a CPU, where small batches in channels-last
-    # layout ran fastest (docs/results.md, "Superpixel regions"), 64 on a GPU
-    batch_size: Optional[int] = None
-    channels_last: bool = True       # the model in channels-last layout during the search
-    # forwards run at once on a CPU, each in one thread on its own copy of the model: on 2
-    # cores two single-threaded forwards outran one forward on both (docs/results.md,
-    # "Superpixel regions"); None: torch's thread count, at most 8 (one on a GPU)
-    workers: Optional[int] = None
-    # the sets scored by a copy of the model with its BatchNorms folded into the convolutions
-    # (``folding``): the same logits up to float rounding and the same masks on the photos,
-    # in fewer operations a forward (docs/results.md, "Superpixel regions")
-    fold_batchnorm: bool = True
-
-    def __post_init__(self):
-        if not 2 <= self.segments <= 1024:
-            raise CircuitlabError(f"segments is how many superpixels, 2 to 1024; got "
-                                  f"{self.segments}")
-        if self.refine is not None and not 2 <= self.refine <= 1024:
-            raise CircuitlabError(f"refine is how many superpixels the finer pass cuts the "
-                                  f"image into, 2 to 1024, or None; got {self.refine}")
-        if not 0 <= self.refine_above <= 1:
-            raise CircuitlabError(f"refine_above is a fraction of the image, in [0, 1]; got "
-                                  f"{self.refine_above}")
-        if self.workers is not None and self.workers < 1:
-            raise CircuitlabError(f"workers is how many forwards run at once, at least 1; got "
-                                  f"{self.workers}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise CircuitlabError(f"batch_size is how many sets a forward scores, at least 1; "
-                                  f"got {self.batch_size}")
-        if self.confident_within is not None and not 0 < self.confident_within <= 1:
-            raise CircuitlabError(f"confident_within is a fraction of the image, in (0, 1], "
-                                  f"or None; got {self.confident_within}")
-        if not self.fills or not all(k in KINDS for k in self.fills):
-            raise CircuitlabError(f"fills: one or more of {', '.join(KINDS)} (a kind twice is "
-                                  f"two draws), e.g. ('grey', 'gaussian'); got {self.fills!r}")
-        if not self.scores or not all(
-                isinstance(st, (tuple, list)) and len(st) == 2 and st[0] in SCORES and
-                isinstance(st[1], (int, float)) and 0 < st[1] <= 1 for st in self.scores):
-            raise CircuitlabError(f"scores: one or more (score, largest area) pairs, the score "
-                                  f"one of {', '.join(SCORES)} and the area in (0, 1], tried in "
-                                  f"turn, e.g. (('logp', 0.15), ('margin', 0.3)); got "
-                                  f"{self.scores!r}")
 
 
 def superpixels(hm: HookedModel, x: torch.Tensor, search: RegionSearch) -> np.ndarray:
@@ -158,6 +76,8 @@ class Scorer:
     def __init__(self, hm, x, labels, target, search: RegionSearch, seed: int, by: str,
                  reads: Optional[list] = None):
         self.x, self.target, self.search, self.by = x, target, search, by
+        self.config, self.seed = hm.data_config, seed
+        self.need = 0.0                  # the logit margin by which top-1 holds
         # per (set of pieces, fill): (log p, margin); per set: the activation distance;
         # per score: the fill scored first by ``best``; shared with the scorers ``scoring``
         # makes
@@ -187,6 +107,16 @@ class Scorer:
         other.memo, other.dists = {}, {}
         return other
 
+    def under(self, kinds: tuple, need: float) -> "Scorer":
+        """This scorer with the fills ``kinds`` drawn from the robust stream, top-1 held only
+        by a logit margin of at least ``need``: the same pieces and readers, its own kept
+        scores."""
+        other = copy.copy(self)
+        other.fills = make_backgrounds(self.x, self.config, kinds,
+                                       fill_generator(self.seed, "robust"))
+        other.memo, other.dists, other.leads, other.need = {}, {}, {}, need
+        return other
+
     def area(self, chosen) -> float:
         return float(self.mask(chosen).mean())
 
@@ -208,7 +138,7 @@ class Scorer:
                         for i in range(2))
         score = (logp if self.by == "logp" else margin).min(1).values
         dist = torch.stack([self.dists[k] for k in keys]) if self.search.act else 0
-        return logp, margin > 0, score - self.search.act * dist
+        return logp, margin > self.need, score - self.search.act * dist
 
     @torch.no_grad()
     def best(self, sets: list, floor: Optional[float] = None):
@@ -262,7 +192,8 @@ class Scorer:
         self._fill(keys, lead)
         scored = [self.memo[k, lead] for k in keys]
         bound = [float(sc[SCORES.index(self.by)]) for sc in scored]
-        return [i for i in range(len(keys)) if floor is None or float(scored[i][1]) > 0], bound
+        return [i for i in range(len(keys))
+                if floor is None or float(scored[i][1]) > self.need], bound
 
     def _lead(self) -> int:
         """The fill whose ``by`` scores were lowest on average over the sets scored under

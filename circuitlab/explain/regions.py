@@ -38,6 +38,14 @@ superpixels of the image (compact, colour-coherent pieces, ``segments`` of them)
    the decision (top-1 under every fill, and p_target under the first at least the floor)
    holds and no single superpixel (or piece) can be removed (not that no smaller set of
    superpixels, or of pixels, exists).
+5. Robust (``robust_draws`` > 0, off by default): a set held over one noise draw loses the
+   label under most fresh ones. The set found (the mask so far as one piece) grows on by
+   whole superpixels around it, by its worst logit margin, until top-1 holds by
+   ``robust_margin`` under the first fill and ``robust_draws`` fresh draws of each noise
+   fill (``backgrounds`` stream ``robust``), to at most ``robust_within`` of the image, and
+   is pruned under them (rounds ``robust``, ``robust-remove``); where it does not get
+   there the mask stays; where it gets there, ``locally_minimal`` speaks of the robust
+   decision and its pieces.
 
 >>> ex = explain_regions(hm, x)                 # ex.mask: a few superpixel regions
 >>> ex.search[0]                                # every round: area, worst-case p, held
@@ -48,6 +56,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -55,10 +64,9 @@ from ..hooked_model import HookedModel
 from ..metrics import target_classes
 from ..readers import channels_last
 from .certify import certify, masked_predictions
-from .config import preset
+from .config import RegionSearch, preset
 from .optimize import Explanation
-from .pieces import (RegionSearch, Scorer, adjacent, finer, holding, search_readers,
-                     superpixels)
+from .pieces import Scorer, adjacent, finer, holding, search_readers, superpixels
 
 __all__ = ["RegionSearch", "explain_regions", "superpixels"]
 
@@ -68,8 +76,11 @@ def _grow(score: Scorer, touching: list, floor: float, max_area: float, search: 
     """Greedy insertion from ``start``: (the set that holds, True), or, when none does
     within max_area, (the set of the best score seen, False)."""
     n = len(touching)
-    _, _, alone = score([{i} for i in range(n)])
-    prior = [int(i) for i in torch.argsort(-alone)]
+    if search.top_k:          # the best alone are candidates: every piece scored alone
+        _, _, alone = score([{i} for i in range(n)])
+        prior = [int(i) for i in torch.argsort(-alone)]
+    else:                     # neighbours only: no piece alone needs a forward
+        prior = list(range(n))
     rank = {i: r for r, i in enumerate(prior)}
     chosen = set(start)
     fallback, fallback_score = set(chosen), -float("inf")
@@ -92,7 +103,7 @@ def _grow(score: Scorer, touching: list, floor: float, max_area: float, search: 
             return fallback, False
 
 
-def _prune(score: Scorer, chosen: set, floor: float, trail) -> set:
+def _prune(score: Scorer, chosen: set, floor: float, trail, step: str = "remove") -> set:
     """Backward elimination while the decision holds: each round removes the piece whose
     removal the decision holds best without, until no single piece can go."""
     while len(chosen) > 1:
@@ -101,7 +112,7 @@ def _prune(score: Scorer, chosen: set, floor: float, trail) -> set:
         if found is None:
             break
         chosen = chosen - {order[found[0]]}
-        trail.append(_round("remove", score.area(chosen), found[1]))
+        trail.append(_round(step, score.area(chosen), found[1]))
     return chosen
 
 
@@ -176,7 +187,23 @@ def _search(hm, x, score: Scorer, touching: list, p_image: float, search: Region
     if search.refine and float(mask.mean()) > search.refine_above:
         fine = score.over(finer(hm, x, search, mask))
         mask = fine.mask(_cut(fine, set(range(fine.count)), floor, trail))
+    if search.robust_draws:
+        mask = _robust(score, mask, floor, search, trail)
     return mask, trail, True, floor
+
+
+def _robust(score: Scorer, mask: torch.Tensor, floor: float, search: RegionSearch,
+            trail) -> torch.Tensor:
+    """The mask grown on by whole superpixels around it (the mask itself one more piece, 0)
+    until top-1 holds by ``robust_margin`` under the robust fills, then pruned under them;
+    the mask as it was where that takes more than ``robust_within`` of the image."""
+    coarse = score.labels.cpu().numpy()            # superpixels + 1, as the scorer keeps them
+    labels = np.where(mask[0, 0].cpu().numpy() > 0, 0, coarse)
+    rob = score.over(labels).under(search.robust_fills, search.robust_margin)
+    rob = rob.scoring("margin")
+    grown, held = _grow(rob, adjacent(labels, rob.count), floor, search.robust_within,
+                        replace(search, top_k=0), trail, start=frozenset({0}), step="robust")
+    return rob.mask(_prune(rob, grown, floor, trail, "robust-remove")) if held else mask
 
 
 def explain_regions(hm: HookedModel, x: torch.Tensor, search: RegionSearch = RegionSearch(),

@@ -1,0 +1,94 @@
+"""Which mode an `explain` command line asks for (flags of one mode pick it under --mode
+auto, flags of two are one line), and the regions mode's flags: parsed, handed to the
+search, and reported in metrics.json."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import CircuitlabError
+from ._common import fraction
+
+SEGMENTS = 128       # --mode regions: explain.regions.RegionSearch's default, without torch
+CONFIDENT_WITHIN = 0.15      # the same for --confident-within
+# flags of regions mode: under --mode auto, giving any of them picks regions mode
+REGION_FLAGS = ("segments", "confident_within", "fills", "robust_draws")
+FILLS = ("grey", "gaussian")    # the same for --fills
+# flags of per-image mode and their defaults: under --mode auto, giving any of them picks
+# per-image mode whatever the input size
+PER_IMAGE_FLAGS = {"area": None, "reasons": 1, "preset": "default", "steps": None,
+                   "minimal": True, "precision": "fp32", "compile": "off",
+                   "channels_last": False, "fold_batchnorm": False}
+
+
+def region_settings(args) -> dict:
+    """The RegionSearch settings the command line gives (the rest: its defaults)."""
+    given = {k: getattr(args, k) for k in REGION_FLAGS + ("confidence",)
+             if getattr(args, k) is not None}
+    if given.get("confident_within") == "off":
+        given["confident_within"] = None
+    return given
+
+
+def region_report(args, rounds: list) -> dict:
+    """What metrics.json says of the search's settings (``off`` as given) and, with
+    --robust-draws, whether its growth got there (its last round held)."""
+    grown = [r for r in rounds if r["step"] == "robust"]
+    return {"segments": args.segments or SEGMENTS,
+            "confident_within": CONFIDENT_WITHIN if args.confident_within is None
+            else args.confident_within,
+            "fills": list(args.fills or FILLS), "robust_draws": args.robust_draws or 0,
+            "robust_held": bool(grown and grown[-1]["holds"]) if args.robust_draws else None}
+
+
+def fills_arg(text: str) -> tuple:
+    """--fills: a comma-separated list of fills (checked against the kinds by the search)."""
+    kinds = tuple(k.strip() for k in text.split(","))
+    if not all(kinds):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of fills, e.g. "
+                                         f"grey,gaussian; got {text!r}")
+    return kinds
+
+
+def within_arg(text: str):
+    """--confident-within: a fraction of the image, or off."""
+    return "off" if text == "off" else fraction(text)
+
+
+def resolved_mode(mode: str, image_size: int) -> str:
+    """--mode auto once the input size is known: regions for photos (inputs of at least
+    ``explain.config.LARGE_INPUT`` px a side), per-image below (superpixels of a small input
+    are as large as its objects: docs/results.md); any other mode as it is."""
+    from ..explain.config import LARGE_INPUT
+    if mode != "auto":
+        return mode
+    return "regions" if image_size >= LARGE_INPUT else "per-image"
+
+
+def per_image_flags(args) -> str:
+    """The per-image flags given, as the command line spells them ('' when none)."""
+    given = []
+    for name, default in PER_IMAGE_FLAGS.items():
+        value = getattr(args, name)
+        if value != default:   # --no-minimal is the one off-switch among them
+            given.append(f"--no-{name}" if value is False else "--" + name.replace("_", "-"))
+    return ", ".join(given)
+
+
+def region_flags(args) -> str:
+    """The regions-mode flags given, as the command line spells them ('' when none)."""
+    return ", ".join("--" + k.replace("_", "-") for k in REGION_FLAGS
+                     if getattr(args, k) is not None)
+
+
+def belong(flags: str) -> str:
+    return "belong" if "," in flags else "belongs"
+
+
+def auto_mode(args) -> str:
+    """--mode auto before the model loads: per-image when a per-image flag is given, regions
+    when a regions flag is, else still auto (the input size decides, in ``_explain_batch``)."""
+    per_image, regions = per_image_flags(args), region_flags(args)
+    if regions and per_image:
+        raise CircuitlabError(f"{regions} {belong(regions)} to --mode regions, {per_image} "
+                              f"to per-image mode: drop one, or name the mode with --mode")
+    return "regions" if regions else "per-image" if per_image else "auto"
