@@ -245,9 +245,8 @@ def register(sub) -> None:
     p.add_argument("--fills", type=fills_arg, default=None, metavar="KIND,KIND,...",
                    help=f"regions mode: what fills the rest of the image while a set is "
                         f"scored; the label must hold under each (grey, gaussian, uniform, "
-                        f"blur; a kind named twice is two draws): more noise draws give "
-                        f"masks kept under more fresh noise, larger and slower (docs/"
-                        f"results.md) (default {','.join(FILLS)})")
+                        f"blur; a kind named twice is two draws; for masks that survive "
+                        f"fresh noise see --robust-draws) (default {','.join(FILLS)})")
     p.add_argument("--robust-draws", type=positive_int, default=None,
                    metavar="K",
                    help="regions mode: grow the set found by whole superpixels until top-1 "
