@@ -35,7 +35,11 @@ def test_explain_benchmark_smoke(tmp_path):
     r = _run("benchmarks/explain.py", "--quick", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     df = pd.read_csv(out)
-    assert set(df["table"]) == {"photos", "synthetic", "amortized_speed", "reasons", "batch"}
+    assert set(df["table"]) == {"regions", "photos", "synthetic", "amortized_speed",
+                                "reasons", "batch"}
+    rg = df[df["table"] == "regions"]
+    assert (rg["images_scored"] > 0).all() and rg["area"].between(0, 1).all()
+    assert rg["all_four_targets"].isin([True, False]).all()
     batch = df[df["table"] == "batch"]
     assert batch["iou"].between(0, 1).all() and (batch["speedup"] > 0).all()
     modes = set(df.loc[df["table"] == "synthetic", "mode"])

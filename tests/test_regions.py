@@ -163,6 +163,25 @@ def test_robust_masks_hold_by_the_margin_under_fresh_draws_of_their_own(setup):
     assert grown
 
 
+def test_every_round_says_the_images_scored_so_far(setup, monkeypatch):
+    """The trail's ``images``: per round, the images the image's search has scored so far
+    (what its forwards cost; the last round's: all of them), counted here at the readers
+    themselves."""
+    from circuitlab.readers import TapReader
+    hm, x, _, _ = setup
+    handed = []
+    call = TapReader.__call__
+    monkeypatch.setattr(TapReader, "__call__",
+                        lambda self, batch: (handed.append(batch.shape[0]), call(self, batch))[1])
+    for i in range(2):
+        handed.clear()
+        ex = explain_regions(hm, x[i:i + 1], replace(SEARCH, robust_draws=2), seed=3)
+        images = [r["images"] for r in ex.search[0]]
+        assert images == sorted(images) and images[0] > 0
+        # the last round's count includes the forwards that found nothing more to remove
+        assert images[-1] == sum(handed)
+
+
 def test_bad_settings_are_one_clear_error():
     for bad in (dict(segments=1), dict(fills=()), dict(scores=()), dict(scores=("logp",)),
                 dict(scores=(("logp", 0.2), ("nope", 0.3))), dict(scores=(("logp", 0.0),)),

@@ -78,6 +78,7 @@ class Scorer:
         self.x, self.target, self.search, self.by = x, target, search, by
         self.config, self.seed = hm.data_config, seed
         self.need = 0.0                  # the logit margin by which top-1 holds
+        self.spent = [0]                 # images scored, shared by the scorers it makes
         # per (set of pieces, fill): (log p, margin); per set: the activation distance;
         # per score: the fill scored first by ``best``; shared with the scorers ``scoring``
         # makes
@@ -228,6 +229,7 @@ class Scorer:
             outs = [parts[i % n][i // n] for i in range(len(chunks))]
         else:
             outs = [self._forward(c, j, self.reads[0]) for c in chunks]
+        self.spent[0] += len(todo)
         for sets, (logp, margin, dist) in zip(chunks, outs):
             for b, s in enumerate(sets):
                 self.memo[s, j] = (logp[b], margin[b])

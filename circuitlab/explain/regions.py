@@ -96,7 +96,7 @@ def _grow(score: Scorer, touching: list, floor: float, max_area: float, search: 
         holds = bool(holding(logp[None], kept[None], floor)[0])
         if value > fallback_score:
             fallback, fallback_score = set(chosen), value
-        trail.append(_round(step, area, logp, score=value, holds=holds))
+        trail.append(_round(score, step, area, logp, value=value, holds=holds))
         if holds:
             return chosen, True
         if area >= max_area:
@@ -112,7 +112,7 @@ def _prune(score: Scorer, chosen: set, floor: float, trail, step: str = "remove"
         if found is None:
             break
         chosen = chosen - {order[found[0]]}
-        trail.append(_round(step, score.area(chosen), found[1]))
+        trail.append(_round(score, step, score.area(chosen), found[1]))
     return chosen
 
 
@@ -136,15 +136,17 @@ def _cut(score: Scorer, chosen: set, floor: float, trail) -> set:
             else:
                 hi = mid - 1
         chosen = chosen - set(run[:lo])
-        trail.append(_round("refine", score.area(chosen), held))
+        trail.append(_round(score, "refine", score.area(chosen), held))
     return chosen
 
 
-def _round(step: str, area: float, logp: torch.Tensor, score=None, holds=True) -> dict:
-    """One round of the trail: the set's area, score and log p ``logp`` per fill."""
-    return {"step": step, "area": area, **({} if score is None else {"score": score}),
+def _round(score: Scorer, step: str, area: float, logp: torch.Tensor, value=None,
+           holds=True) -> dict:
+    """One round of the trail: the set's area, score ``value`` and log p ``logp`` per fill,
+    and the images the image's search has scored so far (its forwards' cost)."""
+    return {"step": step, "area": area, **({} if value is None else {"score": value}),
             "worst_p": float(logp.min().exp()), "p_first_fill": float(logp[0].exp()),
-            "holds": holds}
+            "holds": holds, "images": score.spent[0]}
 
 
 def _one(hm, x, target: int, p_image: float, search: RegionSearch, seed: int, reads: list):
@@ -163,8 +165,13 @@ def _one(hm, x, target: int, p_image: float, search: RegionSearch, seed: int, re
         trail += [{**r, "scored_by": by} for r in rounds]
         first = (mask, floor) if first is None else first
         if held:
-            return mask, trail, True, floor
-    return first[0], trail, False, first[1]
+            break
+    else:
+        mask, floor = first
+    # the last round's count includes the forwards that found nothing more to remove
+    if trail:
+        trail[-1]["images"] = pieces.spent[0]
+    return mask, trail, held, floor
 
 
 def _search(hm, x, score: Scorer, touching: list, p_image: float, search: RegionSearch,
