@@ -268,7 +268,8 @@ class RegionSearch:
                                   f"{self.robust_margin}, {self.robust_within}")
         if self.robust_draws and len(self.robust_fills) == 1:
             raise CircuitlabError(f"robust_draws: fresh draws of the random fills among fills "
-                                  f"({', '.join(RANDOM_KINDS)}); {self.fills!r} has none")
+                                  f"({', '.join(RANDOM_KINDS)}); {self.fills!r} has none: add "
+                                  f"one")
         if not self.scores or not all(
                 isinstance(st, (tuple, list)) and len(st) == 2 and st[0] in SCORES and
                 isinstance(st[1], (int, float)) and 0 < st[1] <= 1 for st in self.scores):
