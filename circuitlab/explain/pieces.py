@@ -84,8 +84,7 @@ class Scorer:
         # makes
         self.memo, self.dists, self.leads = {}, {}, {}
         self.labels, self.count = _labels(labels, x.device)
-        self.fills = make_backgrounds(x, hm.data_config, search.fills,
-                                      fill_generator(seed, "regions"))   # (F, C, H, W)
+        self.fills = self._draw(search.fills, "regions")      # (F, C, H, W)
         self.batch = search.batch_size or (4 if x.device.type == "cpu" else 64)
         self.reads = list(reads or search_readers(hm, search, x))
         if search.act:
@@ -113,10 +112,14 @@ class Scorer:
         by a logit margin of at least ``need``: the same pieces and readers, its own kept
         scores."""
         other = copy.copy(self)
-        other.fills = make_backgrounds(self.x, self.config, kinds,
-                                       fill_generator(self.seed, "robust"))
+        other.fills = self._draw(kinds, "robust")
         other.memo, other.dists, other.leads, other.need = {}, {}, {}, need
         return other
+
+    def _draw(self, kinds: tuple, stream: str) -> torch.Tensor:
+        """The fills ``kinds`` of this image, random ones drawn from ``stream`` (its own
+        draws, never the metrics')."""
+        return make_backgrounds(self.x, self.config, kinds, fill_generator(self.seed, stream))
 
     def area(self, chosen) -> float:
         return float(self.mask(chosen).mean())
