@@ -107,6 +107,13 @@ class Scorer:
         other.memo, other.dists = {}, {}
         return other
 
+    def around(self, mask: torch.Tensor):
+        """(this scorer over the mask (1, 1, H, W) as one piece, 0, and the parts of its
+        pieces outside it, 1..k; those labels, for ``adjacent``): for a scorer whose pieces
+        cover the image."""
+        labels = np.where(mask[0, 0].cpu().numpy() > 0, 0, self.labels.cpu().numpy())
+        return self.over(labels), labels
+
     def under(self, kinds: tuple, need: float) -> "Scorer":
         """This scorer with the fills ``kinds`` drawn from the robust stream, top-1 held only
         by a logit margin of at least ``need``: the same pieces and readers, its own kept

@@ -56,7 +56,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import replace
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -204,10 +203,8 @@ def _robust(score: Scorer, mask: torch.Tensor, floor: float, search: RegionSearc
     """The mask grown on by whole superpixels around it (the mask itself one more piece, 0)
     until top-1 holds by ``robust_margin`` under the robust fills, then pruned under them;
     the mask as it was where that takes more than ``robust_within`` of the image."""
-    coarse = score.labels.cpu().numpy()            # superpixels + 1, as the scorer keeps them
-    labels = np.where(mask[0, 0].cpu().numpy() > 0, 0, coarse)
-    rob = score.over(labels).under(search.robust_fills, search.robust_margin)
-    rob = rob.scoring("margin")
+    rob, labels = score.around(mask)
+    rob = rob.under(search.robust_fills, search.robust_margin).scoring("margin")
     grown, held = _grow(rob, adjacent(labels, rob.count), floor, search.robust_within,
                         replace(search, top_k=0), trail, start=frozenset({0}), step="robust")
     return rob.mask(_prune(rob, grown, floor, trail, "robust-remove")) if held else mask
