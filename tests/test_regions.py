@@ -12,6 +12,7 @@ import circuitlab
 from circuitlab import CircuitlabError
 from circuitlab.backgrounds import fill_generator, make_backgrounds
 from circuitlab.explain.regions import RegionSearch, explain_regions, superpixels
+from circuitlab.metrics import regions
 
 # a confidence floor, so that it is checked too (the default is the label alone); the finer
 # pass is checked apart (test_the_finer_pass_...)
@@ -188,7 +189,8 @@ def test_bad_settings_are_one_clear_error():
                 dict(scores=(("margin", 1.5),)), dict(confident_within=0.0),
                 dict(confident_within=2), dict(fills=("grey", "noise")),
                 dict(robust_draws=-1), dict(robust_within=0.0), dict(robust_margin=-1.0),
-                dict(fills=("grey", "blur"), robust_draws=2)):
+                dict(fills=("grey", "blur"), robust_draws=2), dict(region_top=0),
+                dict(region_share=1.5), dict(region_share=-0.1)):
         with pytest.raises(CircuitlabError):
             RegionSearch(**bad)
 
@@ -361,6 +363,41 @@ def test_the_finer_pass_keeps_whole_pieces_each_needed(setup):
             assert not _holds(hm, xi, m * torch.from_numpy(pieces != s).float(), t, fills,
                               floor)
 
+
+
+def _top_share(m, top):
+    return float(regions(m, top)["top_regions_share"][0])
+
+
+def test_elimination_keeps_the_mask_in_its_largest_regions(setup):
+    """Cut along a finer SLIC, a region can fall apart into many: elimination goes on only
+    to sets with at least ``region_share`` of their pixels in their ``region_top`` largest
+    regions (or the share they had); each piece left is needed, or its removal would take
+    the mask below that share."""
+    hm, x, _, coarse = setup
+    cut = replace(SEARCH, refine=96, refine_above=0.0, region_top=1)
+    free = explain_regions(hm, x, replace(cut, region_share=0.0), seed=3)
+    ex = explain_regions(hm, x, replace(cut, region_share=1.0), seed=3)
+    found = torch.nonzero(ex.found).flatten().tolist()
+    start = {i: min(1.0, _top_share(coarse.mask[i:i + 1], 1)) for i in found}
+    # without it the finer pass splits a mask (this test could fail), with it none is split
+    assert any(_top_share(free.mask[i:i + 1], 1) < start[i] for i in found)
+    with torch.no_grad():
+        p_image = hm(x).softmax(-1).gather(1, ex.target[:, None]).squeeze(1)
+    for i in found:
+        xi, m, t = x[i:i + 1], ex.mask[i:i + 1], int(ex.target[i])
+        share = _top_share(m, 1)
+        assert share >= start[i]
+        pieces = np.where(coarse.mask[i, 0].numpy() > 0,
+                          superpixels(hm, xi, replace(cut, segments=cut.refine)), -1)
+        fills = make_backgrounds(xi, hm.data_config, SEARCH.fills,
+                                 fill_generator(3, "regions"))
+        floor = SEARCH.confidence * float(p_image[i])
+        assert _holds(hm, xi, m, t, fills, floor)
+        for s in np.unique(pieces[m[0, 0].numpy() > 0]):
+            without = m * torch.from_numpy(pieces != s).float()
+            assert _top_share(without, 1) < min(1.0, share) or \
+                not _holds(hm, xi, without, t, fills, floor)
 
 
 def test_the_search_draws_its_noise_apart_from_the_metrics():

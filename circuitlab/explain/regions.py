@@ -26,7 +26,9 @@ superpixels of the image (compact, colour-coherent pieces, ``segments`` of them)
    with its BatchNorms folded into the convolutions (``RegionSearch.fold_batchnorm``); on a
    CPU several such forwards at once, one thread each (``RegionSearch.workers``).
 2. Backward elimination: superpixels the decision holds without are removed, least useful
-   first, until each remaining one is needed.
+   first, until each remaining one is needed. A removal may split a region, so elimination
+   goes on only to sets with at least ``region_share`` of their pixels in their
+   ``region_top`` largest connected regions (or the share the set had, where less).
 3. Raised to the image's confidence: where p_target under the first fill is below the
    image's, the set grows on around its regions (by its worst log p) to at most
    ``confident_within`` of the image; where it gets there, it is pruned again with the
@@ -36,8 +38,9 @@ superpixels of the image (compact, colour-coherent pieces, ``segments`` of them)
 4. ``certify`` reports what each connected region does over the mean colour (at the floor
    the set held at), without pruning; ``locally_minimal`` is the search's own certificate:
    the decision (top-1 under every fill, and p_target under the first at least the floor)
-   holds and no single superpixel (or piece) can be removed (not that no smaller set of
-   superpixels, or of pixels, exists).
+   holds and no single superpixel (or piece) can be removed without losing it or taking
+   the mask below that region share (not that no smaller set of superpixels, or of pixels,
+   exists).
 5. Robust (``robust_draws`` > 0, off by default): a set held over one noise draw loses the
    label under most fresh ones. The set found (the mask so far as one piece) grows on by
    whole superpixels around it, by its worst logit margin, until top-1 holds by
@@ -60,7 +63,7 @@ import pandas as pd
 import torch
 
 from ..hooked_model import HookedModel
-from ..metrics import target_classes
+from ..metrics import regions, target_classes
 from ..readers import channels_last
 from .certify import certify, masked_predictions
 from .config import RegionSearch, preset
@@ -106,8 +109,9 @@ def _prune(score: Scorer, chosen: set, floor: float, trail, step: str = "remove"
     """Backward elimination while the decision holds: each round removes the piece whose
     removal the decision holds best without, until no single piece can go."""
     while len(chosen) > 1:
-        order = sorted(chosen)
-        found = score.best([chosen - {i} for i in order], floor)
+        readable = _readable(score, chosen)
+        order = [i for i in sorted(chosen) if readable(chosen - {i})]
+        found = score.best([chosen - {i} for i in order], floor) if order else None
         if found is None:
             break
         chosen = chosen - {order[found[0]]}
@@ -120,8 +124,9 @@ def _cut(score: Scorer, chosen: set, floor: float, trail) -> set:
     holds without, least needed first, and removes the longest run of them it holds
     without (found by bisection), until no single piece can go."""
     while len(chosen) > 1:
-        order = sorted(chosen)
-        ranked, logp = score.rank([chosen - {i} for i in order], floor)
+        readable = _readable(score, chosen)
+        order = [i for i in sorted(chosen) if readable(chosen - {i})]
+        ranked, logp = score.rank([chosen - {i} for i in order], floor) if order else ([], 0)
         if not ranked:
             break
         run = [order[j] for j in ranked]
@@ -130,13 +135,25 @@ def _cut(score: Scorer, chosen: set, floor: float, trail) -> set:
         while lo < hi:
             mid = (lo + hi + 1) // 2
             holds, lp = score.rank([chosen - set(run[:mid])], floor)
-            if holds:
+            if holds and readable(chosen - set(run[:mid])):
                 lo, held = mid, lp[0]
             else:
                 hi = mid - 1
         chosen = chosen - set(run[:lo])
         trail.append(_round(score, "refine", score.area(chosen), held))
     return chosen
+
+
+def _readable(score: Scorer, chosen: set):
+    """Which sets elimination may go on to from ``chosen``: those that keep at least
+    ``region_share`` of their pixels in their ``region_top`` largest connected regions (or
+    the share ``chosen`` has, where less). A removal inside a region can split it in two."""
+    top, need = score.search.region_top, score.search.region_share
+    if not need:
+        return lambda s: True
+    share = lambda s: float(regions(score.mask(s), top)["top_regions_share"][0])  # noqa: E731
+    floor = min(need, share(chosen))
+    return lambda s: share(s) >= floor
 
 
 def _round(score: Scorer, step: str, area: float, logp: torch.Tensor, value=None,
