@@ -240,25 +240,31 @@ def main(argv=None) -> int:
         return stop
     rows = []
     for name in names:
-        synthetic = name.startswith("synthetic-")
-        n = args.images or (4 if args.quick else 32 if synthetic else len(PHOTOS))
-        n = n if synthetic else min(n, len(PHOTOS))
-        hm, x, gt, image_names = load(name, n)
-        print(f"{name}: {n} images", flush=True)
-        maps, own = saliencies(hm, x, args.quick, areas, lambda s: print(s, flush=True), only)
-        rows += score(name, hm, x, gt, image_names, maps, own, areas, args.quick)
-        # maps of earlier runs (not committed) fill in the figure when --update reran a part
-        cache = out / f"maps_{name}.pt"
-        if args.update and cache.is_file():
-            cached = torch.load(cache, weights_only=True)
-            maps = {**{k: (v, 0.0) for k, v in cached.items()}, **maps}
-        torch.save({k: v[0].half() for k, v in maps.items()}, cache)
-        examples(hm, x, image_names, dict(sorted(maps.items(), key=lambda kv: _rank(kv[0]))),
-                 max(areas), out / f"examples_{name}.png")
+        rows += run_model(name, args, areas, only, out)
         # after every model, so a long run that stops keeps what it measured
         write_text(out / "compare.csv", pd.concat([kept, pd.DataFrame(rows)]).to_csv(
             index=False))
     return write_outputs(pd.concat([kept, pd.DataFrame(rows)]), out)
+
+
+def run_model(name: str, args, areas: list, only, out: Path) -> list:
+    """One model's rows (every method, image and area) and its examples figure."""
+    synthetic = name.startswith("synthetic-")
+    n = args.images or (4 if args.quick else 32 if synthetic else len(PHOTOS))
+    n = n if synthetic else min(n, len(PHOTOS))
+    hm, x, gt, image_names = load(name, n)
+    print(f"{name}: {n} images", flush=True)
+    maps, own = saliencies(hm, x, args.quick, areas, lambda s: print(s, flush=True), only)
+    rows = score(name, hm, x, gt, image_names, maps, own, areas, args.quick)
+    # maps of earlier runs (not committed) fill in the figure when --update reran a part
+    cache = out / f"maps_{name}.pt"
+    if args.update and cache.is_file():
+        cached = torch.load(cache, weights_only=True)
+        maps = {**{k: (v, 0.0) for k, v in cached.items()}, **maps}
+    torch.save({k: v[0].half() for k, v in maps.items()}, cache)
+    examples(hm, x, image_names, dict(sorted(maps.items(), key=lambda kv: _rank(kv[0]))),
+             max(areas), out / f"examples_{name}.png")
+    return rows
 
 
 def write_outputs(df: pd.DataFrame, out: Path) -> int:

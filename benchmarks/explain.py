@@ -149,8 +149,7 @@ def amortized_speed(reps=10):
     x1 = cl.data.load_image("coffee", hm)
     cfg = amortized_preset(hm.family.name, 224)
     torch.manual_seed(0)
-    from circuitlab.explain.amortized import _build_net
-    explainer = Explainer(_build_net(3, cfg), cfg, hm.name, tuple(x1.shape[1:]))
+    explainer = Explainer.untrained(cfg, hm.name, tuple(x1.shape[1:]))
     rows = []
     for batch in (1, 32):
         x = x1.repeat(batch, 1, 1, 1)

@@ -275,6 +275,11 @@ def test_more_fills_are_more_draws_the_mask_holds_under(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and len(err.strip().splitlines()) == 1 and bad[0][2:6] in err, err
     assert not (tmp_path / "bad").exists()
+    # the fills are read with the command line: refused before an unknown model is looked up
+    code = main(["explain", "--model", "no-such-model", "--image", "coffee", "--out",
+                 str(tmp_path / "bad"), "--fills", "grey,noise"])
+    err = capsys.readouterr().err
+    assert code == 2 and "fills" in err and "no-such-model" not in err, err
 
 
 def test_cli_auto_mode(tmp_path, capsys):

@@ -44,33 +44,17 @@ def learn_units(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], budget:
     ``contrast_images`` of them run beside x every step). ``init`` ({layer: [units]}, a
     circuit found otherwise) starts the gates open on its units and closed elsewhere, and the
     budget then shrinks from its size instead of from all units."""
-    if not 0 < budget <= 1:
-        raise CircuitlabError("budget must lie in (0, 1]: the fraction of the tapped units")
-    if ablation not in ("mean", "zero"):
-        raise CircuitlabError("learned circuits ablate with 'mean' or 'zero'")
-    if reference is None or len(reference) == 0:
-        raise CircuitlabError("learned circuits need reference images (the mean ablation and "
-                              "the contrast): pass reference=<batch (R, C, H, W)>")
-    if steps < 10:
-        raise CircuitlabError("learning a circuit takes at least 10 steps")
+    _check(budget, ablation, reference, steps)
     torch.manual_seed(seed)
     layers = list(layers)
     axes = {n: hm.point(n).unit_axis for n in layers}
     sizes = {n: hm.n_units(n) for n in layers}
-    total = sum(sizes.values())
-    keep_n = max(1, int(round(budget * total)))
+    keep_n = max(1, int(round(budget * sum(sizes.values()))))
     reference = reference.to(x.device)
     batch = torch.cat([x, reference[:contrast_images]])
     ablated, y, contrast0 = _clean_run(hm, x, reference, layers, ablation, target,
                                        contrast_images)
-    theta = {n: torch.full((sizes[n],), 3.0, device=x.device) for n in layers}
-    start = 1.0
-    if init is not None:
-        for n in layers:
-            theta[n].fill_(-3.0)[torch.as_tensor(list(init.get(n, [])), dtype=torch.long)] = 3.0
-        start = max(budget, sum(len(init.get(n, [])) for n in layers) / total)
-    for t in theta.values():
-        t.requires_grad_(True)
+    theta, start = _logits(sizes, budget, init, x.device)
     opt = torch.optim.Adam(theta.values(), lr=lr)
     hard: dict = {}
 
@@ -105,7 +89,32 @@ def learn_units(hm: HookedModel, x: torch.Tensor, layers: Sequence[str], budget:
     return {n: torch.nonzero(masks[n]).flatten().tolist() for n in layers}
 
 
-@torch.no_grad()
+def _check(budget: float, ablation: str, reference, steps: int) -> None:
+    if not 0 < budget <= 1:
+        raise CircuitlabError("budget must lie in (0, 1]: the fraction of the tapped units")
+    if ablation not in ("mean", "zero"):
+        raise CircuitlabError("learned circuits ablate with 'mean' or 'zero'")
+    if reference is None or len(reference) == 0:
+        raise CircuitlabError("learned circuits need reference images (the mean ablation and "
+                              "the contrast): pass reference=<batch (R, C, H, W)>")
+    if steps < 10:
+        raise CircuitlabError("learning a circuit takes at least 10 steps")
+
+
+def _logits(sizes: dict, budget: float, init: Optional[dict], device) -> tuple:
+    """({layer: gate logits}, the kept fraction the budget shrinks from): every gate open,
+    or with ``init`` open on its units only and shrinking from its size."""
+    theta = {n: torch.full((k,), 3.0, device=device) for n, k in sizes.items()}
+    start = 1.0
+    if init is not None:
+        for n in sizes:
+            theta[n].fill_(-3.0)[torch.as_tensor(list(init.get(n, [])), dtype=torch.long)] = 3.0
+        start = max(budget, sum(len(init.get(n, [])) for n in sizes) / sum(sizes.values()))
+    for t in theta.values():
+        t.requires_grad_(True)
+    return theta, start
+
+
 @torch.no_grad()
 def _clean_run(hm, x, reference, layers, ablation, target, contrast_images) -> tuple:
     """(the ablation values per layer, the target class, the clean image-vs-reference

@@ -105,52 +105,59 @@ def _compose(module: nn.Module, n_in: int) -> Optional[tuple]:
             if placeholders > 1:
                 return None
             mats[node] = None              # the identity on the input's units
-        elif node.op == "output":
+            continue
+        if node.op == "output":
             arg = node.args[0]
-            if not isinstance(arg, fx.Node):
-                return None
-            return mats[arg], n_weights, n_adds
-        elif node.op == "call_module":
-            m = mods[node.target]
+            return (mats[arg], n_weights, n_adds) if isinstance(arg, fx.Node) else None
+        if node.op == "call_module":
             src = node.args[0] if node.args else None
             if not isinstance(src, fx.Node) or src not in mats:
                 return None
-            a = mats[src]
-            if _is_weight(m):
-                w = weight_l1(m)
-                mats[node] = w if a is None else w @ a
-                n_weights += 1
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                s = _bn_scale(m)
-                mats[node] = torch.diag(s) if a is None else s[:, None] * a
-            elif is_channelwise(m):
-                mats[node] = a
-            else:
-                return None
+            mat, weights, adds = _through_module(mods[node.target], mats[src])
         elif node.op in ("call_function", "call_method"):
             args = [a for a in node.args if isinstance(a, fx.Node)]
             if any(a not in mats for a in args) or not args:
                 return None
-            fn = node.target
-            if fn in _ADD or fn in ("add", "add_", "__add__"):
-                if len(args) == 1:                 # plus a constant
-                    mats[node] = mats[args[0]]
-                    continue
-                a, b = (mats[n] if mats[n] is not None else torch.eye(n_in, device=_device(
-                    module)) for n in args)
-                if a.shape != b.shape:
-                    return None
-                mats[node] = a + b
-                n_adds += 1
-            elif fn in _CHANNELWISE_FNS or fn in _CHANNELWISE_METHODS:
-                if len(args) != 1:
-                    return None
-                mats[node] = mats[args[0]]
-            else:
-                return None                        # gates, attention, reshapes: not composed
+            mat, weights, adds = _through_function(node.target, [mats[a] for a in args], n_in,
+                                                   module)
         else:
             return None
+        if mat is _NOT:
+            return None
+        mats[node], n_weights, n_adds = mat, n_weights + weights, n_adds + adds
     return None
+
+
+_NOT = object()          # a step the path weight cannot be composed through
+
+
+def _through_module(m: nn.Module, a: Optional[torch.Tensor]) -> tuple:
+    """(the path weight after module ``m`` given ``a`` before it (None: the identity) or
+    _NOT, weight layers, residual adds)."""
+    if _is_weight(m):
+        w = weight_l1(m)
+        return (w if a is None else w @ a), 1, 0
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        s = _bn_scale(m)
+        return (torch.diag(s) if a is None else s[:, None] * a), 0, 0
+    if is_channelwise(m):
+        return a, 0, 0
+    return _NOT, 0, 0
+
+
+def _through_function(fn, mats: list, n_in: int, module: nn.Module) -> tuple:
+    """(the path weight after function ``fn`` of the nodes' weights ``mats`` or _NOT,
+    weight layers, residual adds): sums and channelwise functions only."""
+    if fn in _ADD or fn in ("add", "add_", "__add__"):
+        if len(mats) == 1:                 # plus a constant
+            return mats[0], 0, 0
+        if len(mats) != 2:
+            return _NOT, 0, 0
+        a, b = (m if m is not None else torch.eye(n_in, device=_device(module)) for m in mats)
+        return (a + b, 0, 1) if a.shape == b.shape else (_NOT, 0, 0)
+    if fn in _CHANNELWISE_FNS or fn in _CHANNELWISE_METHODS:
+        return (mats[0], 0, 0) if len(mats) == 1 else (_NOT, 0, 0)
+    return _NOT, 0, 0                      # gates, attention, reshapes: not composed
 
 
 def module_chain(model: nn.Module, src: str, dst: Optional[str],

@@ -21,6 +21,7 @@ Bad input gives one line on stderr and exit status 2; ``--debug`` shows the trac
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import warnings
@@ -88,7 +89,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("circuitlab: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `circuitlab ... | head`: the reader left, not an error
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # a bug, not bad input: still one line unless --debug

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import math
+import platform
 import sys
 from pathlib import Path
 
@@ -165,7 +166,6 @@ def target_index(hm, target):
 def provenance(args, hm) -> dict:
     """How a result was made, for its metrics.json: seed, threads, device, versions (masks
     differ between thread counts by float rounding)."""
-    import platform
     from importlib.metadata import version
 
     import torch

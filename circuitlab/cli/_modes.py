@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import CircuitlabError
-from ._common import fraction
+from ._common import fraction, positive_int
 
 SEGMENTS = 128       # --mode regions: explain.regions.RegionSearch's default, without torch
 CONFIDENT_WITHIN = 0.15      # the same for --confident-within
@@ -18,6 +18,30 @@ FILLS = ("grey", "gaussian")    # the same for --fills
 PER_IMAGE_FLAGS = {"area": None, "reasons": 1, "preset": "default", "steps": None,
                    "minimal": True, "precision": "fp32", "compile": "off",
                    "channels_last": False, "fold_batchnorm": False}
+
+
+def add_region_flags(p) -> None:
+    """The flags of regions mode (REGION_FLAGS: under --mode auto any of them picks it)."""
+    p.add_argument("--segments", type=positive_int, default=None,
+                   help=f"regions mode: superpixels to build the mask from (default "
+                        f"{SEGMENTS})")
+    p.add_argument("--confident-within", type=within_arg, default=None, metavar="AREA|off",
+                   help=f"regions mode: where the set that keeps the label is less sure than "
+                        f"the image, grow it until it is as sure, to at most this fraction "
+                        f"of the image, and prune it again at that confidence; off keeps the "
+                        f"label's set (default {CONFIDENT_WITHIN})")
+    p.add_argument("--fills", type=fills_arg, default=None, metavar="KIND,KIND,...",
+                   help=f"regions mode: what fills the rest of the image while a set is "
+                        f"scored; the label must hold under each (grey, gaussian, uniform, "
+                        f"blur; a kind named twice is two draws; for masks that survive "
+                        f"fresh noise see --robust-draws) (default {','.join(FILLS)})")
+    p.add_argument("--robust-draws", type=positive_int, default=None,
+                   metavar="K",
+                   help="regions mode: grow the set found by whole superpixels until top-1 "
+                        "holds by a margin under the mean colour and K fresh draws of each "
+                        "noise fill, then prune it under them (to at most 40 %% of the "
+                        "image; else the set found stays): masks kept under fresh noise, "
+                        "larger and slower (docs/explain.md) (default off)")
 
 
 def region_settings(args) -> dict:
@@ -41,10 +65,13 @@ def region_report(args, rounds: list) -> dict:
 
 
 def fills_arg(text: str) -> tuple:
-    """--fills: a comma-separated list of fills (checked against the kinds by the search)."""
+    """--fills: a comma-separated list of the kinds ``backgrounds`` declares, checked as the
+    command line is read (before the model loads)."""
+    from ..backgrounds import KINDS       # imports torch: only when the flag is given
     kinds = tuple(k.strip() for k in text.split(","))
-    if not all(kinds):
-        raise argparse.ArgumentTypeError(f"a comma-separated list of fills, e.g. "
+    if not all(k in KINDS for k in kinds):
+        raise argparse.ArgumentTypeError(f"takes one or more of {', '.join(KINDS)}, comma-"
+                                         f"separated (a kind twice is two draws), e.g. "
                                          f"grey,gaussian; got {text!r}")
     return kinds
 

@@ -3,6 +3,7 @@ ablation against random circuits."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from ..errors import CircuitlabError
@@ -95,8 +96,6 @@ def _config(args):
 
 def _circuit_one(hm, x, image, out: Path, args, refs) -> dict:
     """One image's circuit, validated, its files written into ``out``."""
-    import time
-
     from ..circuits import faithfulness, read_circuit, summarize
     from ..circuits.drawing import unit_crops
     t0 = time.perf_counter()

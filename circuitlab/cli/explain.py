@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,9 +15,8 @@ from ._common import (add_batch_args, add_image_arg, add_model_args, add_outputs
                       bars_on, count, emit, fraction, overlay, positive_int, provenance, ratio,
                       save_mask_pngs, save_png, steps_bar, target_index)
 from ._folder import run_folder, run_one
-from ._modes import (CONFIDENT_WITHIN, FILLS, PER_IMAGE_FLAGS, SEGMENTS, auto_mode, belong,
-                     fills_arg, per_image_flags, region_flags, region_report, region_settings,
-                     resolved_mode, within_arg)
+from ._modes import (PER_IMAGE_FLAGS, add_region_flags, auto_mode, belong, per_image_flags,
+                     region_flags, region_report, region_settings, resolved_mode)
 
 OUTPUTS = ("mask.png", "explanation.png", "overlay.png", "metrics.json")
 MAX_REASONS = 10
@@ -69,7 +69,6 @@ def _second_pass(hm, x, free, args):
 def _finish_one(hm, x, free, ex, image, out: Path, args, shared_seconds: float) -> dict:
     """One image from its free and final masks: --reasons, metrics, files.
     ``shared_seconds``: its share of the batch's passes."""
-    import time
 
     import numpy as np
 
@@ -110,7 +109,6 @@ def _explain_batch(hm, items: list, args):
     """``items``: [(image, x (1, C, H, W), publish)] explained together; ``publish(image,
     work)`` writes one image's result as a whole (a failure of the batch's passes becomes
     each of its images' failure)."""
-    import time
 
     import torch
 
@@ -216,51 +214,8 @@ def _summary(results: list) -> str:
         + f" ({r['seconds']:.1f} s)" for r in results)
 
 
-def register(sub) -> None:
-    p = sub.add_parser("explain", help="minimal mask that keeps the decision",
-                       description="Find a minimal mask for an image: on photos a few "
-                                   "superpixel regions without which the label is lost; on "
-                                   "small inputs (or with --mode per-image) the optimiser's "
-                                   "pixel mask, searched down to the smallest area that "
-                                   "holds and certified region by region; write mask.png, "
-                                   "explanation.png, overlay.png and metrics.json.")
-    add_model_args(p)
-    add_image_arg(p)
-    p.add_argument("--mode", choices=["auto", "per-image", "amortized", "regions"],
-                   default="auto",
-                   help="regions: a few compact superpixel regions, grown greedily until the "
-                        "label holds over the mean colour and over noise, then pruned; "
-                        "per-image: optimise a pixel mask for each image (the paper's "
-                        "method); amortized: one forward of a trained explainer "
-                        "(--explainer); auto (default): regions for photos (inputs of "
-                        "128 px or more) unless a per-image flag is given, per-image below")
-    p.add_argument("--segments", type=positive_int, default=None,
-                   help=f"regions mode: superpixels to build the mask from (default "
-                        f"{SEGMENTS})")
-    p.add_argument("--confident-within", type=within_arg, default=None, metavar="AREA|off",
-                   help=f"regions mode: where the set that keeps the label is less sure than "
-                        f"the image, grow it until it is as sure, to at most this fraction "
-                        f"of the image, and prune it again at that confidence; off keeps the "
-                        f"label's set (default {CONFIDENT_WITHIN})")
-    p.add_argument("--fills", type=fills_arg, default=None, metavar="KIND,KIND,...",
-                   help=f"regions mode: what fills the rest of the image while a set is "
-                        f"scored; the label must hold under each (grey, gaussian, uniform, "
-                        f"blur; a kind named twice is two draws; for masks that survive "
-                        f"fresh noise see --robust-draws) (default {','.join(FILLS)})")
-    p.add_argument("--robust-draws", type=positive_int, default=None,
-                   metavar="K",
-                   help="regions mode: grow the set found by whole superpixels until top-1 "
-                        "holds by a margin under the mean colour and K fresh draws of each "
-                        "noise fill, then prune it under them (to at most 40 %% of the "
-                        "image; else the set found stays): masks kept under fresh noise, "
-                        "larger and slower (docs/explain.md) (default off)")
-    p.add_argument("--explainer", help="explainer checkpoint from `circuitlab "
-                                       "train-explainer` (amortized mode)")
-    p.add_argument("--refine", type=count, default=0,
-                   help="amortized mode: per-image steps from the explainer's mask (default 0)")
-    p.add_argument("--target", default=None, metavar="CLASS",
-                   help="the class whose decision to explain: an index or a label (default: "
-                        "the model's top-1 on each image)")
+def _add_per_image_flags(p) -> None:
+    """The flags of per-image mode (PER_IMAGE_FLAGS: under --mode auto any of them picks it)."""
     p.add_argument("--preset", choices=["default", "paper"],
                    default=PER_IMAGE_FLAGS["preset"])
     p.add_argument("--steps", type=positive_int, default=PER_IMAGE_FLAGS["steps"],
@@ -298,6 +253,35 @@ def register(sub) -> None:
                    help="run the loop's forwards on a copy of the model with each BatchNorm "
                         "folded into its convolution (faster; masks differ from the "
                         "unfolded run's, docs/cli.md)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("explain", help="minimal mask that keeps the decision",
+                       description="Find a minimal mask for an image: on photos a few "
+                                   "superpixel regions without which the label is lost; on "
+                                   "small inputs (or with --mode per-image) the optimiser's "
+                                   "pixel mask, searched down to the smallest area that "
+                                   "holds and certified region by region; write mask.png, "
+                                   "explanation.png, overlay.png and metrics.json.")
+    add_model_args(p)
+    add_image_arg(p)
+    p.add_argument("--mode", choices=["auto", "per-image", "amortized", "regions"],
+                   default="auto",
+                   help="regions: a few compact superpixel regions, grown greedily until the "
+                        "label holds over the mean colour and over noise, then pruned; "
+                        "per-image: optimise a pixel mask for each image (the paper's "
+                        "method); amortized: one forward of a trained explainer "
+                        "(--explainer); auto (default): regions for photos (inputs of "
+                        "128 px or more) unless a per-image flag is given, per-image below")
+    add_region_flags(p)
+    p.add_argument("--explainer", help="explainer checkpoint from `circuitlab "
+                                       "train-explainer` (amortized mode)")
+    p.add_argument("--refine", type=count, default=0,
+                   help="amortized mode: per-image steps from the explainer's mask (default 0)")
+    p.add_argument("--target", default=None, metavar="CLASS",
+                   help="the class whose decision to explain: an index or a label (default: "
+                        "the model's top-1 on each image)")
+    _add_per_image_flags(p)
     add_seed(p)
     add_batch_args(p)
     add_outputs(p, "output folder", "replace existing output files (a folder run: redo "

@@ -3,6 +3,7 @@ scores its masks."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from ..errors import CircuitlabError
@@ -16,8 +17,6 @@ METHODS = ("gradcam", "gradcam++", "ig", "rise", "extremal", "rollout", "cls_att
 
 
 def _saliency_one(hm, x, image, out: Path, args) -> dict:
-    import time
-
     import numpy as np
 
     from .. import baselines, metrics

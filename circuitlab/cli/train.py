@@ -3,6 +3,7 @@ forward."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from ..errors import CircuitlabError
@@ -54,8 +55,6 @@ def _progress_bars():
 
 
 def cmd_train_explainer(args) -> int:
-    import time
-
     from ..distributed import local_device, process_group, rank_and_world
     from ..explain import train_explainer
     out = Path(args.out)

@@ -46,6 +46,13 @@ class Explainer:
         self.model_name, self.input_size = model_name, tuple(input_size)
         self.step, self.history = step, list(history or [])
 
+    @classmethod
+    def untrained(cls, config: ExplainConfig, model_name: str,
+                  input_size: tuple) -> "Explainer":
+        """An explainer whose U-Net is freshly initialised: what ``train_explainer`` starts
+        from, and enough to time the generator."""
+        return cls(_build_net(input_size[0], config), config, model_name, input_size)
+
     def _check(self, hm: HookedModel, x: torch.Tensor) -> torch.Tensor:
         if hm.name != self.model_name:
             raise CircuitlabError(f"this explainer was trained for {self.model_name!r}, not "
