@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 import circuitlab as cl  # noqa: E402
-from circuitlab import metrics, synthetic  # noqa: E402
+from circuitlab import CircuitlabError, metrics, synthetic  # noqa: E402
 from circuitlab.explain import Explainer, amortized_preset, explain, minimize, preset  # noqa: E402
 from circuitlab.explain import RegionSearch, explain_regions  # noqa: E402
 from circuitlab.explain import train_explainer  # noqa: E402
@@ -193,16 +193,17 @@ PHOTOS = ("coffee", "chelsea", "rocket", "astronaut", "china", "flower", "grace_
           "motorcycle")
 
 
-def regions(names, robust_draws: int = 0):
-    """The region search (the default on photos) on Lite0 photos against issue 17's targets
-    (<= 10 % of the image, >= 90 % of the kept pixels in <= 5 regions, top-1 kept, <= 20 s),
-    with the images it scored (its forwards: the same on every machine, unlike seconds)."""
+def regions(names, search: RegionSearch = RegionSearch()):
+    """The region search (the default on photos, or ``search``) on Lite0 photos against
+    issue 17's targets (<= 10 % of the image, >= 90 % of the kept pixels in <= 5 regions,
+    top-1 kept, <= 20 s), with the images it scored (its forwards: the same on every
+    machine, unlike seconds)."""
     hm = cl.load_model("efficientnet_lite0")
     rows = []
     for name in names:
         x = cl.data.load_image(name, hm)
         t = time.perf_counter()
-        ex = explain_regions(hm, x, RegionSearch(robust_draws=robust_draws))
+        ex = explain_regions(hm, x, search)
         seconds = time.perf_counter() - t
         r = metrics.mask_report(hm, x, ex.mask, ex.mask, ex.target)
         images = ex.search[0][-1]["images"]
@@ -230,7 +231,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "explain.csv"))
     p.add_argument("--robust-draws", type=int, default=0,
                    help="regions part: RegionSearch(robust_draws=K) (default 0: off)")
+    p.add_argument("--finer-segments", default=None, metavar="N[,N...]",
+                   help="regions part: RegionSearch(refine=(N, ...)), the finer passes "
+                        "(default the search's)")
     args = p.parse_args(argv)
+    try:
+        finer = {} if args.finer_segments is None else {
+            "refine": tuple(int(k) for k in args.finer_segments.split(","))}
+    except ValueError:
+        raise CircuitlabError(f"--finer-segments takes superpixel counts, comma-separated; "
+                              f"got {args.finer_segments!r}") from None
+    search = RegionSearch(robust_draws=args.robust_draws, **finer)   # refused before any run
     start(args.out)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -251,7 +262,7 @@ def main(argv=None) -> int:
     bt = batched(steps, ["coffee", "chelsea"] if args.quick else
                  ["coffee", "chelsea", "rocket", "astronaut"], 2 if args.quick else 4) \
         if "batch" in parts else empty
-    rg = regions(["rocket"] if args.quick else PHOTOS, args.robust_draws) \
+    rg = regions(["rocket"] if args.quick else PHOTOS, search) \
         if "regions" in parts else empty
     tables = [("regions", "EfficientNet-Lite0, the region search (the default on photos)",
                rg),

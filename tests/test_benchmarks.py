@@ -102,3 +102,14 @@ def test_a_benchmark_refuses_a_device_it_does_not_have(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and "--device" in lines[0], r.stderr
     assert not (tmp_path / "h.csv").exists()
+
+
+def test_the_explain_benchmark_refuses_bad_search_settings_at_once(tmp_path):
+    """Region-search settings are checked before any part runs: one line, exit status 2."""
+    for bad in (["--finer-segments", "256,x"], ["--finer-segments", "256,4000"],
+                ["--robust-draws", "-1"]):
+        r = _run("benchmarks/explain.py", "--quick", *bad, "--out", tmp_path / "e.csv",
+                 timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert not (tmp_path / "e.csv").exists()

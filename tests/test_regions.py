@@ -190,7 +190,8 @@ def test_bad_settings_are_one_clear_error():
                 dict(confident_within=2), dict(fills=("grey", "noise")),
                 dict(robust_draws=-1), dict(robust_within=0.0), dict(robust_margin=-1.0),
                 dict(fills=("grey", "blur"), robust_draws=2), dict(region_top=0),
-                dict(region_share=1.5), dict(region_share=-0.1)):
+                dict(region_share=1.5), dict(region_share=-0.1), dict(refine=1),
+                dict(refine=(256, 2000)), dict(refine=(256.0,)), dict(refine="256")):
         with pytest.raises(CircuitlabError):
             RegionSearch(**bad)
 
@@ -207,15 +208,24 @@ def test_cli_regions_mode(tmp_path, capsys):
     assert metrics["region_search"] and "found" in metrics and "region_effects" in metrics
     assert metrics["confident_within"] == RegionSearch().confident_within
     assert metrics["fills"] == list(RegionSearch().fills)
+    assert metrics["finer_segments"] == list(RegionSearch().refine_passes)
     capsys.readouterr()
-    # the raise to the image's confidence off: no raise rounds, and metrics.json says so
+    # the raise to the image's confidence and the finer pass off: no raise or refine rounds,
+    # and metrics.json says so
     code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
                  str(tmp_path / "off"), "--mode", "regions", "--segments", "24",
-                 "--confident-within", "off", "--json"])
+                 "--confident-within", "off", "--finer-segments", "off", "--json"])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "off" / "metrics.json").read_text())
-    assert metrics["confident_within"] == "off"
-    assert not any(r["step"] == "raise" for r in metrics["region_search"])
+    assert metrics["confident_within"] == "off" and metrics["finer_segments"] == []
+    assert not any(r["step"] in ("raise", "refine") for r in metrics["region_search"])
+    # two finer passes (48, then 96 pieces), recorded
+    code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
+                 str(tmp_path / "two"), "--segments", "24", "--finer-segments", "48,96",
+                 "--json"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["mode"] == "regions" and metrics["finer_segments"] == [48, 96]
     capsys.readouterr()
     for bad in (["--area", "0.1"], ["--refine", "3"], ["--precision", "bf16"],
                 ["--steps", "5"], ["--no-minimal"], ["--reasons", "2"],
@@ -268,6 +278,7 @@ def test_more_fills_are_more_draws_the_mask_holds_under(tmp_path, capsys):
     assert metrics["robust_held"] == (bool(grown) and grown[-1]["holds"])
     capsys.readouterr()
     for bad in (["--fills", "grey,noise"], ["--fills", "grey,,gaussian"],
+                ["--finer-segments", "256,x"], ["--finer-segments", "1"],
                 ["--robust-draws", "0"], ["--robust-draws", "2", "--fills", "grey,blur"],
                 ["--robust-draws", "2", "--mode", "per-image"]):
         code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
@@ -335,10 +346,46 @@ def test_the_activation_term_is_the_paper_distance_over_the_mean_colour():
 
 
 def test_the_cli_default_is_the_search_default():
-    from circuitlab.cli._modes import CONFIDENT_WITHIN, FILLS, SEGMENTS
+    from circuitlab.cli._modes import CONFIDENT_WITHIN, FILLS, FINER, SEGMENTS
     assert SEGMENTS == RegionSearch().segments
     assert CONFIDENT_WITHIN == RegionSearch().confident_within
     assert FILLS == RegionSearch().fills
+    assert FINER == RegionSearch().refine_passes
+
+
+def test_more_finer_passes_cut_again_only_what_is_still_large(setup):
+    """refine=(a, b): the set the first pass leaves is cut along the second SLIC only where
+    it is still over ``refine_above``; what it leaves lies inside, holds and needs every
+    piece of the second SLIC."""
+    hm, x, _, _ = setup
+    every = explain_regions(hm, x, replace(SEARCH, refine=48, refine_above=0.0), seed=3)
+    # some masks still above it after the first pass, some not
+    above = float(every.mask.flatten(1).float().mean(1)[every.found].median())
+    one = explain_regions(hm, x, replace(SEARCH, refine=48, refine_above=above), seed=3)
+    two = explain_regions(hm, x, replace(SEARCH, refine=(48, 96), refine_above=above), seed=3)
+    first = one.mask.flatten(1).float().mean(1)
+    with torch.no_grad():
+        p_image = hm(x).softmax(-1).gather(1, two.target[:, None]).squeeze(1)
+    cut = [i for i in torch.nonzero(one.found).flatten().tolist() if first[i] > above]
+    assert cut and len(cut) < int(one.found.sum())
+    for i in torch.nonzero(two.found).flatten().tolist():
+        xi, m, t = x[i:i + 1], two.mask[i:i + 1], int(two.target[i])
+        passes = [r for r in two.search[i] if r["step"] == "refine"]
+        if i not in cut:             # the second pass did not run: the first's mask
+            assert torch.equal(m, one.mask[i:i + 1])
+            continue
+        assert bool((m <= one.mask[i:i + 1]).all()) and len(passes) > len(
+            [r for r in one.search[i] if r["step"] == "refine"])
+        pieces = np.where(one.mask[i, 0].numpy() > 0,
+                          superpixels(hm, xi, replace(SEARCH, segments=96)), -1)
+        fills = make_backgrounds(xi, hm.data_config, SEARCH.fills,
+                                 fill_generator(3, "regions"))
+        floor = SEARCH.confidence * float(p_image[i])
+        assert _holds(hm, xi, m, t, fills, floor)
+        for s in np.unique(pieces[m[0, 0].numpy() > 0]):
+            without = m * torch.from_numpy(pieces != s).float()
+            assert _top_share(without, 5) < min(0.9, _top_share(m, 5)) or \
+                not _holds(hm, xi, without, t, fills, floor)
 
 
 def test_the_finer_pass_keeps_whole_pieces_each_needed(setup):

@@ -11,8 +11,9 @@ from ._common import fraction, positive_int
 SEGMENTS = 128       # --mode regions: explain.regions.RegionSearch's default, without torch
 CONFIDENT_WITHIN = 0.15      # the same for --confident-within
 # flags of regions mode: under --mode auto, giving any of them picks regions mode
-REGION_FLAGS = ("segments", "confident_within", "fills", "robust_draws")
+REGION_FLAGS = ("segments", "confident_within", "fills", "robust_draws", "finer_segments")
 FILLS = ("grey", "gaussian")    # the same for --fills
+FINER = (256,)                  # the same for --finer-segments
 # flags of per-image mode and their defaults: under --mode auto, giving any of them picks
 # per-image mode whatever the input size
 PER_IMAGE_FLAGS = {"area": None, "reasons": 1, "preset": "default", "steps": None,
@@ -42,6 +43,12 @@ def add_region_flags(p) -> None:
                         "noise fill, then prune it under them (to at most 40 %% of the "
                         "image; else the set found stays): masks kept under fresh noise, "
                         "larger and slower (docs/explain.md) (default off)")
+    p.add_argument("--finer-segments", type=finer_arg, default=None, metavar="N[,N...]|off",
+                   help=f"regions mode: a set still over 10 %% of the image is cut along a "
+                        f"finer SLIC of N superpixels and pruned again; a list cuts again "
+                        f"along each next while it is still over (256,512: smaller masks, up "
+                        f"to twice the time, docs/explain.md); off: no finer pass (default "
+                        f"{','.join(map(str, FINER))})")
 
 
 def region_settings(args) -> dict:
@@ -50,6 +57,8 @@ def region_settings(args) -> dict:
              if getattr(args, k) is not None}
     if given.get("confident_within") == "off":
         given["confident_within"] = None
+    if "finer_segments" in given:
+        given["refine"] = given.pop("finer_segments") or None
     return given
 
 
@@ -61,6 +70,8 @@ def region_report(args, rounds: list) -> dict:
             "confident_within": CONFIDENT_WITHIN if args.confident_within is None
             else args.confident_within,
             "fills": list(args.fills or FILLS), "robust_draws": args.robust_draws or 0,
+            "finer_segments": list(FINER if args.finer_segments is None
+                                   else args.finer_segments),
             "robust_held": bool(grown and grown[-1]["holds"]) if args.robust_draws else None}
 
 
@@ -74,6 +85,21 @@ def fills_arg(text: str) -> tuple:
                                          f"separated (a kind twice is two draws), e.g. "
                                          f"grey,gaussian; got {text!r}")
     return kinds
+
+
+def finer_arg(text: str) -> tuple:
+    """--finer-segments: superpixel counts of the finer passes, comma-separated, or off (())."""
+    if text == "off":
+        return ()
+    try:
+        counts = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or not all(2 <= k <= 1024 for k in counts):
+        raise argparse.ArgumentTypeError(f"takes superpixel counts from 2 to 1024, comma-"
+                                         f"separated (one finer pass each), or off; got "
+                                         f"{text!r}")
+    return counts
 
 
 def within_arg(text: str):

@@ -3,7 +3,7 @@ search's settings (``RegionSearch``)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from typing import Optional, Union
 
 from ..backgrounds import KINDS, RANDOM_KINDS
 from ..errors import CircuitlabError
@@ -202,8 +202,10 @@ class RegionSearch:
     top_k: int = 12                  # candidates beyond the set's neighbours: best alone
     # a set that holds but covers more than ``refine_above`` of the image is cut along a
     # finer SLIC of ``refine`` superpixels and pruned again (None: off); the photos it
-    # took under 10 %: docs/results.md, "Superpixel regions"
-    refine: Optional[int] = 256
+    # took under 10 %: docs/results.md, "Superpixel regions". A tuple, e.g. (256, 512), cuts
+    # again along each next SLIC while the set is still larger: smaller masks where the
+    # first cut leaves them over 10 %, at up to twice the search's time (same page)
+    refine: Union[int, tuple, None] = 256
     refine_above: float = 0.1
     # backward elimination (prune, cut) keeps at least ``region_share`` of the set's pixels
     # in its ``region_top`` largest connected regions (or the share it had, where less; 0:
@@ -240,6 +242,12 @@ class RegionSearch:
     robust_within: float = 0.4
 
     @property
+    def refine_passes(self) -> tuple:
+        """The finer SLICs' superpixel counts, in the order the set is cut along them."""
+        r = self.refine
+        return () if r is None else (r,) if isinstance(r, int) else tuple(r)
+
+    @property
     def robust_fills(self) -> tuple:
         """The fills the robust growth holds under: the first fill, then ``robust_draws``
         draws of each random fill of ``fills``."""
@@ -250,9 +258,15 @@ class RegionSearch:
         if not 2 <= self.segments <= 1024:
             raise CircuitlabError(f"segments is how many superpixels, 2 to 1024; got "
                                   f"{self.segments}")
-        if self.refine is not None and not 2 <= self.refine <= 1024:
+        r = self.refine
+        if isinstance(r, list):
+            object.__setattr__(self, "refine", r := tuple(r))
+        if not (r is None or isinstance(r, (int, tuple, list)) and all(
+                isinstance(k, int) and 2 <= k <= 1024 for k in ((r,) if isinstance(r, int)
+                                                                else r))):
             raise CircuitlabError(f"refine is how many superpixels the finer pass cuts the "
-                                  f"image into, 2 to 1024, or None; got {self.refine}")
+                                  f"image into, 2 to 1024, a tuple of them (one pass each), or "
+                                  f"None; got {r!r}")
         if not 0 <= self.refine_above <= 1:
             raise CircuitlabError(f"refine_above is a fraction of the image, in [0, 1]; got "
                                   f"{self.refine_above}")

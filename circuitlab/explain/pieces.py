@@ -285,9 +285,10 @@ def _labels(labels: np.ndarray, device):
     return torch.from_numpy(labels + 1).long().to(device), int(labels.max()) + 1
 
 
-def finer(hm, x, search: RegionSearch, mask: torch.Tensor) -> np.ndarray:
-    """Labels 0..k-1 of the pieces a finer SLIC of ``x`` cuts ``mask`` into, -1 outside."""
-    fine = superpixels(hm, x, replace(search, segments=search.refine))
+def finer(hm, x, search: RegionSearch, segments: int, mask: torch.Tensor) -> np.ndarray:
+    """Labels 0..k-1 of the pieces a finer SLIC of ``x`` (``segments`` superpixels) cuts
+    ``mask`` into, -1 outside."""
+    fine = superpixels(hm, x, replace(search, segments=segments))
     inside = mask[0, 0].cpu().numpy() > 0
     out = np.full(fine.shape, -1)
     for k, i in enumerate(np.unique(fine[inside])):

@@ -34,7 +34,8 @@ superpixels of the image (compact, colour-coherent pieces, ``segments`` of them)
    ``confident_within`` of the image; where it gets there, it is pruned again with the
    image's p_target as the floor, else the set of step 2 stays. A set still larger than
    ``refine_above`` is then cut along a finer SLIC (``refine`` superpixels) and pruned
-   again, a run of pieces at a time (found by bisection), until each piece is needed.
+   again, a run of pieces at a time (found by bisection), until each piece is needed; with
+   more than one ``refine``, again along each next SLIC while it is still larger.
 4. ``certify`` reports what each connected region does over the mean colour (at the floor
    the set held at), without pruning; ``locally_minimal`` is the search's own certificate:
    the decision (top-1 under every fill, and p_target under the first at least the floor)
@@ -207,8 +208,10 @@ def _search(hm, x, score: Scorer, touching: list, p_image: float, search: Region
         if sure:
             chosen, floor = _prune(score, more, p_image, trail), p_image
     mask = score.mask(chosen)
-    if search.refine and float(mask.mean()) > search.refine_above:
-        fine = score.over(finer(hm, x, search, mask))
+    for segments in search.refine_passes:
+        if float(mask.mean()) <= search.refine_above:
+            break
+        fine = score.over(finer(hm, x, search, segments, mask))
         mask = fine.mask(_cut(fine, set(range(fine.count)), floor, trail))
     if search.robust_draws:
         mask = _robust(score, mask, floor, search, trail)
