@@ -378,14 +378,7 @@ def test_more_finer_passes_cut_again_only_what_is_still_large(setup):
             [r for r in one.search[i] if r["step"] == "refine"])
         pieces = np.where(one.mask[i, 0].numpy() > 0,
                           superpixels(hm, xi, replace(SEARCH, segments=96)), -1)
-        fills = make_backgrounds(xi, hm.data_config, SEARCH.fills,
-                                 fill_generator(3, "regions"))
-        floor = SEARCH.confidence * float(p_image[i])
-        assert _holds(hm, xi, m, t, fills, floor)
-        for s in np.unique(pieces[m[0, 0].numpy() > 0]):
-            without = m * torch.from_numpy(pieces != s).float()
-            assert _top_share(without, 5) < min(0.9, _top_share(m, 5)) or \
-                not _holds(hm, xi, without, t, fills, floor)
+        _holds_and_needs_each_piece(hm, xi, m, t, pieces, SEARCH.confidence * float(p_image[i]))
 
 
 def test_the_finer_pass_keeps_whole_pieces_each_needed(setup):
@@ -421,6 +414,18 @@ def _top_share(m, top):
     return float(regions(m, top)["top_regions_share"][0])
 
 
+def _holds_and_needs_each_piece(hm, xi, m, t, pieces, floor, top=5, need=0.9):
+    """The mask holds over the search's fills, and without any one of its ``pieces`` it no
+    longer does, or keeps less than ``need`` (or its own share, where less) of its pixels
+    in its ``top`` largest regions."""
+    fills = make_backgrounds(xi, hm.data_config, SEARCH.fills, fill_generator(3, "regions"))
+    assert _holds(hm, xi, m, t, fills, floor)
+    share = min(need, _top_share(m, top))
+    for s in np.unique(pieces[m[0, 0].numpy() > 0]):
+        without = m * torch.from_numpy(pieces != s).float()
+        assert _top_share(without, top) < share or not _holds(hm, xi, without, t, fills, floor)
+
+
 def test_elimination_keeps_the_mask_in_its_largest_regions(setup):
     """Cut along a finer SLIC, a region can fall apart into many: elimination goes on only
     to sets with at least ``region_share`` of their pixels in their ``region_top`` largest
@@ -442,14 +447,8 @@ def test_elimination_keeps_the_mask_in_its_largest_regions(setup):
         assert share >= start[i]
         pieces = np.where(coarse.mask[i, 0].numpy() > 0,
                           superpixels(hm, xi, replace(cut, segments=cut.refine)), -1)
-        fills = make_backgrounds(xi, hm.data_config, SEARCH.fills,
-                                 fill_generator(3, "regions"))
-        floor = SEARCH.confidence * float(p_image[i])
-        assert _holds(hm, xi, m, t, fills, floor)
-        for s in np.unique(pieces[m[0, 0].numpy() > 0]):
-            without = m * torch.from_numpy(pieces != s).float()
-            assert _top_share(without, 1) < min(1.0, share) or \
-                not _holds(hm, xi, without, t, fills, floor)
+        _holds_and_needs_each_piece(hm, xi, m, t, pieces, SEARCH.confidence * float(p_image[i]),
+                                    top=1, need=1.0)
 
 
 def test_the_search_draws_its_noise_apart_from_the_metrics():

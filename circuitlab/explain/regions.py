@@ -108,7 +108,8 @@ def _grow(score: Scorer, touching: list, floor: float, max_area: float, search: 
 
 def _prune(score: Scorer, chosen: set, floor: float, trail, step: str = "remove") -> set:
     """Backward elimination while the decision holds: each round removes the piece whose
-    removal the decision holds best without, until no single piece can go."""
+    removal the decision holds best without (of those that keep the regions,
+    ``_readable``), until no single piece can go."""
     while len(chosen) > 1:
         readable = _readable(score, chosen)
         order = [i for i in sorted(chosen) if readable(chosen - {i})]
@@ -123,7 +124,8 @@ def _prune(score: Scorer, chosen: set, floor: float, trail, step: str = "remove"
 def _cut(score: Scorer, chosen: set, floor: float, trail) -> set:
     """Backward elimination for many small pieces: each round ranks the pieces the decision
     holds without, least needed first, and removes the longest run of them it holds
-    without (found by bisection), until no single piece can go."""
+    without (found by bisection), until no single piece can go; every set it goes on to
+    keeps the regions (``_readable``)."""
     while len(chosen) > 1:
         readable = _readable(score, chosen)
         order = [i for i in sorted(chosen) if readable(chosen - {i})]
