@@ -97,6 +97,7 @@ def open_image(path_or_sample: Union[str, os.PathLike]) -> Image.Image:
     """An RGB PIL image from a file path or a sample name (see ``SAMPLES``)."""
     src = os.fspath(path_or_sample)
     path = Path(src)
+    _shadows(src, path)
     if path.is_file():
         try:
             with Image.open(path) as img:
@@ -131,8 +132,19 @@ def _synthetic_image(i: int) -> Image.Image:
     return Image.fromarray((arr * 255).round().astype(np.uint8))
 
 
+def _shadows(src: str, path: Path) -> None:
+    """Warn where a file or folder here has a sample's name: the path is what is read (a
+    previous run's output folder called ``coffee`` would be explained instead of the
+    photo)."""
+    if src in SAMPLES and path.exists():
+        warnings.warn(f"{src!r} is the {'folder' if path.is_dir() else 'file'} "
+                      f"{path.resolve()} here, not the bundled sample; pass sample:{src} for "
+                      f"the sample", stacklevel=3)
+
+
 def image_files(folder: Union[str, os.PathLike]) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name."""
+    _shadows(os.fspath(folder), Path(folder))
     folder = Path(folder)
     if not folder.is_dir():
         raise CircuitlabError(f"{str(folder)!r} is not a folder of images")

@@ -59,3 +59,27 @@ def test_bad_images(tmp_path):
 def test_image_files_needs_a_folder(tmp_path):
     with pytest.raises(CircuitlabError, match="not a folder"):
         image_files(tmp_path / "missing")
+
+
+def test_a_path_with_a_samples_name_is_read_with_a_warning(tmp_path, monkeypatch, capsys):
+    """A folder called ``coffee`` here (say a previous run's --out) is what ``coffee`` reads,
+    with one warning naming sample:coffee, which reads the photo."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "coffee").mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "coffee" / "mask.png")
+    with pytest.warns(UserWarning, match="sample:coffee"):
+        assert [p.name for p in image_files("coffee")] == ["mask.png"]
+    with pytest.warns(UserWarning, match="sample:coffee"):
+        with pytest.raises(CircuitlabError, match="is a folder"):
+            load_image("coffee")
+    photo = load_image("sample:coffee")
+    assert photo.shape[1] == 3
+    (tmp_path / "coffee" / "mask.png").unlink()
+    (tmp_path / "coffee").rmdir()
+    assert torch.equal(load_image("coffee"), photo)      # nothing here: the sample
+    from circuitlab.cli import main
+    (tmp_path / "coffee").mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "coffee" / "mask.png")
+    main(["predict", "--model", "synthetic-cnn", "--image", "coffee"])
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "sample:coffee" in ln]
+    assert len(warned) == 1 and warned[0].startswith("circuitlab: warning:")
