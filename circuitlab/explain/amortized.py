@@ -189,8 +189,8 @@ def train_explainer(hm: HookedModel, images: torch.Tensor,
     if batch_size < 1 or cfg.steps < 1:
         raise CircuitlabError("steps and batch_size must be at least 1")
     torch.manual_seed(seed)
-    net = _build_net(hm.in_chans, cfg).to(images.device)
-    explainer = Explainer(net, cfg, hm.name, tuple(images.shape[1:]))
+    explainer = Explainer.untrained(cfg, hm.name, tuple(images.shape[1:]))
+    net = explainer.net.to(images.device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     with torch.no_grad():  # the teacher masks live on the explainer's output grid
         size = tuple(explainer.logits(images[:1]).shape[-2:])

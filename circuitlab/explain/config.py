@@ -258,15 +258,13 @@ class RegionSearch:
         if not 2 <= self.segments <= 1024:
             raise CircuitlabError(f"segments is how many superpixels, 2 to 1024; got "
                                   f"{self.segments}")
-        r = self.refine
-        if isinstance(r, list):
-            object.__setattr__(self, "refine", r := tuple(r))
-        if not (r is None or isinstance(r, (int, tuple, list)) and all(
-                isinstance(k, int) and 2 <= k <= 1024 for k in ((r,) if isinstance(r, int)
-                                                                else r))):
+        if isinstance(self.refine, list):
+            object.__setattr__(self, "refine", tuple(self.refine))
+        if not isinstance(self.refine, (int, tuple, type(None))) or not all(
+                isinstance(k, int) and 2 <= k <= 1024 for k in self.refine_passes):
             raise CircuitlabError(f"refine is how many superpixels the finer pass cuts the "
                                   f"image into, 2 to 1024, a tuple of them (one pass each), or "
-                                  f"None; got {r!r}")
+                                  f"None; got {self.refine!r}")
         if not 0 <= self.refine_above <= 1:
             raise CircuitlabError(f"refine_above is a fraction of the image, in [0, 1]; got "
                                   f"{self.refine_above}")

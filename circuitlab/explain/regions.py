@@ -111,8 +111,7 @@ def _prune(score: Scorer, chosen: set, floor: float, trail, step: str = "remove"
     removal the decision holds best without (of those that keep the regions,
     ``_readable``), until no single piece can go."""
     while len(chosen) > 1:
-        readable = _readable(score, chosen)
-        order = [i for i in sorted(chosen) if readable(chosen - {i})]
+        _, order = _removable(score, chosen)
         found = score.best([chosen - {i} for i in order], floor) if order else None
         if found is None:
             break
@@ -127,8 +126,7 @@ def _cut(score: Scorer, chosen: set, floor: float, trail) -> set:
     without (found by bisection), until no single piece can go; every set it goes on to
     keeps the regions (``_readable``)."""
     while len(chosen) > 1:
-        readable = _readable(score, chosen)
-        order = [i for i in sorted(chosen) if readable(chosen - {i})]
+        readable, order = _removable(score, chosen)
         ranked, logp = score.rank([chosen - {i} for i in order], floor) if order else ([], 0)
         if not ranked:
             break
@@ -137,14 +135,23 @@ def _cut(score: Scorer, chosen: set, floor: float, trail) -> set:
         lo, hi = 1, len(run)          # the first alone is known to hold
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            holds, lp = score.rank([chosen - set(run[:mid])], floor)
-            if holds and readable(chosen - set(run[:mid])):
+            rest = chosen - set(run[:mid])
+            # the regions first: a set that splits them needs no forward
+            holds, lp = score.rank([rest], floor) if readable(rest) else ([], None)
+            if holds:
                 lo, held = mid, lp[0]
             else:
                 hi = mid - 1
         chosen = chosen - set(run[:lo])
         trail.append(_round(score, "refine", score.area(chosen), held))
     return chosen
+
+
+def _removable(score: Scorer, chosen: set) -> tuple:
+    """(``_readable`` from ``chosen``, the pieces of ``chosen`` whose removal alone keeps
+    the regions, in order)."""
+    readable = _readable(score, chosen)
+    return readable, [i for i in sorted(chosen) if readable(chosen - {i})]
 
 
 def _readable(score: Scorer, chosen: set):
