@@ -1,7 +1,8 @@
 """Per-image explanation speed and quality.
 
 ``--only regions``: the region search (the default on photos) on the eight Lite0 photos
-against issue 17's targets, with the images each search scored (machine-independent).
+against issue 17's targets, with the images each search scored (machine-independent), and
+its seconds with the eager model beside those with the compiled package (the default).
 
     python benchmarks/explain.py            # Lite0 photos at 224 px + the synthetic benchmark
     python benchmarks/explain.py --quick    # fewer images and steps, a smoke run
@@ -22,6 +23,7 @@ import argparse
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -197,16 +199,24 @@ def regions(names, search: RegionSearch = RegionSearch()):
     """The region search (the default on photos, or ``search``) on Lite0 photos against
     issue 17's targets (<= 10 % of the image, >= 90 % of the kept pixels in <= 5 regions,
     top-1 kept, <= 20 s), with the images it scored (its forwards: the same on every
-    machine, unlike seconds)."""
+    machine, unlike seconds); each photo also searched with the eager model
+    (``compiled=False``), the two runs alternated, for the compiled package's speed-up.
+    First a warm-up search on rocket, untimed in the table: it compiles the model's
+    package, or loads it from the cache (returned: its seconds)."""
     hm = cl.load_model("efficientnet_lite0")
+    t = time.perf_counter()
+    explain_regions(hm, cl.data.load_image("rocket", hm), search)
+    warm_up = time.perf_counter() - t
     rows = []
-    for name in names:
+    for i, name in enumerate(names):
         x = cl.data.load_image(name, hm)
-        t = time.perf_counter()
-        ex = explain_regions(hm, x, search)
-        seconds = time.perf_counter() - t
+        runs = {}
+        for compiled in (search.compiled, not search.compiled)[::1 if i % 2 == 0 else -1]:
+            t = time.perf_counter()
+            ex = explain_regions(hm, x, replace(search, compiled=compiled))
+            runs[compiled] = ex, time.perf_counter() - t, ex.search[0][-1]["images"]
+        ex, seconds, images = runs[search.compiled]
         r = metrics.mask_report(hm, x, ex.mask, ex.mask, ex.target)
-        images = ex.search[0][-1]["images"]
         row = {"image": name, "label": hm.label(int(ex.target[0])), "seconds": seconds,
                "images_scored": images, "ms_per_image_scored": seconds / images * 1e3,
                "area": r["area_fraction"], "regions": r["regions"],
@@ -215,8 +225,12 @@ def regions(names, search: RegionSearch = RegionSearch()):
                "gaussian_kept": r["top1_kept_under_fill"]["gaussian"]}
         row["all_four_targets"] = bool(row["area"] <= 0.1 and row["top5_share"] >= 0.9 and
                                        row["top1_kept"] and seconds <= 20)
+        other, other_seconds, other_images = runs[not search.compiled]
+        row.update({f"{'eager' if search.compiled else 'compiled'}_seconds": other_seconds,
+                    f"{'eager' if search.compiled else 'compiled'}_images": other_images,
+                    "same_mask": bool(torch.equal(other.mask, ex.mask))})
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), warm_up
 
 
 def main(argv=None) -> int:
@@ -262,8 +276,8 @@ def main(argv=None) -> int:
     bt = batched(steps, ["coffee", "chelsea"] if args.quick else
                  ["coffee", "chelsea", "rocket", "astronaut"], 2 if args.quick else 4) \
         if "batch" in parts else empty
-    rg = regions(["rocket"] if args.quick else PHOTOS, search) \
-        if "regions" in parts else empty
+    rg, warm_up = regions(["rocket"] if args.quick else PHOTOS, search) \
+        if "regions" in parts else (empty, None)
     tables = [("regions", "EfficientNet-Lite0, the region search (the default on photos)",
                rg),
               ("photos", "EfficientNet-Lite0, per-image mode, default preset", ph),
@@ -277,6 +291,9 @@ def main(argv=None) -> int:
         for _, title, df in tables:
             if len(df):
                 print(f"\n{title}\n{df.to_string(index=False)}")
+    if warm_up is not None:
+        print(f"\nregions: warm-up search {warm_up:.1f} s (the model's compiled package "
+              f"made or loaded; cached in {cl.files.cache_root() / 'compiled'})")
     write_text(args.out, pd.concat([df.assign(table=name) for name, _, df in tables
                                     if len(df)]).to_csv(index=False))
     print(f"wrote {args.out}")

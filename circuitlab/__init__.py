@@ -18,7 +18,7 @@ _EXPORTS = {
     "Family": "families", "HookPoint": "hook_points", "HookedModel": "hooked_model",
     "OFFLINE_MODELS": "registry", "load_model": "zoo", "save_checkpoint": "zoo",
 }
-_SUBMODULES = ("backgrounds", "baselines", "cache", "checkpoints", "circuits", "cli", "data",
+_SUBMODULES = ("aot", "backgrounds", "baselines", "cache", "checkpoints", "circuits", "cli", "data",
                "errors", "explain", "families", "files", "hook_points", "hooked_model",
                "kernels", "metrics", "preprocessing", "registry", "report", "sources", "synthetic",
                "zoo")

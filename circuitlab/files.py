@@ -91,6 +91,15 @@ def write_text(path: PathLike, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
+def cache_root() -> Path:
+    """Where the library keeps what it makes once and reuses (trained benchmark models,
+    compiled forwards): ``$CIRCUITLAB_CACHE``, else ``$XDG_CACHE_HOME/circuitlab``, else
+    ``~/.cache/circuitlab``."""
+    root = os.environ.get("CIRCUITLAB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "circuitlab")
+    return Path(root)
+
+
 # ---------------------------------------------------------------------------- whole results
 @contextlib.contextmanager
 def locked(target: PathLike):

@@ -248,16 +248,19 @@ class HookedModel:
             gmap[p.name] = on_device(p.view(g) if p.view else g, device)
         return logits.detach(), ActivationCache(acts, logits.detach(), gmap, tgt)
 
-    def reader(self, names: Sequence[str], execution: Execution = Execution()) -> TapReader:
+    def reader(self, names: Sequence[str], execution: Execution = Execution(),
+               like: Optional[torch.Tensor] = None) -> TapReader:
         """A plain-torch ``reader(x) -> (logits, [activations])`` of the named points, in the
         order given, for a hot loop (``readers.TapReader``: no trace per call; compilable,
         bf16); one per (points, execution), kept, so a compiled one compiles once; one that
-        folds BatchNorm is made anew, a copy of the weights as they are now."""
+        folds BatchNorm or is compiled ahead of time (``aot``, cached on disk by the
+        weights) is made anew, from the weights as they are now, for inputs shaped ``like``
+        (default: the model's input size)."""
         points = [self.point(n) for n in ([names] if isinstance(names, str) else names)]
         key = (tuple(p.name for p in points), execution)
-        if execution.fold_batchnorm:
-            example = torch.randn((1, *self.input_size),
-                                  generator=torch.Generator().manual_seed(0))
+        if execution.fold_batchnorm or execution.compile == "aot":
+            shape = self.input_size if like is None else tuple(like.shape[1:])
+            example = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
             return TapReader(self.model, points, execution,
                              example.to(device=self.device, dtype=self.dtype))
         if key not in self._readers:

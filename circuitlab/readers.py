@@ -11,7 +11,9 @@ An eager reader puts its hooks on for each call and takes them off after it; a c
 keeps them on (its graph was traced with them; unarmed, each returns at once) until ``close``.
 A reader that folds BatchNorm (``Execution.fold_batchnorm``) runs its own folded copy of the
 model, made when the reader is; points whose values the folding changes (a folded
-convolution's output, its norm's input) are refused.
+convolution's output, its norm's input) are refused. One compiled ahead of time
+(``compile="aot"``) reads the logits alone, without gradients, through the model's
+AOTInductor package (``aot``; the eager model where it cannot compile, one warning).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .aot import compiled
 from .errors import CircuitlabError
 from .execution import Execution
 from .folding import fold_batchnorm
@@ -39,6 +42,7 @@ class TapReader:
     def __init__(self, model: nn.Module, points: Sequence[HookPoint],
                  execution: Execution = Execution(), example: torch.Tensor = None):
         self.model, self.points, self.execution = model, list(points), execution
+        self._example = None if example is None else example[:1]
         self.folded: list = []       # (convolution, norm) paths folded together
         if execution.fold_batchnorm:
             if example is None:
@@ -57,7 +61,10 @@ class TapReader:
         # pickles, deep-copies and runs as it did); compiled: kept on, as the compiled graph
         # was traced with them (``close`` takes them off)
         self._fn = self._forward
-        if execution.compile is not None:
+        self.ahead = False           # scored through an AOTInductor package (``aot``)
+        if execution.compile == "aot":
+            self._ahead_of_time(example)
+        elif execution.compile is not None:
             self._attach()
             self._fn = torch.compile(self._forward, mode=execution.compile)
 
@@ -65,10 +72,35 @@ class TapReader:
         """This reader over its own copy of its model, for another thread: a call arms hooks
         and switches attention kernels on the reader's model, so two threads share no
         reader."""
-        other = TapReader(copy.deepcopy(self.model), self.points,
-                          dataclasses.replace(self.execution, fold_batchnorm=False))
+        execution = dataclasses.replace(self.execution, fold_batchnorm=False)
+        if execution.compile == "aot" and not self.ahead:     # it did not compile here
+            execution = dataclasses.replace(execution, compile=None)
+        other = TapReader(copy.deepcopy(self.model), self.points, execution, self._example)
         other.folded = self.folded
         return other
+
+    def _ahead_of_time(self, example) -> None:
+        """Logits through the model's AOTInductor package (``aot.compiled``); where it
+        cannot compile here, the eager model (one warning)."""
+        if self.points:
+            raise CircuitlabError("compile 'aot' reads the logits alone; read hook points "
+                                  "with another compile mode")
+        if example is None:
+            raise CircuitlabError("a reader compiled ahead of time needs an example input")
+        if self.execution.channels_last and example.dim() == 4:
+            example = example.contiguous(memory_format=torch.channels_last)
+        run = compiled(self.model, example)
+        if run is not None:
+            self.ahead, self._fn = True, self._compiled_forward(run)
+
+    @staticmethod
+    def _compiled_forward(run):
+        def forward(x: torch.Tensor):
+            if torch.is_grad_enabled() and x.requires_grad:
+                raise CircuitlabError("a reader compiled ahead of time ('aot') gives no "
+                                      "gradients; use another compile mode to differentiate")
+            return run(x).float(), []
+        return forward
 
     def _check_unfolded(self) -> None:
         changed = {(c, "output") for c, _ in self.folded} | \
@@ -122,7 +154,7 @@ class TapReader:
             x = x.contiguous(memory_format=torch.channels_last)
         saved = [(m, m.fused_attn) for m in (self.model.get_submodule(n)
                                               for n in self._unfused)]
-        eager = self.execution.compile is None
+        eager = self.execution.compile in (None, "aot")
         if eager:
             self._attach()
         self._armed = True

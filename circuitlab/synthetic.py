@@ -10,7 +10,6 @@ plus stripes). The red object's pixel mask is the evidence a faithful explanatio
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 from . import checkpoints
 from .errors import CircuitlabError
+from .files import cache_root
 from .hooked_model import HookedModel
 from .preprocessing import DataConfig, normalize
 
@@ -223,9 +223,7 @@ def accuracy(model: nn.Module, data: SyntheticData, batch_size: int = 256) -> fl
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("CIRCUITLAB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "circuitlab")
-    return Path(root) / "synthetic"
+    return cache_root() / "synthetic"
 
 
 def synthetic_model(kind: str = "cnn", seed: int = 0, n_train: int = 10000,

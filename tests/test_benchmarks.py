@@ -40,6 +40,7 @@ def test_explain_benchmark_smoke(tmp_path):
     rg = df[df["table"] == "regions"]
     assert (rg["images_scored"] > 0).all() and rg["area"].between(0, 1).all()
     assert rg["all_four_targets"].isin([True, False]).all()
+    assert (rg["eager_seconds"] > 0).all() and rg["same_mask"].all()
     batch = df[df["table"] == "batch"]
     assert batch["iou"].between(0, 1).all() and (batch["speedup"] > 0).all()
     modes = set(df.loc[df["table"] == "synthetic", "mode"])

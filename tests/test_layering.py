@@ -16,7 +16,8 @@ LAYERS = [
     ("errors",),
     ("files", "preprocessing", "kernels", "deprecations", "distributed",  # leaves
      "execution"),
-    ("checkpoints", "backgrounds", "cache", "hook_points", "engine", "sources", "folding"),
+    ("checkpoints", "backgrounds", "cache", "hook_points", "engine", "sources", "folding",
+     "aot"),
     ("readers",),                                # plain-torch reads for hot loops
     ("families", "interventions", "hook_names"),
     ("hooked_model",),                           # hooks

@@ -11,6 +11,8 @@ import torch
 import circuitlab
 from circuitlab import CircuitlabError
 from circuitlab.backgrounds import fill_generator, make_backgrounds
+from circuitlab.explain import pieces
+from circuitlab.explain import regions as regions_module
 from circuitlab.explain.regions import RegionSearch, explain_regions, superpixels
 from circuitlab.metrics import regions
 
@@ -132,6 +134,24 @@ def test_a_batch_gives_each_image_the_mask_it_gets_alone(setup):
         alone = explain_regions(hm, x[i:i + 1], SEARCH, seed=3)
         assert torch.equal(alone.mask[0], ex.mask[i])
         assert bool(alone.found[0]) == bool(ex.found[i])
+
+
+def test_the_compiled_search_finds_the_masks_of_the_eager_one(setup, monkeypatch):
+    """RegionSearch(compiled=True), the default on a CPU: the sets scored through the model's
+    ahead-of-time package, one reader on every thread; the same masks as the eager model's
+    workers (its logits equal up to float rounding)."""
+    hm, x, _, ex = setup
+    made = []
+    real = pieces.search_readers
+    monkeypatch.setattr(regions_module, "search_readers",
+                        lambda *a: made.append(real(*a)) or made[-1])
+    eager = explain_regions(hm, x[:2], replace(SEARCH, compiled=False, workers=2), seed=3)
+    assert [r.ahead for r in made[-1]] == [False, False]
+    assert torch.equal(eager.mask, ex.mask[:2])
+    assert SEARCH.compiled
+    compiled = explain_regions(hm, x[:2], SEARCH, seed=3)
+    assert [r.ahead for r in made[-1]] == [True]
+    assert torch.equal(compiled.mask, eager.mask)
 
 
 def test_robust_masks_hold_by_the_margin_under_fresh_draws_of_their_own(setup):
@@ -379,6 +399,42 @@ def test_more_finer_passes_cut_again_only_what_is_still_large(setup):
         pieces = np.where(one.mask[i, 0].numpy() > 0,
                           superpixels(hm, xi, replace(SEARCH, segments=96)), -1)
         _holds_and_needs_each_piece(hm, xi, m, t, pieces, SEARCH.confidence * float(p_image[i]))
+
+
+class _Needs:
+    """A scorer stand-in for ``_cut``: the decision holds where a set keeps pieces 2 and 5
+    and one of 7 and 8; a set scores higher the fewer low-numbered pieces it keeps, so a
+    ranking lists the pieces by number. Counts the sets it scores."""
+    search = RegionSearch(region_share=0)
+    spent = [0]
+
+    def __init__(self):
+        self.scored = 0
+
+    def holds(self, s):
+        return {2, 5} <= s and bool(s & {7, 8})
+
+    def rank(self, sets, floor):
+        self.scored += len(sets)
+        ok = [j for j, s in enumerate(sets) if self.holds(s)]
+        ok.sort(key=lambda j: sorted(set(range(10)) - sets[j]))
+        return ok, torch.zeros(len(ok), 2)
+
+    def area(self, s):
+        return len(s) / 10
+
+
+def test_a_sweeping_cut_ranks_less_for_the_same_certificate():
+    """``_cut(sweep=True)`` (a later finer pass) goes on down a round's ranking past the
+    piece that ended the run it removed, instead of ranking again: here its first round
+    removes the run 0, 1, 3, 4, 6, 7, then 9 past 8, where the plain cut ranks again to
+    remove 9; both end where no single piece can go, the sweep with fewer sets scored."""
+    plain, sweep = _Needs(), _Needs()
+    left = regions_module._cut(plain, set(range(10)), 0.0, [])
+    swept = regions_module._cut(sweep, set(range(10)), 0.0, [], sweep=True)
+    assert left == swept == {2, 5, 8}
+    assert all(not plain.holds(left - {i}) for i in left)
+    assert sweep.scored < plain.scored
 
 
 def test_the_finer_pass_keeps_whole_pieces_each_needed(setup):

@@ -13,7 +13,7 @@ CONFIDENT_WITHIN = 0.15      # the same for --confident-within
 # flags of regions mode: under --mode auto, giving any of them picks regions mode
 REGION_FLAGS = ("segments", "confident_within", "fills", "robust_draws", "finer_segments")
 FILLS = ("grey", "gaussian")    # the same for --fills
-FINER = (256,)                  # the same for --finer-segments
+FINER = (256, 512)              # the same for --finer-segments
 # flags of per-image mode and their defaults: under --mode auto, giving any of them picks
 # per-image mode whatever the input size
 PER_IMAGE_FLAGS = {"area": None, "reasons": 1, "preset": "default", "steps": None,
@@ -45,10 +45,9 @@ def add_region_flags(p) -> None:
                         "larger and slower (docs/explain.md) (default off)")
     p.add_argument("--finer-segments", type=finer_arg, default=None, metavar="N[,N...]|off",
                    help=f"regions mode: a set still over 10 %% of the image is cut along a "
-                        f"finer SLIC of N superpixels and pruned again; a list cuts again "
-                        f"along each next while it is still over (256,512: smaller masks, up "
-                        f"to twice the time, docs/explain.md); off: no finer pass (default "
-                        f"{','.join(map(str, FINER))})")
+                        f"finer SLIC of N superpixels and pruned again, and along each next "
+                        f"N while it is still over (docs/explain.md); off: no finer pass "
+                        f"(default {','.join(map(str, FINER))})")
 
 
 def region_settings(args) -> dict:

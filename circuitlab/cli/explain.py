@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import CircuitlabError
 from ..files import write_text
-from ..execution import COMPILE_MODES, PRECISIONS, Execution
+from ..execution import PRECISIONS, TORCH_COMPILE_MODES, Execution
 from ._common import (add_batch_args, add_image_arg, add_model_args, add_outputs, add_seed,
                       bars_on, count, emit, fraction, overlay, positive_int, provenance, ratio,
                       save_mask_pngs, save_png, steps_bar, target_index)
@@ -243,7 +243,7 @@ def _add_per_image_flags(p) -> None:
                    help="the classifier's forwards in the optimisation loop: fp32 (default) or "
                         "bf16 autocast (faster on GPUs; masks differ from fp32's, docs/"
                         "cli.md); the checks and certificate stay in the model's precision")
-    p.add_argument("--compile", choices=["off"] + [m for m in COMPILE_MODES if m],
+    p.add_argument("--compile", choices=["off", *TORCH_COMPILE_MODES],
                    default=PER_IMAGE_FLAGS["compile"],
                    help="torch.compile the loop's forwards: default, or reduce-overhead (CUDA "
                         "graphs); pays on a GPU over many images, not for one on a CPU")

@@ -202,10 +202,11 @@ class RegionSearch:
     top_k: int = 12                  # candidates beyond the set's neighbours: best alone
     # a set that holds but covers more than ``refine_above`` of the image is cut along a
     # finer SLIC of ``refine`` superpixels and pruned again (None: off); the photos it
-    # took under 10 %: docs/results.md, "Superpixel regions". A tuple, e.g. (256, 512), cuts
-    # again along each next SLIC while the set is still larger: smaller masks where the
-    # first cut leaves them over 10 %, at up to twice the search's time (same page)
-    refine: Union[int, tuple, None] = 256
+    # took under 10 %: docs/results.md, "Superpixel regions". With a tuple, again along each
+    # next SLIC while the set is still larger, each later cut sweeping down one ranking a
+    # round: 512 after 256 took the two photos the first cut left over 10 % under it, the
+    # other six masks unchanged (same page)
+    refine: Union[int, tuple, None] = (256, 512)
     refine_above: float = 0.1
     # backward elimination (prune, cut) keeps at least ``region_share`` of the set's pixels
     # in its ``region_top`` largest connected regions (or the share it had, where less; 0:
@@ -231,6 +232,12 @@ class RegionSearch:
     # (``folding``): the same logits up to float rounding and the same masks on the photos,
     # in fewer operations a forward (docs/results.md, "Superpixel regions")
     fold_batchnorm: bool = True
+    # on a CPU (fp32, act 0) the sets scored through the model's ahead-of-time compiled
+    # package (``aot``: compiled once per model, input size and CPU, then cached on disk),
+    # one forward at a time on every thread: the same masks in less time than the eager
+    # workers (docs/results.md, "Superpixel regions"); False, or where it cannot compile:
+    # the eager model
+    compiled: bool = True
     # robust: the set found is grown on by whole superpixels around it, by its worst logit
     # margin, until top-1 holds by at least ``robust_margin`` over the mean colour and
     # ``robust_draws`` fresh draws of each noise fill (a stream of their own), to at most

@@ -56,12 +56,16 @@ def search_readers(hm: HookedModel, search: RegionSearch, x: torch.Tensor) -> li
     its own copy of the model (a reader arms hooks and switches attention kernels on its
     model, so threads share none); made once per ``explain_regions`` call and handed to
     each image's scorer. Inside the search's channels-last block the reader lays the
-    inputs out as the weights are."""
+    inputs out as the weights are. A reader compiled ahead of time runs on every thread, one
+    forward at a time, unless ``search.workers`` says otherwise."""
     names = [p.name for p in _taps(hm, x)[0]] if search.act else []
-    read = hm.reader(names, Execution(channels_last=search.channels_last,
-                                      fold_batchnorm=search.fold_batchnorm))
-    workers = search.workers or (min(torch.get_num_threads(), 8)
-                                 if x.device.type == "cpu" else 1)
+    ahead = search.compiled and not names and x.device.type == "cpu" and \
+        x.dtype == torch.float32
+    read = hm.reader(names, Execution(compile="aot" if ahead else None,
+                                      channels_last=search.channels_last,
+                                      fold_batchnorm=search.fold_batchnorm), like=x)
+    workers = search.workers or (1 if read.ahead or x.device.type != "cpu"
+                                 else min(torch.get_num_threads(), 8))
     return [read] + [read.replica() for _ in range(workers - 1)]
 
 

@@ -24,7 +24,10 @@ superpixels of the image (compact, colour-coherent pieces, ``segments`` of them)
    channels-last layout (``readers.channels_last``, undone afterwards): on a CPU that
    forward is 2x faster than 32 at a time in the default layout; by a copy of the model
    with its BatchNorms folded into the convolutions (``RegionSearch.fold_batchnorm``); on a
-   CPU several such forwards at once, one thread each (``RegionSearch.workers``).
+   CPU through that copy's ahead-of-time compiled package (``RegionSearch.compiled``,
+   ``aot``: compiled once per model, input size and CPU, then loaded from the cache) on
+   every thread, or, where it is off or cannot compile, several eager forwards at once,
+   one thread each (``RegionSearch.workers``).
 2. Backward elimination: superpixels the decision holds without are removed, least useful
    first, until each remaining one is needed. A removal may split a region, so elimination
    goes on only to sets with at least ``region_share`` of their pixels in their
@@ -35,7 +38,10 @@ superpixels of the image (compact, colour-coherent pieces, ``segments`` of them)
    image's p_target as the floor, else the set of step 2 stays. A set still larger than
    ``refine_above`` is then cut along a finer SLIC (``refine`` superpixels) and pruned
    again, a run of pieces at a time (found by bisection), until each piece is needed; with
-   more than one ``refine``, again along each next SLIC while it is still larger.
+   more than one ``refine`` (by default 256, then 512), again along each next SLIC while it
+   is still larger, a later cut sweeping down each round's ranking (after the run it
+   removes, the next run past the piece that ended it, to the ranking's end) instead of
+   ranking again after each run.
 4. ``certify`` reports what each connected region does over the mean colour (at the floor
    the set held at), without pruning; ``locally_minimal`` is the search's own certificate:
    the decision (top-1 under every fill, and p_target under the first at least the floor)
@@ -120,31 +126,47 @@ def _prune(score: Scorer, chosen: set, floor: float, trail, step: str = "remove"
     return chosen
 
 
-def _cut(score: Scorer, chosen: set, floor: float, trail) -> set:
+def _cut(score: Scorer, chosen: set, floor: float, trail, sweep: bool = False) -> set:
     """Backward elimination for many small pieces: each round ranks the pieces the decision
     holds without, least needed first, and removes the longest run of them it holds
-    without (found by bisection), until no single piece can go; every set it goes on to
-    keeps the regions (``_readable``)."""
+    without (found by bisection); with ``sweep`` it goes on down the same ranking, past the
+    piece that ended the run, removing the longest run from there, to the ranking's end
+    (one ranking a round for a later, finer pass's many pieces). Until no single piece can
+    go; every set it goes on to keeps the regions (``_readable``)."""
     while len(chosen) > 1:
         readable, order = _removable(score, chosen)
         ranked, logp = score.rank([chosen - {i} for i in order], floor) if order else ([], 0)
         if not ranked:
             break
-        run = [order[j] for j in ranked]
-        held = logp[0]                # log p per fill of the set that goes on
-        lo, hi = 1, len(run)          # the first alone is known to hold
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            rest = chosen - set(run[:mid])
-            # the regions first: a set that splits them needs no forward
-            holds, lp = score.rank([rest], floor) if readable(rest) else ([], None)
-            if holds:
-                lo, held = mid, lp[0]
-            else:
-                hi = mid - 1
-        chosen = chosen - set(run[:lo])
-        trail.append(_round(score, "refine", score.area(chosen), held))
+        run, at, held = [order[j] for j in ranked], 0, logp[0]
+        while at < len(run):
+            # the first of the ranking is known to hold alone; past it, nothing is
+            n, held = _longest_run(score, chosen, run[at:], floor, readable, held, at == 0)
+            if n:
+                chosen = chosen - set(run[at:at + n])
+                trail.append(_round(score, "refine", score.area(chosen), held))
+                readable = _readable(score, chosen)
+            if not sweep:
+                break
+            at += n + 1
     return chosen
+
+
+def _longest_run(score: Scorer, chosen: set, run: list, floor: float, readable, held,
+                 first_holds: bool) -> tuple:
+    """(how many of ``run``'s first pieces the decision holds without, by bisection; the
+    log p per fill of ``chosen`` without them, ``held`` where none)."""
+    lo, hi = int(first_holds), len(run)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        rest = chosen - set(run[:mid])
+        # the regions first: a set that splits them needs no forward
+        holds, lp = score.rank([rest], floor) if readable(rest) else ([], None)
+        if holds:
+            lo, held = mid, lp[0]
+        else:
+            hi = mid - 1
+    return lo, held
 
 
 def _removable(score: Scorer, chosen: set) -> tuple:
@@ -217,11 +239,11 @@ def _search(hm, x, score: Scorer, touching: list, p_image: float, search: Region
         if sure:
             chosen, floor = _prune(score, more, p_image, trail), p_image
     mask = score.mask(chosen)
-    for segments in search.refine_passes:
+    for k, segments in enumerate(search.refine_passes):
         if float(mask.mean()) <= search.refine_above:
             break
         fine = score.over(finer(hm, x, search, segments, mask))
-        mask = fine.mask(_cut(fine, set(range(fine.count)), floor, trail))
+        mask = fine.mask(_cut(fine, set(range(fine.count)), floor, trail, sweep=k > 0))
     if search.robust_draws:
         mask = _robust(score, mask, floor, search, trail)
     return mask, trail, True, floor
