@@ -145,9 +145,10 @@ def _cut(score: Scorer, chosen: set, floor: float, trail, sweep: bool = False) -
             if n:
                 chosen = chosen - set(run[at:at + n])
                 trail.append(_round(score, "refine", score.area(chosen), held))
-                readable = _readable(score, chosen)
             if not sweep:
                 break
+            if n:                     # the share the rest of the sweep keeps: the new set's
+                readable = _readable(score, chosen)
             at += n + 1
     return chosen
 
