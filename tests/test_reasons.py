@@ -1,10 +1,13 @@
 """Every sufficient reason: disjoint masks, each keeping the label alone, checked by direct
 forwards; on the benchmark's two-object variant both planted objects must be found."""
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from circuitlab import synthetic
 from circuitlab.errors import CircuitlabError
+from circuitlab.explain import explain, reasons
 from circuitlab.explain.reasons import all_reasons
 
 
@@ -28,16 +31,87 @@ def test_both_planted_objects_are_found_as_separate_reasons(cnn):
     x = d.normalized()
     found = all_reasons(hm, x, k=3)
     both = 0
-    for i, reasons in enumerate(found):
+    for i, of_image in enumerate(found):
         target = int(hm(x[i:i + 1]).argmax())
-        _check(hm, x[i:i + 1], reasons, target)
+        _check(hm, x[i:i + 1], of_image, target)
         # which planted object each reason covers most of
         on = [int(torch.argmax(torch.stack([(r.mask[0, 0] * p).sum() / p.sum()
-                                             for p in d.parts[i]]))) for r in reasons]
+                                             for p in d.parts[i]]))) for r in of_image]
         both += {0, 1} <= set(on)
     assert both >= 3, f"both objects found on {both} of 4 images"
 
 
-def test_k_is_checked(cnn):
+def _two_objects(i):
+    d = synthetic.make_dataset(32, seed=321, decisive=2)   # the benchmark's images
+    return d.normalized()[i:i + 1], d.parts[i][:, None]
+
+
+def _p(hm, x):
+    with torch.no_grad():
+        return hm(x).softmax(-1)[0]
+
+
+def test_where_the_blank_image_gives_the_class_a_reason_must_add_to_it(cnn):
+    """The benchmark's CNN calls the blank image (all at the mean) a cross: top-1 alone is
+    kept by nothing at all, and the reasons of a cross image were pruned to nothing."""
+    hm = cnn[0]
+    x, _ = _two_objects(4)
+    target = int(_p(hm, x).argmax())
+    blank = _p(hm, torch.zeros_like(x))
+    assert int(blank.argmax()) == target             # the case this test is about
+    found = all_reasons(hm, x, k=2)[0]
+    assert found
+    _check(hm, x, found, target)
+    for r in found:
+        assert float(_p(hm, r.mask * x)[target]) > float(blank[target])
+        assert r.area > 0.01                        # an object's part, not a pixel or two
+
+
+def test_the_surest_part_that_suffices_alone_is_taken(cnn):
+    """A mask over both planted objects: each alone keeps the label, so the reason is the one
+    the model is surer of, and the other stays for the next round."""
+    hm = cnn[0]
+    x, parts = _two_objects(3)
+    target = int(_p(hm, x).argmax())
+    alone = [_p(hm, p[None] * x) for p in parts]
+    assert all(int(a.argmax()) == target for a in alone)
+    both = parts.amax(0, keepdim=True)
+    gap = round(reasons.GAP * 32)          # the objects lie further apart than the gap
+    assert ndimage.label(ndimage.binary_dilation(both[0, 0].numpy() > 0, iterations=gap),
+                         structure=np.ones((3, 3)))[1] == 2
+    got = reasons._surest_part(hm, x, both, target, blank=0.0)
+    surest = max(range(2), key=lambda j: float(alone[j][target]))
+    assert torch.equal(got, parts[surest:surest + 1])
+    # two lone pixels far apart: neither keeps the label alone, the mask stays whole
+    dot1, dot2 = torch.zeros_like(both), torch.zeros_like(both)
+    dot1[0, 0, 0, 0] = dot2[0, 0, -1, -1] = 1
+    assert all(int(_p(hm, d * x).argmax()) != target for d in (dot1, dot2))
+    dots = dot1 + dot2
+    assert torch.equal(reasons._surest_part(hm, x, dots, target, blank=0.0), dots)
+
+
+def test_a_round_tries_other_seeds_before_it_gives_up(cnn, monkeypatch):
+    hm = cnn[0]
+    x, _ = _two_objects(0)
+    seeds = []
+
+    def failing_first(hm, x, config=None, *, seed=0, target=None):
+        seeds.append(seed)
+        ex = explain(hm, x, config, seed=seed, target=target)
+        if seed == 0:                       # this draw "finds" nothing
+            ex.found = torch.zeros_like(ex.found)
+        return ex
+
+    monkeypatch.setattr(reasons, "explain", failing_first)
+    assert all_reasons(hm, x, k=1, tries=1)[0] == [] and seeds == [0]
+    seeds.clear()
+    found = all_reasons(hm, x, k=2, tries=2)[0]
+    assert seeds[:2] == [0, 2]                     # round 0: seed + 0, then seed + 0 + k
+    assert found and found[0].explanation.found.all()
+
+
+def test_k_and_tries_are_checked(cnn):
     with pytest.raises(CircuitlabError, match="at least 1"):
         all_reasons(cnn[0], cnn[1], k=0)
+    with pytest.raises(CircuitlabError, match="tries"):
+        all_reasons(cnn[0], cnn[1], tries=0)

@@ -3,9 +3,27 @@
 A model often has several independent reasons for one decision (the paper's two otters).
 ``all_reasons`` explains the image, deletes what that explanation kept (sets it to the
 dataset mean), explains what is left for the same class, and so on: each reason is found on
-the image without the earlier ones, so the reasons are disjoint, and each is accepted only
-if it keeps the class as top-1 on its own (the rest of the image at the mean). The search
-stops after ``k`` reasons, or when no mask of what is left keeps the class.
+the image without the earlier ones, so the reasons are disjoint. Each round:
+
+1. The free explanation of what is left (``explain``); where it finds no label-keeping mask,
+   again from other seeds (``tries`` in all), since a run from one draw can miss a mask
+   another finds.
+2. Its surest part that suffices alone: the mask's connected parts (pieces closer than
+   ``GAP`` of the side joined) that keep the class as top-1 on their own, the surest of them;
+   the whole mask where none does. A first explanation often takes a little of each of two
+   objects, and deleting it leaves neither whole for the next round; the part not taken
+   stays in the image for a later round.
+3. ``minimal``: pruned region by region (``certify``) at the confidence that part has on
+   what is left (or what is left has, where lower), so a reason keeps as much of its object
+   as its confidence needs instead of the fragment that keeps the label alone, which would
+   leave the rest of the object for the next round to find again.
+4. Accepted if it keeps the class as top-1 on its own (the rest of the image at the mean)
+   and is surer of it than the blank image (the mean alone): where the blank image already
+   gives the class, top-1 alone says nothing, and a reason must add evidence to it.
+
+The search stops after ``k`` reasons, or when a round finds none. How these steps were
+chosen, and how often both planted objects of the benchmark's two-object variant are found:
+docs/results.md, "Every sufficient reason".
 
 >>> found = all_reasons(hm, x, k=3)[0]        # per image: its reasons, surest first
 >>> [(r.area, r.confidence) for r in found]
@@ -15,14 +33,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
+from scipy import ndimage
 
 from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
-from ..metrics import target_classes
+from ..metrics import STRUCTURE_8, target_classes
 from .certify import certify, masked_predictions
 from .config import ExplainConfig
 from .optimize import Explanation, explain
+
+# pieces of a mask closer than this fraction of the image's side are one part (1 px at 32 px,
+# 7 px at 224); runs of explain per round, from seeds seed + round + k * try
+GAP = 1 / 32
+TRIES = 3
 
 
 @dataclass
@@ -38,42 +63,87 @@ class Reason:
 
 def reasons_of_one(hm: HookedModel, x: torch.Tensor, k: int, target: int,
                    config: Optional[ExplainConfig], seed: int, minimal: bool,
-                   first: Optional[Explanation] = None) -> list:
+                   first: Optional[Explanation] = None, tries: int = TRIES) -> list:
     """``all_reasons`` for one image (1, C, H, W); ``first``: its free explanation (before any
-    pruning) when already run with this target, reused as the first reason."""
+    pruning) when already run with this target and ``seed``, used as the first round's first
+    run."""
     removed = torch.zeros_like(x[:, :1])
+    blank = float(masked_predictions(hm, x, removed, target)[0][0])     # nothing shown
     found = []
     for i in range(k):
         rest = (1 - removed) * x
-        ex = first if i == 0 and first is not None else \
-            explain(hm, rest, config, seed=seed + i, target=target)
-        mask = ex.mask.to(x.device)
-        if minimal:   # pruned, not searched down: see all_reasons
-            mask = certify(hm, rest, mask, torch.tensor([target]))[0].mask.to(x.device)
+        ex = _explained(hm, rest, config, target, [seed + i + k * t for t in range(tries)],
+                        first if i == 0 else None)
+        if ex is None:
+            break
+        mask = _surest_part(hm, rest, ex.mask.to(x.device), target, blank)
+        if minimal:
+            own = float(masked_predictions(hm, rest, mask, target)[0][0])
+            with torch.no_grad():
+                p_rest = float(hm(rest).softmax(-1)[0, target])
+            mask = certify(hm, rest, mask, torch.tensor([target]),
+                           floor=torch.tensor([min(own, p_rest)]))[0].mask.to(x.device)
         mask = mask * (1 - removed)
-        if not bool(ex.found[0]) or mask.sum() == 0 or \
-                (1 - removed - mask).clamp_min(0).sum() == 0:  # nothing left outside it
+        if mask.sum() == 0 or (1 - removed - mask).clamp_min(0).sum() == 0:  # nothing left
             break
         confidence, kept = masked_predictions(hm, x, mask, target)
-        if not kept[0]:
+        if not kept[0] or float(confidence[0]) <= blank:
             break
         found.append(Reason(mask.cpu(), float(confidence[0]), float(mask.mean()), i + 1, ex))
         removed = (removed + mask).clamp(max=1)
     return sorted(found, key=lambda r: -r.confidence)
 
 
+def _explained(hm, rest, config, target: int, seeds: list,
+               first: Optional[Explanation]) -> Optional[Explanation]:
+    """The first run over ``seeds`` (``first`` standing for the first seed's) whose mask
+    keeps the label; None where none does."""
+    for j, s in enumerate(seeds):
+        ex = first if j == 0 and first is not None else \
+            explain(hm, rest, config, seed=s, target=target)
+        if bool(ex.found[0]):
+            return ex
+    return None
+
+
+def _surest_part(hm, rest: torch.Tensor, mask: torch.Tensor, target: int,
+                 blank: float) -> torch.Tensor:
+    """Of ``mask``'s parts (its 8-connected pieces, those closer than ``GAP`` of the side
+    joined), the surest that keeps ``target`` as top-1 alone on ``rest`` and is surer than
+    ``blank``; ``mask`` itself where it is one part or no part does."""
+    m = mask[0, 0].cpu().numpy() > 0.5
+    gap = int(round(GAP * min(m.shape)))
+    joined = ndimage.binary_dilation(m, iterations=gap) if gap else m
+    labels, n = ndimage.label(joined, structure=STRUCTURE_8)
+    if n < 2:
+        return mask
+    parts = torch.from_numpy(np.stack([(labels == j) & m for j in range(1, n + 1)]))
+    parts = parts[:, None].to(mask)
+    p, kept = masked_predictions(hm, rest, parts, target)
+    ok = kept & (p > blank)
+    if not ok.any():
+        return mask
+    best = int(torch.where(ok, p, torch.full_like(p, -1.0)).argmax())
+    return parts[best:best + 1]
+
+
 def all_reasons(hm: HookedModel, x: torch.Tensor, k: int = 3,
                 config: Optional[ExplainConfig] = None, *, target=None, seed: int = 0,
-                minimal: bool = True) -> list:
+                minimal: bool = True, tries: int = TRIES) -> list:
     """Per image of ``x``, up to ``k`` disjoint reasons (``Reason``), each keeping ``target``
-    (default the model's top-1) on its own, ordered by confidence; the first entry is the
-    image's ordinary explanation unless a later reason is surer. ``minimal``: each reason is
-    pruned to necessary regions (``certify``) before the next is sought; it is not searched
-    down to a smaller area (``minimize``), which would leave most of an object behind for
-    the next reason to find again."""
+    (default the model's top-1) on its own and surer of it than the blank image, ordered by
+    confidence (module docstring: how each round finds one). ``minimal``: each reason is
+    pruned region by region (``certify``) at its own confidence before the next is sought;
+    it is not searched down to a smaller area (``minimize``), which would leave most of an
+    object behind for the next reason to find again. ``tries``: runs of ``explain`` from
+    different seeds before a round gives up."""
     if not isinstance(k, int) or k < 1:
         raise CircuitlabError(f"k is the number of reasons to look for, at least 1; got {k!r}")
+    if not isinstance(tries, int) or tries < 1:
+        raise CircuitlabError(f"tries is how many runs a round may take, at least 1; got "
+                              f"{tries!r}")
     x = hm.check_input(x)
     targets = target_classes(hm, x, target)
-    return [reasons_of_one(hm, x[i:i + 1], k, int(targets[i]), config, seed, minimal)
+    return [reasons_of_one(hm, x[i:i + 1], k, int(targets[i]), config, seed, minimal,
+                           tries=tries)
             for i in range(x.shape[0])]
