@@ -152,6 +152,7 @@ def test_the_compiled_search_finds_the_masks_of_the_eager_one(setup, monkeypatch
     compiled = explain_regions(hm, x[:2], SEARCH, seed=3)
     assert [r.ahead for r in made[-1]] == [True]
     assert torch.equal(compiled.mask, eager.mask)
+    assert (eager.scoring, compiled.scoring) == ("eager", "compiled")
 
 
 def test_robust_masks_hold_by_the_margin_under_fresh_draws_of_their_own(setup):
@@ -229,7 +230,15 @@ def test_cli_regions_mode(tmp_path, capsys):
     assert metrics["confident_within"] == RegionSearch().confident_within
     assert metrics["fills"] == list(RegionSearch().fills)
     assert metrics["finer_segments"] == list(RegionSearch().refine_passes)
+    assert metrics["scoring"] == "compiled"        # the default on a CPU, as it ran
     capsys.readouterr()
+    # the eager model instead (--scoring picks regions mode): the same mask, recorded
+    code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
+                 str(tmp_path / "eager"), "--segments", "24", "--scoring", "eager", "--json"])
+    assert code == 0, capsys.readouterr().err
+    eager = json.loads((tmp_path / "eager" / "metrics.json").read_text())
+    assert eager["mode"] == "regions" and eager["scoring"] == "eager"
+    assert (tmp_path / "eager" / "mask.png").read_bytes() == (out / "mask.png").read_bytes()
     # the raise to the image's confidence and the finer pass off: no raise or refine rounds,
     # and metrics.json says so
     code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
@@ -249,7 +258,8 @@ def test_cli_regions_mode(tmp_path, capsys):
     capsys.readouterr()
     for bad in (["--area", "0.1"], ["--refine", "3"], ["--precision", "bf16"],
                 ["--steps", "5"], ["--no-minimal"], ["--reasons", "2"],
-                ["--confident-within", "2"], ["--confident-within", "most"]):
+                ["--confident-within", "2"], ["--confident-within", "most"],
+                ["--scoring", "fast"]):
         code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
                      str(tmp_path / "bad"), "--mode", "regions", *bad])
         assert code == 2 and bad[0] in capsys.readouterr().err, bad

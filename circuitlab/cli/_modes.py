@@ -11,9 +11,11 @@ from ._common import fraction, positive_int
 SEGMENTS = 128       # --mode regions: explain.regions.RegionSearch's default, without torch
 CONFIDENT_WITHIN = 0.15      # the same for --confident-within
 # flags of regions mode: under --mode auto, giving any of them picks regions mode
-REGION_FLAGS = ("segments", "confident_within", "fills", "robust_draws", "finer_segments")
+REGION_FLAGS = ("segments", "confident_within", "fills", "robust_draws", "finer_segments",
+                "scoring")
 FILLS = ("grey", "gaussian")    # the same for --fills
 FINER = (256, 512)              # the same for --finer-segments
+SCORING = ("compiled", "eager")  # --scoring: RegionSearch(compiled=True), the default, or not
 # flags of per-image mode and their defaults: under --mode auto, giving any of them picks
 # per-image mode whatever the input size
 PER_IMAGE_FLAGS = {"area": None, "reasons": 1, "preset": "default", "steps": None,
@@ -48,6 +50,12 @@ def add_region_flags(p) -> None:
                         f"finer SLIC of N superpixels and pruned again, and along each next "
                         f"N while it is still over (docs/explain.md); off: no finer pass "
                         f"(default {','.join(map(str, FINER))})")
+    p.add_argument("--scoring", choices=SCORING, default=None,
+                   help="regions mode: score the sets through the model compiled ahead of "
+                        "time for this CPU (compiled once per model and input size, then "
+                        "cached; where it cannot compile, the eager model, one warning) or "
+                        "through the eager model (no compile, slower); metrics.json says "
+                        "which ran (default compiled)")
 
 
 def region_settings(args) -> dict:
@@ -58,12 +66,15 @@ def region_settings(args) -> dict:
         given["confident_within"] = None
     if "finer_segments" in given:
         given["refine"] = given.pop("finer_segments") or None
+    if "scoring" in given:
+        given["compiled"] = given.pop("scoring") == "compiled"
     return given
 
 
-def region_report(args, rounds: list) -> dict:
-    """What metrics.json says of the search's settings (``off`` as given) and, with
-    --robust-draws, whether its growth got there (its last round held)."""
+def region_report(args, rounds: list, scoring: str) -> dict:
+    """What metrics.json says of the search's settings (``off`` as given), how its sets
+    were scored (``scoring``: what ran, compiled or eager) and, with --robust-draws, whether
+    its growth got there (its last round held)."""
     grown = [r for r in rounds if r["step"] == "robust"]
     return {"segments": args.segments or SEGMENTS,
             "confident_within": CONFIDENT_WITHIN if args.confident_within is None
@@ -71,6 +82,7 @@ def region_report(args, rounds: list) -> dict:
             "fills": list(args.fills or FILLS), "robust_draws": args.robust_draws or 0,
             "finer_segments": list(FINER if args.finer_segments is None
                                    else args.finer_segments),
+            "scoring": scoring,
             "robust_held": bool(grown and grown[-1]["holds"]) if args.robust_draws else None}
 
 

@@ -89,7 +89,7 @@ def _finish_one(hm, x, free, ex, image, out: Path, args, shared_seconds: float) 
         "seconds": shared_seconds + time.perf_counter() - t0, **provenance(args, hm),
     }
     if regions:
-        result.update(region_report(args, ex.search[0]), found=bool(ex.found[0]),
+        result.update(region_report(args, ex.search[0], ex.scoring), found=bool(ex.found[0]),
                       region_search=ex.search[0])
     if cert is not None:
         result.update(minimal_area=float(cert.mask.mean()),

@@ -42,6 +42,8 @@ class Explanation:
     certificates: Optional[list] = None    # minimal=True: per image, its regions' check
     search: Optional[list] = None          # minimal=True: per image, the area budgets tried
     stopped: Optional[torch.Tensor] = None  # per image: the step its optimisation stopped at
+    scoring: Optional[str] = None          # the region search: how its sets were scored,
+    #                                        "compiled" (the AOT package) or "eager"
 
     @property
     def area(self) -> torch.Tensor:

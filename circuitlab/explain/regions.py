@@ -297,4 +297,5 @@ def explain_regions(hm: HookedModel, x: torch.Tensor, search: RegionSearch = Reg
                                              for r in t]),
                        seconds=time.perf_counter() - t0, config=cfg,
                        found=torch.tensor(found), certificates=certificates,
-                       search=list(trails))
+                       search=list(trails),
+                       scoring="compiled" if reads[0].ahead else "eager")
