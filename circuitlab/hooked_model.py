@@ -31,7 +31,7 @@ from .families import Family, detect_family
 from .hook_names import Names, PointTable
 from .hook_points import HookPoint, classifier_aliases, probe, transformer_aliases
 from .interventions import Variant, ablation_values, patch_values, run_variants, variant_masks
-from .preprocessing import DataConfig
+from .preprocessing import DataConfig, check_batch
 from .execution import Execution
 from .readers import TapReader
 
@@ -178,26 +178,7 @@ class HookedModel:
     # ------------------------------------------------------------------ input checks
     def check_input(self, x) -> torch.Tensor:
         """Validate a batch (B, C, H, W) and move it to the model's device and dtype."""
-        if not isinstance(x, torch.Tensor):
-            raise CircuitlabError(f"expected an image batch as a torch tensor, got "
-                                  f"{type(x).__name__}; load images with circuitlab.data."
-                                  f"load_image")
-        if x.dim() == 3:
-            raise CircuitlabError(f"expected a batch (B, C, H, W), got one image of shape "
-                                  f"{tuple(x.shape)}; add the batch axis with x[None]")
-        if x.dim() != 4:
-            raise CircuitlabError(f"expected a batch (B, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise CircuitlabError("the batch is empty (B = 0); pass at least one image")
-        if x.shape[1] != self.in_chans:
-            raise CircuitlabError(f"{self.name} takes {self.in_chans}-channel images, got "
-                                  f"{x.shape[1]} channels (shape {tuple(x.shape)}); "
-                                  f"load_image converts grey and RGBA files to RGB")
-        if not x.is_floating_point():
-            raise CircuitlabError(f"expected a float image tensor, got {x.dtype}; preprocess "
-                                  f"with circuitlab.data.load_image or hm.data_config")
-        if not torch.isfinite(x).all():
-            raise CircuitlabError("the input contains NaN or infinite values")
+        check_batch(x, self.in_chans, self.name)
         fixed = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
         strict = getattr(getattr(self.model, "patch_embed", None), "strict_img_size", False)
         if fixed is not None and strict and tuple(x.shape[2:]) != tuple(fixed):

@@ -1,4 +1,5 @@
-"""How a model wants its pixels: the typed data config, its eval transform, (de)normalisation.
+"""How a model wants its pixels: the typed data config, its eval transform, (de)normalisation,
+and the checks an input batch must pass (``check_batch``).
 
 A leaf: it imports nothing of circuitlab but ``errors``. The keys are timm's
 (``resolve_data_config``), declared once here; a ``DataConfig`` reads like the dict timm
@@ -124,3 +125,29 @@ def denormalize(x: torch.Tensor, config: Any = None) -> torch.Tensor:
     """Undo the normalisation: model input space -> [0, 1] RGB (for display)."""
     mean, std = _mean_std(x, config)
     return (x * std + mean).clamp(0, 1)
+
+
+def check_batch(x, in_chans: int, model: str) -> None:
+    """One clear error for what a model's input batch cannot be: not a float tensor of shape
+    (B, C, H, W) with B >= 1 and ``in_chans`` channels, or with NaN or infinite values
+    (``model``: its name, for the message)."""
+    if not isinstance(x, torch.Tensor):
+        raise CircuitlabError(f"expected an image batch as a torch tensor, got "
+                              f"{type(x).__name__}; load images with circuitlab.data."
+                              f"load_image")
+    if x.dim() == 3:
+        raise CircuitlabError(f"expected a batch (B, C, H, W), got one image of shape "
+                              f"{tuple(x.shape)}; add the batch axis with x[None]")
+    if x.dim() != 4:
+        raise CircuitlabError(f"expected a batch (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise CircuitlabError("the batch is empty (B = 0); pass at least one image")
+    if x.shape[1] != in_chans:
+        raise CircuitlabError(f"{model} takes {in_chans}-channel images, got "
+                              f"{x.shape[1]} channels (shape {tuple(x.shape)}); "
+                              f"load_image converts grey and RGBA files to RGB")
+    if not x.is_floating_point():
+        raise CircuitlabError(f"expected a float image tensor, got {x.dtype}; preprocess "
+                              f"with circuitlab.data.load_image or hm.data_config")
+    if not torch.isfinite(x).all():
+        raise CircuitlabError("the input contains NaN or infinite values")
