@@ -47,6 +47,7 @@ def test_explain_benchmark_smoke(tmp_path):
     assert modes == {"per-image", "amortized", "amortized+10"}
     reasons = df[df["table"] == "reasons"]
     assert reasons["both_found"].between(0, 1).all() and (reasons["reasons"] >= 0).all()
+    assert reasons["images_two_reasons"].between(0, reasons["images"]).all()
 
 
 def test_kernels_benchmark_smoke(tmp_path):
