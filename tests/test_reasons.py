@@ -90,6 +90,28 @@ def test_the_surest_part_that_suffices_alone_is_taken(cnn):
     assert torch.equal(reasons._surest_part(hm, x, dots, target, blank=0.0), dots)
 
 
+def test_where_no_part_suffices_its_neighbourhood_is_explained_alone(cnn):
+    """A fragment on each object, neither enough alone: the surest fragment's neighbourhood
+    is explained with the rest at the mean, and that mask, inside it, keeps the label."""
+    hm = cnn[0]
+    x, parts = _two_objects(5)
+    target = int(_p(hm, x).argmax())
+    frags = torch.zeros_like(parts)
+    for j, part in enumerate(parts):
+        ys, xs = torch.nonzero(part[0], as_tuple=True)
+        frags[j, 0, ys[:8], xs[:8]] = 1                 # its first eight pixels
+    assert all(int(_p(hm, f[None] * x).argmax()) != target for f in frags)
+    mask = frags.amax(0, keepdim=True)
+    assert torch.equal(reasons._surest_part(hm, x, mask, target, 0.0), mask)
+    got = reasons._surest_part(hm, x, mask, target, 0.0,
+                               lambda image: explain(hm, image, target=target))
+    assert int(_p(hm, got * x).argmax()) == target and got.sum() > 0
+    radius = round(reasons.WINDOW * 32)
+    near = [torch.from_numpy(ndimage.binary_dilation(f[0].numpy() > 0, iterations=radius))
+            for f in frags]
+    assert any(bool((got[0, 0].bool() & ~n).sum() == 0) for n in near)   # inside one window
+
+
 def test_a_round_tries_other_seeds_before_it_gives_up(cnn, monkeypatch):
     hm = cnn[0]
     x, _ = _two_objects(0)

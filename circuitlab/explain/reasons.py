@@ -9,10 +9,12 @@ the image without the earlier ones, so the reasons are disjoint. Each round:
    again from other seeds (``tries`` in all), since a run from one draw can miss a mask
    another finds.
 2. Its surest part that suffices alone: the mask's connected parts (pieces closer than
-   ``GAP`` of the side joined) that keep the class as top-1 on their own, the surest of them;
-   the whole mask where none does. A first explanation often takes a little of each of two
-   objects, and deleting it leaves neither whole for the next round; the part not taken
-   stays in the image for a later round.
+   ``GAP`` of the side joined) that keep the class as top-1 on their own, the surest of them.
+   A first explanation often takes a little of each of two objects, and deleting it leaves
+   neither whole for the next round; the part not taken stays in the image for a later
+   round. Where no part suffices alone (a fragment on each object, needed together), the
+   surest part's neighbourhood (``WINDOW`` of the side around it) is explained alone, the
+   rest at the mean, and its mask taken where it suffices; else the whole mask.
 3. ``minimal``: pruned region by region (``certify``) at the confidence that part has on
    what is left (or what is left has, where lower), so a reason keeps as much of its object
    as its confidence needs instead of the fragment that keeps the label alone, which would
@@ -45,8 +47,10 @@ from .config import ExplainConfig
 from .optimize import Explanation, explain
 
 # pieces of a mask closer than this fraction of the image's side are one part (1 px at 32 px,
-# 7 px at 224); runs of explain per round, from seeds seed + round + k * try
+# 7 px at 224); the neighbourhood explained where no part suffices (4 px at 32); runs of
+# explain per round, from seeds seed + round + k * try
 GAP = 1 / 32
+WINDOW = 1 / 8
 TRIES = 3
 
 
@@ -76,7 +80,9 @@ def reasons_of_one(hm: HookedModel, x: torch.Tensor, k: int, target: int,
                         first if i == 0 else None)
         if ex is None:
             break
-        mask = _surest_part(hm, rest, ex.mask.to(x.device), target, blank)
+        mask = _surest_part(hm, rest, ex.mask.to(x.device), target, blank,
+                            lambda part: explain(hm, part, config, seed=seed + i,
+                                                 target=target))
         if minimal:
             own = float(masked_predictions(hm, rest, mask, target)[0][0])
             with torch.no_grad():
@@ -106,11 +112,13 @@ def _explained(hm, rest, config, target: int, seeds: list,
     return None
 
 
-def _surest_part(hm, rest: torch.Tensor, mask: torch.Tensor, target: int,
-                 blank: float) -> torch.Tensor:
+def _surest_part(hm, rest: torch.Tensor, mask: torch.Tensor, target: int, blank: float,
+                 explain_alone=None) -> torch.Tensor:
     """Of ``mask``'s parts (its 8-connected pieces, those closer than ``GAP`` of the side
     joined), the surest that keeps ``target`` as top-1 alone on ``rest`` and is surer than
-    ``blank``; ``mask`` itself where it is one part or no part does."""
+    ``blank``. Where none does: the mask ``explain_alone`` (image -> Explanation) finds in
+    the surest part's neighbourhood (``WINDOW`` of the side around it, the rest at the mean),
+    where it keeps the label so; else ``mask`` itself (also where it is one part)."""
     m = mask[0, 0].cpu().numpy() > 0.5
     gap = int(round(GAP * min(m.shape)))
     joined = ndimage.binary_dilation(m, iterations=gap) if gap else m
@@ -121,10 +129,20 @@ def _surest_part(hm, rest: torch.Tensor, mask: torch.Tensor, target: int,
     parts = parts[:, None].to(mask)
     p, kept = masked_predictions(hm, rest, parts, target)
     ok = kept & (p > blank)
-    if not ok.any():
+    if ok.any():
+        best = int(torch.where(ok, p, torch.full_like(p, -1.0)).argmax())
+        return parts[best:best + 1]
+    if explain_alone is None:
         return mask
-    best = int(torch.where(ok, p, torch.full_like(p, -1.0)).argmax())
-    return parts[best:best + 1]
+    near = ndimage.binary_dilation(parts[int(p.argmax()), 0].cpu().numpy() > 0,
+                                   iterations=int(round(WINDOW * min(m.shape))))
+    window = torch.from_numpy(near)[None, None].to(mask)
+    ex = explain_alone(window * rest)
+    if not bool(ex.found[0]):
+        return mask
+    local = ex.mask.to(mask) * window
+    p, kept = masked_predictions(hm, rest, local, target)
+    return local if bool(kept[0]) and float(p[0]) > blank else mask
 
 
 def all_reasons(hm: HookedModel, x: torch.Tensor, k: int = 3,
