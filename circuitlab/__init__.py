@@ -18,10 +18,10 @@ _EXPORTS = {
     "Family": "families", "HookPoint": "hook_points", "HookedModel": "hooked_model",
     "OFFLINE_MODELS": "registry", "load_model": "zoo", "save_checkpoint": "zoo",
 }
-_SUBMODULES = ("aot", "backgrounds", "baselines", "cache", "checkpoints", "circuits", "cli", "data",
-               "errors", "explain", "families", "files", "hook_points", "hooked_model",
-               "kernels", "metrics", "preprocessing", "registry", "report", "sources", "synthetic",
-               "zoo")
+_SUBMODULES = ("aot", "backgrounds", "baselines", "cache", "checkpoints", "circuits", "cli",
+               "data", "errors", "explain", "families", "files", "hook_points",
+               "hooked_model", "kernels", "metrics", "preprocessing", "registry", "report",
+               "sources", "synthetic", "zoo")
 __all__ = sorted(_EXPORTS) + ["data", "__version__"]
 
 if TYPE_CHECKING:

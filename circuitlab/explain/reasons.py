@@ -92,8 +92,8 @@ def reasons_of_one(hm: HookedModel, x: torch.Tensor, k: int, target: int,
         mask = mask * (1 - removed)
         if mask.sum() == 0 or (1 - removed - mask).clamp_min(0).sum() == 0:  # nothing left
             break
-        confidence, kept = masked_predictions(hm, x, mask, target)
-        if not kept[0] or float(confidence[0]) <= blank:
+        confidence, sufficient = _sufficient(hm, x, mask, target, blank)
+        if not sufficient[0]:
             break
         found.append(Reason(mask.cpu(), float(confidence[0]), float(mask.mean()), i + 1, ex))
         removed = (removed + mask).clamp(max=1)
@@ -127,8 +127,7 @@ def _surest_part(hm, rest: torch.Tensor, mask: torch.Tensor, target: int, blank:
         return mask
     parts = torch.from_numpy(np.stack([(labels == j) & m for j in range(1, n + 1)]))
     parts = parts[:, None].to(mask)
-    p, kept = masked_predictions(hm, rest, parts, target)
-    ok = kept & (p > blank)
+    p, ok = _sufficient(hm, rest, parts, target, blank)
     if ok.any():
         best = int(torch.where(ok, p, torch.full_like(p, -1.0)).argmax())
         return parts[best:best + 1]
@@ -141,8 +140,14 @@ def _surest_part(hm, rest: torch.Tensor, mask: torch.Tensor, target: int, blank:
     if not bool(ex.found[0]):
         return mask
     local = ex.mask.to(mask) * window
-    p, kept = masked_predictions(hm, rest, local, target)
-    return local if bool(kept[0]) and float(p[0]) > blank else mask
+    return local if bool(_sufficient(hm, rest, local, target, blank)[1][0]) else mask
+
+
+def _sufficient(hm, image: torch.Tensor, masks: torch.Tensor, target: int, blank: float):
+    """(p_target under each of ``masks`` over ``image``, the rest at the mean; whether each
+    suffices: keeps ``target`` as top-1 and is surer of it than the blank image, ``blank``)."""
+    p, kept = masked_predictions(hm, image, masks, target)
+    return p, kept & (p > blank)
 
 
 def all_reasons(hm: HookedModel, x: torch.Tensor, k: int = 3,
