@@ -243,7 +243,8 @@ def regions(names, search: RegionSearch = RegionSearch()):
     return pd.DataFrame(rows), warm_up
 
 
-def main(argv=None) -> int:
+def _arguments(argv):
+    """The parsed arguments and the region search they name, refused before any part runs."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--train", type=int, default=512, help="synthetic images the amortized "
@@ -265,10 +266,12 @@ def main(argv=None) -> int:
     except ValueError:
         raise CircuitlabError(f"--finer-segments takes superpixel counts, comma-separated; "
                               f"got {args.finer_segments!r}") from None
-    search = RegionSearch(robust_draws=args.robust_draws, **finer)   # refused before any run
-    start(args.out)
-    warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
+    return args, RegionSearch(robust_draws=args.robust_draws, **finer)
+
+
+def _tables(args, search: RegionSearch):
+    """(name, title, table) of each part asked for (empty tables for the others), and the
+    regions part's warm-up seconds (None where it did not run)."""
     steps = 5 if args.quick else None
     parts = set(args.only or PARTS)
     empty = pd.DataFrame()
@@ -288,15 +291,23 @@ def main(argv=None) -> int:
         if "batch" in parts else empty
     rg, warm_up = regions(["rocket"] if args.quick else PHOTOS, search) \
         if "regions" in parts else (empty, None)
-    tables = [("regions", "EfficientNet-Lite0, the region search (the default on photos)",
-               rg),
-              ("photos", "EfficientNet-Lite0, per-image mode, default preset", ph),
-              ("batch", "EfficientNet-Lite0 free masks, one at a time vs batched", bt),
-              ("synthetic", "synthetic ground-truth benchmark, default preset: per image and "
-                            "amortized", q),
-              ("amortized_speed", "EfficientNet-Lite0 at 224, amortized explainer speed "
-                                  "(untrained U-Net)", sp),
-              ("reasons", "two planted objects: both found as separate reasons (k = 3)", rs)]
+    return [("regions", "EfficientNet-Lite0, the region search (the default on photos)", rg),
+            ("photos", "EfficientNet-Lite0, per-image mode, default preset", ph),
+            ("batch", "EfficientNet-Lite0 free masks, one at a time vs batched", bt),
+            ("synthetic", "synthetic ground-truth benchmark, default preset: per image and "
+                          "amortized", q),
+            ("amortized_speed", "EfficientNet-Lite0 at 224, amortized explainer speed "
+                                "(untrained U-Net)", sp),
+            ("reasons", "two planted objects: both found as separate reasons (k = 3)", rs)], \
+        warm_up
+
+
+def main(argv=None) -> int:
+    args, search = _arguments(argv)
+    start(args.out)
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    tables, warm_up = _tables(args, search)
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
         for _, title, df in tables:
             if len(df):

@@ -8,6 +8,7 @@ from scipy import ndimage
 from circuitlab import synthetic
 from circuitlab.errors import CircuitlabError
 from circuitlab.explain import explain, reasons
+from circuitlab.explain.certify import certify
 from circuitlab.explain.reasons import all_reasons
 
 
@@ -137,3 +138,57 @@ def test_k_and_tries_are_checked(cnn):
         all_reasons(cnn[0], cnn[1], k=0)
     with pytest.raises(CircuitlabError, match="tries"):
         all_reasons(cnn[0], cnn[1], tries=0)
+
+
+def test_where_the_neighbourhood_run_keeps_nothing_the_neighbourhood_itself_is_taken(cnn):
+    """A run on the neighbourhood can keep no label (the benchmark's ViT often: a random
+    first mask over a mostly blank image); the neighbourhood itself, where it suffices, is
+    then the reason's start (the certificate prunes it), not the fragments' whole mask."""
+    hm = cnn[0]
+    x, parts = _two_objects(5)
+    target = int(_p(hm, x).argmax())
+    frags = torch.zeros_like(parts)
+    for j, part in enumerate(parts):
+        ys, xs = torch.nonzero(part[0], as_tuple=True)
+        frags[j, 0, ys[:8], xs[:8]] = 1
+    mask = frags.amax(0, keepdim=True)
+
+    def keeps_nothing(image):
+        ex = explain(hm, image, target=target, steps=1)
+        ex.found, ex.mask = torch.zeros_like(ex.found), torch.ones_like(ex.mask)
+        return ex
+
+    got = reasons._surest_part(hm, x, mask, target, 0.0, keeps_nothing)
+    surest = max(range(2), key=lambda j: float(_p(hm, frags[j:j + 1] * x)[target]))
+    radius = round(reasons.WINDOW * 32)
+    near = ndimage.binary_dilation(frags[surest, 0].numpy() > 0, iterations=radius)
+    assert int(_p(hm, torch.from_numpy(near) * x).argmax()) == target   # it suffices
+    assert torch.equal(got[0, 0].bool(), torch.from_numpy(near))
+
+
+def test_a_reason_is_never_pruned_at_or_below_the_blank_images_confidence(cnn):
+    """The floor is the reason's own confidence on what is left, or what is left gives
+    where lower, but not where that is no surer than the blank image (the benchmark's ViT:
+    what was left gave its cross 0.01, the blank image 0.74, and the pruning at 0.01 deleted
+    the whole reason, since nothing at all keeps a cross there)."""
+    hm = cnn[0]
+    x, parts = _two_objects(4)
+    target = int(_p(hm, x).argmax())
+    blank = float(_p(hm, torch.zeros_like(x))[target])
+    assert int(_p(hm, torch.zeros_like(x)).argmax()) == target      # a cross, like the blank
+    one = parts[:1]
+    own = float(_p(hm, one * x)[target])
+    assert own > blank
+    assert reasons._floor(hm, x, one, target, blank) == pytest.approx(
+        min(own, float(_p(hm, x)[target])), abs=1e-6)
+    # what is left: one cross, the rest noise; it is no cross, though that cross alone is
+    rest = x * (1 - parts[1]) + torch.randn(x.shape, generator=torch.Generator()
+                                            .manual_seed(0)) * (1 - one)
+    assert float(_p(hm, rest)[target]) <= blank
+    own = float(_p(hm, one * rest)[target])
+    assert own > blank
+    floor = reasons._floor(hm, rest, one, target, blank)
+    assert floor == pytest.approx(own, abs=1e-6)
+    pruned = certify(hm, rest, one, torch.tensor([target]), floor=torch.tensor([floor]))
+    assert pruned[0].mask.sum() > 0
+    assert float(_p(hm, pruned[0].mask * rest)[target]) >= floor - 1e-6

@@ -14,11 +14,13 @@ the image without the earlier ones, so the reasons are disjoint. Each round:
    neither whole for the next round; the part not taken stays in the image for a later
    round. Where no part suffices alone (a fragment on each object, needed together), the
    surest part's neighbourhood (``WINDOW`` of the side around it) is explained alone, the
-   rest at the mean, and its mask taken where it suffices; else the whole mask.
+   rest at the mean, and its mask taken where it suffices, else the neighbourhood itself
+   where it suffices (the next step prunes it); else the whole mask.
 3. ``minimal``: pruned region by region (``certify``) at the confidence that part has on
-   what is left (or what is left has, where lower), so a reason keeps as much of its object
-   as its confidence needs instead of the fragment that keeps the label alone, which would
-   leave the rest of the object for the next round to find again.
+   what is left (or what is left has, where lower but above the blank image's), so a reason
+   keeps as much of its object as its confidence needs instead of the fragment that keeps
+   the label alone, which would leave the rest of the object for the next round to find
+   again.
 4. Accepted if it keeps the class as top-1 on its own (the rest of the image at the mean)
    and is surer of it than the blank image (the mean alone): where the blank image already
    gives the class, top-1 alone says nothing, and a reason must add evidence to it.
@@ -84,11 +86,9 @@ def reasons_of_one(hm: HookedModel, x: torch.Tensor, k: int, target: int,
                             lambda part: explain(hm, part, config, seed=seed + i,
                                                  target=target))
         if minimal:
-            own = float(masked_predictions(hm, rest, mask, target)[0][0])
-            with torch.no_grad():
-                p_rest = float(hm(rest).softmax(-1)[0, target])
             mask = certify(hm, rest, mask, torch.tensor([target]),
-                           floor=torch.tensor([min(own, p_rest)]))[0].mask.to(x.device)
+                           floor=torch.tensor([_floor(hm, rest, mask, target, blank)])
+                           )[0].mask.to(x.device)
         mask = mask * (1 - removed)
         if mask.sum() == 0 or (1 - removed - mask).clamp_min(0).sum() == 0:  # nothing left
             break
@@ -118,7 +118,8 @@ def _surest_part(hm, rest: torch.Tensor, mask: torch.Tensor, target: int, blank:
     joined), the surest that keeps ``target`` as top-1 alone on ``rest`` and is surer than
     ``blank``. Where none does: the mask ``explain_alone`` (image -> Explanation) finds in
     the surest part's neighbourhood (``WINDOW`` of the side around it, the rest at the mean),
-    where it keeps the label so; else ``mask`` itself (also where it is one part)."""
+    where it suffices so, else that neighbourhood, where it does; else ``mask`` itself (also
+    where it is one part)."""
     m = mask[0, 0].cpu().numpy() > 0.5
     gap = int(round(GAP * min(m.shape)))
     joined = ndimage.binary_dilation(m, iterations=gap) if gap else m
@@ -137,10 +138,21 @@ def _surest_part(hm, rest: torch.Tensor, mask: torch.Tensor, target: int, blank:
                                    iterations=int(round(WINDOW * min(m.shape))))
     window = torch.from_numpy(near)[None, None].to(mask)
     ex = explain_alone(window * rest)
-    if not bool(ex.found[0]):
-        return mask
-    local = ex.mask.to(mask) * window
-    return local if bool(_sufficient(hm, rest, local, target, blank)[1][0]) else mask
+    # a run that kept no label returns the whole image: then the neighbourhood itself
+    for local in (ex.mask.to(mask) * window, window) if bool(ex.found[0]) else (window,):
+        if bool(_sufficient(hm, rest, local, target, blank)[1][0]):
+            return local
+    return mask
+
+
+def _floor(hm, rest: torch.Tensor, mask: torch.Tensor, target: int, blank: float) -> float:
+    """The confidence a reason is pruned at: what ``mask`` gives on ``rest``, or what ``rest``
+    itself gives where lower, but never at or below the blank image's ``blank``: where the
+    blank image gives the class, a floor at or below it lets the pruning delete everything."""
+    own = float(masked_predictions(hm, rest, mask, target)[0][0])
+    with torch.no_grad():
+        p_rest = float(hm(rest).softmax(-1)[0, target])
+    return min(own, p_rest) if p_rest > blank else own
 
 
 def _sufficient(hm, image: torch.Tensor, masks: torch.Tensor, target: int, blank: float):
