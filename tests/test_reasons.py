@@ -91,16 +91,21 @@ def test_the_surest_part_that_suffices_alone_is_taken(cnn):
     assert torch.equal(reasons._surest_part(hm, x, dots, target, blank=0.0), dots)
 
 
+def _fragments(hm):
+    """A two-object image, a fragment of each object (its first eight pixels), the label."""
+    x, parts = _two_objects(5)
+    frags = torch.zeros_like(parts)
+    for j, part in enumerate(parts):
+        ys, xs = torch.nonzero(part[0], as_tuple=True)
+        frags[j, 0, ys[:8], xs[:8]] = 1
+    return x, frags, int(_p(hm, x).argmax())
+
+
 def test_where_no_part_suffices_its_neighbourhood_is_explained_alone(cnn):
     """A fragment on each object, neither enough alone: the surest fragment's neighbourhood
     is explained with the rest at the mean, and that mask, inside it, keeps the label."""
     hm = cnn[0]
-    x, parts = _two_objects(5)
-    target = int(_p(hm, x).argmax())
-    frags = torch.zeros_like(parts)
-    for j, part in enumerate(parts):
-        ys, xs = torch.nonzero(part[0], as_tuple=True)
-        frags[j, 0, ys[:8], xs[:8]] = 1                 # its first eight pixels
+    x, frags, target = _fragments(hm)
     assert all(int(_p(hm, f[None] * x).argmax()) != target for f in frags)
     mask = frags.amax(0, keepdim=True)
     assert torch.equal(reasons._surest_part(hm, x, mask, target, 0.0), mask)
@@ -145,12 +150,7 @@ def test_where_the_neighbourhood_run_keeps_nothing_the_neighbourhood_itself_is_t
     first mask over a mostly blank image); the neighbourhood itself, where it suffices, is
     then the reason's start (the certificate prunes it), not the fragments' whole mask."""
     hm = cnn[0]
-    x, parts = _two_objects(5)
-    target = int(_p(hm, x).argmax())
-    frags = torch.zeros_like(parts)
-    for j, part in enumerate(parts):
-        ys, xs = torch.nonzero(part[0], as_tuple=True)
-        frags[j, 0, ys[:8], xs[:8]] = 1
+    x, frags, target = _fragments(hm)
     mask = frags.amax(0, keepdim=True)
 
     def keeps_nothing(image):
