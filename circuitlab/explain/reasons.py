@@ -147,8 +147,9 @@ def _surest_part(hm, rest: torch.Tensor, mask: torch.Tensor, target: int, blank:
 
 def _floor(hm, rest: torch.Tensor, mask: torch.Tensor, target: int, blank: float) -> float:
     """The confidence a reason is pruned at: what ``mask`` gives on ``rest``, or what ``rest``
-    itself gives where lower, but never at or below the blank image's ``blank``: where the
-    blank image gives the class, a floor at or below it lets the pruning delete everything."""
+    itself gives where lower and above the blank image's ``blank``: where the blank image
+    gives the class, a floor at or below it lets the pruning delete everything. (Where the
+    mask's own is not above ``blank`` either, the reason is refused after the pruning.)"""
     own = float(masked_predictions(hm, rest, mask, target)[0][0])
     with torch.no_grad():
         p_rest = float(hm(rest).softmax(-1)[0, target])
