@@ -168,3 +168,14 @@ def test_explain_reasons_writes_one_overlay_per_reason(capsys, tmp_path, tiny_ch
                                                         reverse=True)
     code, _, err = run(capsys, *argv[:-3], "--area", "0.1", "--out", str(tmp_path / "x"))
     assert code == 2 and "--reasons belongs to per-image mode" in err
+    # regions mode takes --reasons when named; its other per-image flags it refuses
+    regions = ["explain", "--model", str(tiny_checkpoint), "--image",
+               str(tmp_path / "shape0.png"), "--mode", "regions", "--segments", "24",
+               "--reasons", "2", "--json"]
+    code, stdout, err = run(capsys, *regions, "--out", str(tmp_path / "g"))
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["mode"] == "regions" and isinstance(res["reasons"], list)
+    assert (tmp_path / "g" / "reasons.png").is_file()
+    code, _, err = run(capsys, *regions, "--steps", "6", "--out", str(tmp_path / "s"))
+    assert code == 2 and "not with --steps" in err and "--reasons" not in err

@@ -9,6 +9,7 @@ from circuitlab import synthetic
 from circuitlab.errors import CircuitlabError
 from circuitlab.explain import explain, reasons
 from circuitlab.explain.certify import certify
+from circuitlab.explain.regions import RegionSearch, explain_regions
 from circuitlab.explain.reasons import all_reasons
 
 
@@ -192,3 +193,29 @@ def test_a_reason_is_never_pruned_at_or_below_the_blank_images_confidence(cnn):
     pruned = certify(hm, rest, one, torch.tensor([target]), floor=torch.tensor([floor]))
     assert pruned[0].mask.sum() > 0
     assert float(_p(hm, pruned[0].mask * rest)[target]) >= floor - 1e-6
+
+
+def test_with_a_region_search_each_reason_is_the_searchs_set_on_what_is_left(cnn, monkeypatch):
+    """``search``: every round runs the region search (never the pixel optimisation), and
+    what comes back obeys the same contract: sufficient alone, disjoint, surest first."""
+    hm = cnn[0]
+    x, parts = _two_objects(3)
+    target = int(_p(hm, x).argmax())
+    search = RegionSearch(segments=24, refine=None)
+    runs = []
+
+    def regions_only(hm, image, search, *, target=None, seed=0):
+        runs.append(image)
+        return explain_regions(hm, image, search, target=target, seed=seed)
+
+    def no_pixels(*a, **k):
+        raise AssertionError("the pixel optimisation ran")
+
+    monkeypatch.setattr(reasons, "explain_regions", regions_only)
+    monkeypatch.setattr(reasons, "explain", no_pixels)
+    found = all_reasons(hm, x, k=2, search=search)[0]
+    assert found and len(runs) >= len(found)
+    _check(hm, x, found, target)
+    for r in found:                      # the set the region search returned on that round
+        assert r.explanation.scoring in ("compiled", "eager")
+        assert float(_p(hm, torch.zeros_like(x))[target]) < r.confidence

@@ -128,10 +128,17 @@ def resolved_mode(mode: str, image_size: int) -> str:
     return "regions" if image_size >= LARGE_INPUT else "per-image"
 
 
-def per_image_flags(args) -> str:
-    """The per-image flags given, as the command line spells them ('' when none)."""
+# per-image flags regions mode takes too, when named with --mode regions
+SHARED_FLAGS = ("reasons",)
+
+
+def per_image_flags(args, shared: bool = True) -> str:
+    """The per-image flags given, as the command line spells them ('' when none);
+    ``shared``: with those regions mode takes too (SHARED_FLAGS)."""
     given = []
     for name, default in PER_IMAGE_FLAGS.items():
+        if not shared and name in SHARED_FLAGS:
+            continue
         value = getattr(args, name)
         if value != default:   # --no-minimal is the one off-switch among them
             given.append(f"--no-{name}" if value is False else "--" + name.replace("_", "-"))

@@ -74,12 +74,15 @@ def _finish_one(hm, x, free, ex, image, out: Path, args, shared_seconds: float) 
 
     from .. import data, metrics
     from ..explain.reasons import reasons_of_one
+    from ..explain.regions import RegionSearch
     t0 = time.perf_counter()
     mask = ex.mask
     regions = args.mode == "regions"
     cert = ex.certificates[0] if args.area is None and (args.minimal or regions) else None
     found = reasons_of_one(hm, x, args.reasons, int(ex.target[0]), None, args.seed,
-                           args.minimal, first=free) if args.reasons > 1 else None
+                           args.minimal, first=free, search=RegionSearch(
+                               **region_settings(args)) if regions else None) \
+        if args.reasons > 1 else None
     result = {
         "image": str(image), "model": hm.name, "mode": args.mode,
         "preset": args.preset if args.mode == "per-image" else None, "steps": ex.steps,
@@ -166,14 +169,16 @@ def _check(args) -> tuple:
         raise CircuitlabError(f"--reasons is how many reasons to look for, 1 to "
                               f"{MAX_REASONS}; got {args.reasons}")
     if args.reasons > 1:
-        if args.mode != "per-image" or args.area is not None:
-            raise CircuitlabError("--reasons belongs to per-image mode without --area")
+        if args.mode not in ("per-image", "regions") or args.area is not None:
+            raise CircuitlabError("--reasons belongs to per-image mode (without --area) or "
+                                  "--mode regions")
         names += ("reasons.png",) + tuple(f"reason_{i}.png" for i in range(1, args.reasons + 1))
     if args.mode != "per-image" and _execution(args) != Execution():
         raise CircuitlabError("--precision, --compile, --channels-last and --fold-batchnorm "
                               "belong to per-image mode")
     if args.mode == "regions":
-        flags = ", ".join(f for f in (per_image_flags(args), args.explainer and "--explainer",
+        flags = ", ".join(f for f in (per_image_flags(args, shared=False),
+                                      args.explainer and "--explainer",
                                       args.refine and "--refine") if f)
         if flags:
             raise CircuitlabError(f"--mode regions builds its own mask: not with {flags}")
@@ -226,8 +231,9 @@ def _add_per_image_flags(p) -> None:
                         "metrics.json says whether the label survived")
     p.add_argument("--reasons", type=int, default=PER_IMAGE_FLAGS["reasons"], metavar="K",
                    help="look for up to K disjoint explanations, each keeping the label on "
-                        "its own: reason_<i>.png per reason, reasons.png all of them "
-                        "(default 1)")
+                        "its own: reason_<i>.png per reason, reasons.png all of them; "
+                        "per-image mode, or superpixel regions with --mode regions (slower: "
+                        "a region search a reason) (default 1)")
     p.add_argument("--minimal", action=argparse.BooleanOptionalAction,
                    default=PER_IMAGE_FLAGS["minimal"],
                    help="search the smallest area budget at which the decision holds "

@@ -25,6 +25,10 @@ the image without the earlier ones, so the reasons are disjoint. Each round:
    and is surer of it than the blank image (the mean alone): where the blank image already
    gives the class, top-1 alone says nothing, and a reason must add evidence to it.
 
+With ``search`` (a ``RegionSearch``; the command line's regions mode, the default on photos)
+each round's explanation is the region search's on what is left (``explain_regions``: a few
+compact superpixel regions, already pruned under its fills), and step 3 is left out.
+
 The search stops after ``k`` reasons, or when a round finds none. How these steps were
 chosen, and how often both planted objects of the benchmark's two-object variant are found:
 docs/results.md, "Every sufficient reason".
@@ -45,8 +49,9 @@ from ..errors import CircuitlabError
 from ..hooked_model import HookedModel
 from ..metrics import STRUCTURE_8, target_classes
 from .certify import certify, masked_predictions
-from .config import ExplainConfig
+from .config import ExplainConfig, RegionSearch
 from .optimize import Explanation, explain
+from .regions import explain_regions
 
 # pieces of a mask closer than this fraction of the image's side are one part (1 px at 32 px,
 # 7 px at 224); the neighbourhood explained where no part suffices (4 px at 32); runs of
@@ -69,23 +74,23 @@ class Reason:
 
 def reasons_of_one(hm: HookedModel, x: torch.Tensor, k: int, target: int,
                    config: Optional[ExplainConfig], seed: int, minimal: bool,
-                   first: Optional[Explanation] = None, tries: int = TRIES) -> list:
+                   first: Optional[Explanation] = None, tries: int = TRIES,
+                   search: Optional[RegionSearch] = None) -> list:
     """``all_reasons`` for one image (1, C, H, W); ``first``: its free explanation (before any
-    pruning) when already run with this target and ``seed``, used as the first round's first
-    run."""
+    pruning; with ``search``, its region search's) when already run with this target and
+    ``seed``, used as the first round's first run."""
     removed = torch.zeros_like(x[:, :1])
     blank = float(masked_predictions(hm, x, removed, target)[0][0])     # nothing shown
     found = []
     for i in range(k):
         rest = (1 - removed) * x
-        ex = _explained(hm, rest, config, target, [seed + i + k * t for t in range(tries)],
-                        first if i == 0 else None)
+        seeds = [seed + i + k * t for t in range(tries if search is None else 1)]
+        ex = _explained(hm, rest, config, search, target, seeds, first if i == 0 else None)
         if ex is None:
             break
         mask = _surest_part(hm, rest, ex.mask.to(x.device), target, blank,
-                            lambda part: explain(hm, part, config, seed=seed + i,
-                                                 target=target))
-        if minimal:
+                            lambda part: _run(hm, part, config, search, seed + i, target))
+        if minimal and search is None:     # a region search's set is pruned by the search
             mask = certify(hm, rest, mask, torch.tensor([target]),
                            floor=torch.tensor([_floor(hm, rest, mask, target, blank)])
                            )[0].mask.to(x.device)
@@ -100,13 +105,22 @@ def reasons_of_one(hm: HookedModel, x: torch.Tensor, k: int, target: int,
     return sorted(found, key=lambda r: -r.confidence)
 
 
-def _explained(hm, rest, config, target: int, seeds: list,
+def _run(hm, image, config, search: Optional[RegionSearch], seed: int,
+         target: int) -> Explanation:
+    """One explanation of ``image`` for ``target``: the pixel optimisation, or the region
+    search where ``search`` is given."""
+    if search is None:
+        return explain(hm, image, config, seed=seed, target=target)
+    return explain_regions(hm, image, search, target=target, seed=seed)
+
+
+def _explained(hm, rest, config, search, target: int, seeds: list,
                first: Optional[Explanation]) -> Optional[Explanation]:
     """The first run over ``seeds`` (``first`` standing for the first seed's) whose mask
     keeps the label; None where none does."""
     for j, s in enumerate(seeds):
         ex = first if j == 0 and first is not None else \
-            explain(hm, rest, config, seed=s, target=target)
+            _run(hm, rest, config, search, s, target)
         if bool(ex.found[0]):
             return ex
     return None
@@ -165,14 +179,18 @@ def _sufficient(hm, image: torch.Tensor, masks: torch.Tensor, target: int, blank
 
 def all_reasons(hm: HookedModel, x: torch.Tensor, k: int = 3,
                 config: Optional[ExplainConfig] = None, *, target=None, seed: int = 0,
-                minimal: bool = True, tries: int = TRIES) -> list:
+                minimal: bool = True, tries: int = TRIES,
+                search: Optional[RegionSearch] = None) -> list:
     """Per image of ``x``, up to ``k`` disjoint reasons (``Reason``), each keeping ``target``
     (default the model's top-1) on its own and surer of it than the blank image, ordered by
     confidence (module docstring: how each round finds one). ``minimal``: each reason is
     pruned region by region (``certify``) at its own confidence before the next is sought;
     it is not searched down to a smaller area (``minimize``), which would leave most of an
     object behind for the next reason to find again. ``tries``: runs of ``explain`` from
-    different seeds before a round gives up."""
+    different seeds before a round gives up. ``search``: each round's explanation is the
+    region search's (``explain_regions``: a few compact superpixel regions, pruned by the
+    search under its fills, so ``minimal`` and ``tries`` do not apply; its only randomness
+    is the noise fills' draw) instead of the pixel optimisation's (``config``)."""
     if not isinstance(k, int) or k < 1:
         raise CircuitlabError(f"k is the number of reasons to look for, at least 1; got {k!r}")
     if not isinstance(tries, int) or tries < 1:
@@ -181,5 +199,5 @@ def all_reasons(hm: HookedModel, x: torch.Tensor, k: int = 3,
     x = hm.check_input(x)
     targets = target_classes(hm, x, target)
     return [reasons_of_one(hm, x[i:i + 1], k, int(targets[i]), config, seed, minimal,
-                           tries=tries)
+                           tries=tries, search=search)
             for i in range(x.shape[0])]
