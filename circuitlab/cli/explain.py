@@ -232,8 +232,8 @@ def _add_per_image_flags(p) -> None:
     p.add_argument("--reasons", type=int, default=PER_IMAGE_FLAGS["reasons"], metavar="K",
                    help="look for up to K disjoint explanations, each keeping the label on "
                         "its own: reason_<i>.png per reason, reasons.png all of them; "
-                        "per-image mode, or superpixel regions with --mode regions (slower: "
-                        "a region search a reason) (default 1)")
+                        "per-image mode, or superpixel regions with --mode regions (each "
+                        "reason a region search of its own) (default 1)")
     p.add_argument("--minimal", action=argparse.BooleanOptionalAction,
                    default=PER_IMAGE_FLAGS["minimal"],
                    help="search the smallest area budget at which the decision holds "
