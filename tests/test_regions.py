@@ -257,7 +257,7 @@ def test_cli_regions_mode(tmp_path, capsys):
     assert metrics["mode"] == "regions" and metrics["finer_segments"] == [48, 96]
     capsys.readouterr()
     for bad in (["--area", "0.1"], ["--refine", "3"], ["--precision", "bf16"],
-                ["--steps", "5"], ["--no-minimal"], ["--reasons", "2"],
+                ["--steps", "5"], ["--no-minimal"],
                 ["--confident-within", "2"], ["--confident-within", "most"],
                 ["--scoring", "fast"]):
         code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
@@ -266,7 +266,8 @@ def test_cli_regions_mode(tmp_path, capsys):
     for bad in (["--segments", "30", "--mode", "per-image"], ["--segments", "30", "--area",
                                                               "0.1"],
                 ["--confident-within", "0.2", "--mode", "per-image"],
-                ["--confident-within", "0.2", "--steps", "5"]):
+                ["--confident-within", "0.2", "--steps", "5"],
+                ["--segments", "30", "--reasons", "2"]):   # regions takes it when named
         code = main(["explain", "--model", "synthetic-cnn", "--image", "synthetic:2", "--out",
                      str(tmp_path / "bad"), *bad])
         assert code == 2 and "--mode regions" in capsys.readouterr().err, bad
