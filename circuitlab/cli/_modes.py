@@ -58,8 +58,10 @@ def add_region_flags(p) -> None:
                         "which ran (default compiled)")
 
 
-def region_settings(args) -> dict:
-    """The RegionSearch settings the command line gives (the rest: its defaults)."""
+def region_search(args):
+    """The RegionSearch the command line gives (what it leaves out: the search's defaults);
+    the --mode regions explanation and its --reasons both search with it."""
+    from ..explain.regions import RegionSearch     # imports torch: only once a model runs
     given = {k: getattr(args, k) for k in REGION_FLAGS + ("confidence",)
              if getattr(args, k) is not None}
     if given.get("confident_within") == "off":
@@ -68,7 +70,7 @@ def region_settings(args) -> dict:
         given["refine"] = given.pop("finer_segments") or None
     if "scoring" in given:
         given["compiled"] = given.pop("scoring") == "compiled"
-    return given
+    return RegionSearch(**given)
 
 
 def region_report(args, rounds: list, scoring: str) -> dict:

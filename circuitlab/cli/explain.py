@@ -16,7 +16,7 @@ from ._common import (add_batch_args, add_image_arg, add_model_args, add_outputs
                       save_mask_pngs, save_png, steps_bar, target_index)
 from ._folder import run_folder, run_one
 from ._modes import (PER_IMAGE_FLAGS, add_region_flags, auto_mode, belong, per_image_flags,
-                     region_flags, region_report, region_settings, resolved_mode)
+                     region_flags, region_report, region_search, resolved_mode)
 
 OUTPUTS = ("mask.png", "explanation.png", "overlay.png", "metrics.json")
 MAX_REASONS = 10
@@ -30,8 +30,8 @@ def _first_pass(hm, x, args):
     explainer (amortized)."""
     from ..explain import explain
     if args.mode == "regions":
-        from ..explain.regions import RegionSearch, explain_regions
-        return explain_regions(hm, x, RegionSearch(**region_settings(args)),
+        from ..explain.regions import explain_regions
+        return explain_regions(hm, x, region_search(args),
                                target=target_index(hm, args.target), seed=args.seed)
     if args.mode == "amortized":
         if args.target is not None:
@@ -74,14 +74,13 @@ def _finish_one(hm, x, free, ex, image, out: Path, args, shared_seconds: float) 
 
     from .. import data, metrics
     from ..explain.reasons import reasons_of_one
-    from ..explain.regions import RegionSearch
     t0 = time.perf_counter()
     mask = ex.mask
     regions = args.mode == "regions"
     cert = ex.certificates[0] if args.area is None and (args.minimal or regions) else None
     found = reasons_of_one(hm, x, args.reasons, int(ex.target[0]), None, args.seed,
-                           args.minimal, first=free, search=RegionSearch(
-                               **region_settings(args)) if regions else None) \
+                           args.minimal, first=free,
+                           search=region_search(args) if regions else None) \
         if args.reasons > 1 else None
     result = {
         "image": str(image), "model": hm.name, "mode": args.mode,
