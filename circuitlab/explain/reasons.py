@@ -152,7 +152,8 @@ def _surest_part(hm, rest: torch.Tensor, mask: torch.Tensor, target: int, blank:
                                    iterations=int(round(WINDOW * min(m.shape))))
     window = torch.from_numpy(near)[None, None].to(mask)
     ex = explain_alone(window * rest)
-    # a run that kept no label returns the whole image: then the neighbourhood itself
+    # a run that found nothing returns no mask to trust (the pixel optimisation the whole
+    # image, the region search its best set that did not hold): then the neighbourhood
     for local in (ex.mask.to(mask) * window, window) if bool(ex.found[0]) else (window,):
         if bool(_sufficient(hm, rest, local, target, blank)[1][0]):
             return local
