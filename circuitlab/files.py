@@ -6,6 +6,7 @@ the analyses and the benchmarks goes through these functions.
 >>> refuse_overwrite([out / "mask.png", out / "metrics.json"], force=False)
 >>> write_text(out / "metrics.json", json.dumps(result))
 >>> write_atomic(out / "mask.png", lambda f: image.save(f, format="PNG"))
+>>> append_line(out / "results.jsonl", json.dumps(row))   # a journal, one line per record
 >>> with locked(out), staged(out, OUTPUTS) as tmp:   # one writer; the result swapped in whole
 ...     write_text(tmp / "metrics.json", json.dumps(result))
 """
@@ -89,6 +90,15 @@ def write_atomic(path: PathLike, write: Callable) -> None:
 def write_text(path: PathLike, text: str) -> None:
     """``text`` (UTF-8) to ``path`` atomically: CSV tables, JSON reports, Markdown, HTML."""
     write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def append_line(path: PathLike, line: str) -> None:
+    """``line`` appended to ``path`` (a journal) in one write: an interrupted writer leaves
+    whole lines and at most a torn last one, which its reader skips."""
+    path = Path(path)
+    make_folder(path.parent)
+    with _writing_in(path.parent), open(path, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")
 
 
 def cache_root() -> Path:

@@ -2,22 +2,28 @@
 
 Per image one sub-folder whose name cannot collide (``cat.png`` -> ``cat_png``, ``cat.jpg``
 -> ``cat_jpg``), written whole or not at all (``files.staged``); one results table for the run
-(``results.csv`` and ``results.parquet``: image, status, error, every scalar metric, seconds)
-rewritten atomically after every image; the run's settings in ``run.json``. Rerunning the
-same command skips the images already done; a rerun with other settings is refused; ``force``
-redoes them. An image that cannot be read, or whose work fails, becomes a failed row and the
-others still run. With ``world`` > 1 (torchrun) each rank takes every world-th pending image
-and writes its own table, which ``merge`` joins.
+(``results.csv`` and ``results.parquet``: image, status, error, every scalar metric, seconds);
+the run's settings in ``run.json``. Each image's row is appended to a journal
+(``results.jsonl``) as it is recorded, and the table is rewritten from every row (atomically,
+the journal then emptied) at most every ``TABLE_EVERY`` seconds (and at most 5 % of the
+run's time) and when the run ends or is interrupted: rewritten after every image, a run of n
+images wrote n^2 / 2 rows (docs/results.md, "Dataset runs"). Rerunning the same command
+skips the images already done (the table's rows and the journal's); a rerun with other
+settings is refused; ``force`` redoes them. An image that cannot be read, or whose work
+fails, becomes a failed row and the others still run. With ``world`` > 1 (torchrun) each
+rank takes every world-th pending image and writes its own journal and table, which
+``merge`` joins.
 
 >>> run = FolderRun(out, image_files(folder), "explain", settings, OUTPUTS)
 >>> for image in run.shard(run.start()): run.publish(image, lambda tmp: work(image, tmp))
->>> run.merge()
+>>> run.flush(); run.merge()
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -28,10 +34,15 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .data import open_image
 from .errors import CircuitlabError
-from .files import staged, write_atomic, write_text
+from .files import append_line, staged, write_atomic, write_text
 from .preprocessing import DataConfig, make_transform
 
 MANIFEST = "run.json"
+# while a run goes on, the table is rewritten at most every TABLE_EVERY seconds, and at most
+# every TABLE_COST times its last rewrite's duration (a large table's rewrite then costs a
+# bounded share of the run, 5 %)
+TABLE_EVERY = 10.0
+TABLE_COST = 20
 
 
 def folder_names(images: Sequence[Path]) -> dict:
@@ -77,10 +88,16 @@ class FolderRun:
         self.rank, self.world = rank, world
         self.rows: dict = {}      # what this rank writes
         self.known: dict = {}     # what every rank sees as done or failed
+        self._due = -math.inf     # when the table is next rewritten (time.monotonic)
 
     @property
     def table(self) -> str:
         return "results" if self.world == 1 else f"results.rank{self.rank}"
+
+    @property
+    def journal(self) -> Path:
+        """This rank's rows recorded since its table was last written, one JSON line each."""
+        return self.out / f"{self.table}.jsonl"
 
     def folder(self, image: Path) -> Path:
         return self.out / self.names[Path(image)]
@@ -125,7 +142,9 @@ class FolderRun:
         self.known = known
         # one process keeps every row in results; a rank rewrites its own shard's table
         self.rows = dict(known) if self.world == 1 else {} if self.force else \
-            self._read(self.out / f"{self.table}.csv")
+            self._read_table(self.table)
+        if self.force:     # the journal of a run being redone is no longer what was done
+            self.journal.unlink(missing_ok=True)
         if self.rank == 0:
             write_text(self.out / MANIFEST, json.dumps(
                 {"command": self.command, "settings": self.settings,
@@ -157,10 +176,23 @@ class FolderRun:
         return result
 
     def record(self, image: Path, result: Optional[dict] = None, error: str = "") -> None:
-        self.rows[str(image)] = {"image": str(image), "output": self.names[Path(image)],
-                                 "status": "failed" if error else "ok", "error": error,
-                                 **flatten(result or {})}
+        row = {"image": str(image), "output": self.names[Path(image)],
+               "status": "failed" if error else "ok", "error": error, **flatten(result or {})}
+        self.rows[str(image)] = row
+        append_line(self.journal, json.dumps(row))
+        if time.monotonic() >= self._due:
+            self.flush()
+
+    def flush(self) -> None:
+        """This rank's table rewritten from every row it has, and its journal emptied (each
+        of its rows is in the table now)."""
+        if not self.rows:
+            return
+        start = time.monotonic()
         self._write(self.table, self.rows.values())
+        self.journal.unlink(missing_ok=True)
+        now = time.monotonic()
+        self._due = now + max(TABLE_EVERY, TABLE_COST * (now - start))
 
     def failed(self) -> list:
         return [r for r in self.rows.values() if r["status"] == "failed"
@@ -173,19 +205,36 @@ class FolderRun:
         if self.world == 1:
             rows.update(self.rows)
         df = self._write("results", rows.values())
-        for path in self._rank_tables():
-            path.unlink(missing_ok=True)
-            path.with_suffix(".parquet").unlink(missing_ok=True)
+        for table in self._rank_tables():
+            for suffix in (".csv", ".parquet", ".jsonl"):
+                (self.out / f"{table}{suffix}").unlink(missing_ok=True)
+        (self.out / "results.jsonl").unlink(missing_ok=True)
         self.rows = rows
         return df
 
     def _rank_tables(self) -> list:
-        return sorted(self.out.glob("results.rank*.csv"))
+        """The ranks' tables that have a table or a journal: ``results.rank0``, ..."""
+        return sorted({p.name[:-len(p.suffix)] for p in self.out.glob("results.rank*.*")
+                       if p.suffix in (".csv", ".jsonl")})
 
     def _read_all(self) -> dict:
-        rows = self._read(self.out / "results.csv")
-        for path in self._rank_tables():
-            rows.update(self._read(path))
+        rows = self._read_table("results")
+        for table in self._rank_tables():
+            rows.update(self._read_table(table))
+        return rows
+
+    def _read_table(self, table: str) -> dict:
+        """``table``'s rows: its CSV, then its journal's (recorded later) over them; a torn
+        last line (the writer interrupted) is skipped."""
+        rows = self._read(self.out / f"{table}.csv")
+        journal = self.out / f"{table}.jsonl"
+        lines = journal.read_text(encoding="utf-8").splitlines() if journal.is_file() else []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            rows[row["image"]] = {k: None if _missing(v) else v for k, v in row.items()}
         return rows
 
     def _read(self, path: Path) -> dict:

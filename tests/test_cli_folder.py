@@ -84,6 +84,44 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(capsys, tmp_
     assert not (tmp_path / ".out.circuitlab-lock").exists()
 
 
+def test_rows_go_to_a_journal_the_table_is_rewritten_rarely_and_both_resume(tmp_path,
+                                                                           monkeypatch):
+    """Each row is appended to the journal as it is recorded; the table is rewritten at the
+    first record and then at most every TABLE_EVERY seconds, not after each image (a run of n
+    images rewrote it n times, n^2 / 2 rows). A run killed before it flushed resumes from the
+    table and the journal (its torn last line skipped); the end leaves the table alone."""
+    from circuitlab import runs
+    monkeypatch.setattr(runs, "TABLE_EVERY", 1e9)
+    written = []
+    rewrite = runs.FolderRun._write
+    monkeypatch.setattr(runs.FolderRun, "_write", lambda self, table, rows: written.append(
+        table) or rewrite(self, table, rows))
+    images = [tmp_path / f"i{k}.png" for k in range(5)]
+    out = tmp_path / "out"
+
+    def folder_run():
+        return runs.FolderRun(out, images, "explain", {"steps": 2}, ("mask.png",))
+    first = folder_run()
+    assert first.start() == images
+    for k, image in enumerate(images[:3]):
+        write_text(first.folder(image) / "mask.png", "m")
+        first.record(image, {"area": k / 10})
+    assert written == ["results"] and len(pd.read_csv(out / "results.csv")) == 1
+    assert len(first.journal.read_text().splitlines()) == 2         # the rows since then
+    with open(first.journal, "a") as f:                             # killed mid-line
+        f.write('{"image": "i3.p')
+    again = folder_run()                                            # no flush: resume
+    assert again.start() == images[3:]
+    again.record(images[3], error="cannot read")
+    again.flush()
+    again.merge()
+    table = pd.read_csv(out / "results.csv")
+    assert list(table["status"]) == ["ok", "ok", "ok", "failed"]
+    assert list(table["area"][:3]) == [0.0, 0.1, 0.2]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "results.csv", "results.parquet", "run.json"]                # the journal merged away
+
+
 def test_a_result_is_replaced_whole_or_not_at_all(tmp_path):
     out = tmp_path / "r"
     out.mkdir()
@@ -127,15 +165,18 @@ def test_an_interrupted_run_loses_nothing_written_and_resumes(tmp_path, tiny_che
             "--batch-size", "1", "--workers", "0"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
+    journal = out / "results.jsonl"     # rows since the table was last rewritten
     while time.time() < deadline and proc.poll() is None:
-        if (out / "results.csv").exists() and len(pd.read_csv(out / "results.csv")) >= 2:
+        if (out / "results.csv").exists() and len(pd.read_csv(out / "results.csv")) + (
+                len(journal.read_text().splitlines()) if journal.exists() else 0) >= 2:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    done = pd.read_csv(out / "results.csv")
+    done = pd.read_csv(out / "results.csv")      # the interrupted run rewrote it
     assert 2 <= len(done) < 12 and (done["status"] == "ok").all()
+    assert not journal.exists()
     stamps = {o: (out / o / "mask.png").stat().st_mtime_ns for o in done["output"]}
     assert not list(tmp_path.rglob("*circuitlab-lock")) and not list(out.glob(".*partial*"))
     again = subprocess.run(argv, capture_output=True, text=True, timeout=600)

@@ -40,7 +40,10 @@ def run_folder(args, command: str, outputs, required, work: Callable,
                                             run.out / f"rank{rank}"):
         pending = run.start()
         todo = run.shard(pending)
-        _work_through(run, todo, command, work, args)
+        try:
+            _work_through(run, todo, command, work, args)
+        finally:            # interrupted too: the table lists every image done
+            run.flush()
         barrier()
         if rank == 0:
             run.merge()
