@@ -42,6 +42,8 @@ COMMANDS = {   # name -> CLI arguments after the folder (defaults otherwise)
     "explain": ["explain", "--mode", "per-image"],
     "explain --no-minimal": ["explain", "--no-minimal"],
     "circuit": ["circuit"],
+    # the tables, graph and validation without circuit.png / circuit.html
+    "circuit --no-figures": ["circuit", "--no-figures"],
     "saliency gradcam": ["saliency", "--method", "gradcam"],
     "saliency extremal (anchor)": ["saliency", "--method", "extremal"],
 }
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
         folder = make_folder(n, Path(tmp))
         for name in names:
             first = None
-            extra = ["--reference", "synthetic"] if name == "circuit" and \
+            extra = ["--reference", "synthetic"] if name.startswith("circuit") and \
                 args.model.startswith("synthetic") else []
             for batch, k, precision, comp in plans(name, batches, n, procs, gpu, args.quick):
                 out = Path(tmp) / f"{name.replace(' ', '_')}-b{batch}-p{k}-{precision}-{comp}"

@@ -58,6 +58,31 @@ def test_cli_circuit_writes_tables_graph_and_validation(tmp_path, capsys):
     assert "budget" in capsys.readouterr().err
 
 
+def test_no_figures_leaves_out_the_drawings_and_a_rerun_with_them_adds_them(tmp_path,
+                                                                            capsys):
+    """Over a folder, --no-figures writes the tables, graph and validation, not circuit.png
+    or circuit.html; whether figures are drawn is not a setting of what the run finds, so a
+    rerun with them redoes only the images that lack them, and one without them resumes."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, img in enumerate(synthetic.make_dataset(2, seed=5).images):
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr).save(photos / f"s{i}.png")
+    out = tmp_path / "out"
+    argv = ["circuit", "--model", "synthetic-cnn", "--image", str(photos), "--out", str(out),
+            "--select", "energy", "--k", "4", "--edges", "none", "--workers", "0"]
+    assert main(argv + ["--no-figures"]) == 0
+    assert sorted(p.name for p in (out / "s0_png").iterdir()) == [
+        "circuit.graphml", "circuit.json", "edges.csv", "edges.parquet", "nodes.csv",
+        "nodes.parquet", "validation.json"]
+    capsys.readouterr()
+    assert main(argv) == 0 and "2 done, 0 already done" in capsys.readouterr().out
+    assert Image.open(out / "s1_png" / "circuit.png").size[0] > 100
+    assert (out / "s1_png" / "circuit.html").stat().st_size > 0
+    assert main(argv + ["--no-figures"]) == 0
+    assert "0 done, 2 already done" in capsys.readouterr().out
+
+
 def test_cli_ablate_and_patch_write_csv(tmp_path, capsys):
     torch.manual_seed(0)
     hm = HookedModel(synthetic.build("cnn"), data_config=synthetic.DATA_CONFIG)

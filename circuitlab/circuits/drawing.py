@@ -112,6 +112,7 @@ def plot(circuit, path: Union[str, os.PathLike, None] = None, ax=None, title=Non
     if path is not None and ax is None:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
     from matplotlib.lines import Line2D
     lay = layout(circuit, edge_mass, max_edges)
     nodes, pos = lay["nodes"], lay["pos"]
@@ -120,11 +121,14 @@ def plot(circuit, path: Union[str, os.PathLike, None] = None, ax=None, title=Non
         tall = max(1, int(nodes.groupby("layer").size().max()))
         fig, ax = plt.subplots(figsize=(2.6 * max(2, len(lay["layers"])),
                                         min(14, 2.5 + 0.18 * tall)))
-    for r in lay["edges"].itertuples():
-        a, b = pos.get((r.src_layer, int(r.src_unit))), pos.get((r.dst_layer, int(r.dst_unit)))
-        if a and b:
-            ax.plot([a[0], b[0]], [a[1], b[1]], color=_edge_colour(r.score), alpha=0.45,
-                    lw=r.width, zorder=1, ls=":" if r.kind == "effective" else "-")
+    ends = [(pos.get((r.src_layer, int(r.src_unit))), pos.get((r.dst_layer, int(r.dst_unit))), r)
+            for r in lay["edges"].itertuples()]
+    ends = [(a, b, r) for a, b, r in ends if a and b]
+    if ends:   # one artist for every edge: drawn as one line each was, in a fraction of the time
+        ax.add_collection(LineCollection(
+            [(a, b) for a, b, _ in ends], colors=[_edge_colour(r.score) for *_, r in ends],
+            linewidths=[r.width for *_, r in ends], alpha=0.45, zorder=1,
+            linestyles=[":" if r.kind == "effective" else "-" for *_, r in ends]))
     for kind, g in nodes.groupby("kind", sort=False):
         colour, marker = KIND_STYLE.get(kind, ("#999999", "o"))
         ax.scatter(g["x"], g["y"], s=30 + 320 * g["size"] ** 2, c=colour, marker=marker,

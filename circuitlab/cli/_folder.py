@@ -12,7 +12,7 @@ from ._common import bars_on, emit, load
 
 # flags that change how a run goes, not what it finds: a rerun may change them and resume
 _HOW = {"out", "force", "json", "image", "func", "batch_size", "workers", "debug", "device",
-        "explainer_obj", "one_image"}
+        "explainer_obj", "one_image", "figures"}
 
 
 def settings(args) -> dict:

@@ -2,6 +2,7 @@
 ablation against random circuits."""
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -17,6 +18,12 @@ from .classes import cmd_class_circuit
 
 OUTPUTS = ("nodes.csv", "edges.csv", "nodes.parquet", "edges.parquet", "circuit.graphml",
            "circuit.json", "circuit.png", "circuit.html", "validation.json")
+FIGURES = ("circuit.png", "circuit.html")     # what --no-figures leaves out
+
+
+def _outputs(args) -> tuple:
+    """What each image's folder gets: every output, or all but the figures."""
+    return OUTPUTS if args.figures else tuple(n for n in OUTPUTS if n not in FIGURES)
 
 
 def _explanation(args, hm, x):
@@ -121,8 +128,9 @@ def _circuit_one(hm, x, image, out: Path, args, refs) -> dict:
                                    "shared_units": int((d["in"] == "both").sum())}
     result.update(seconds=time.perf_counter() - t0, **provenance(args, hm))
     circuit.save(out)
-    circuit.plot(out / "circuit.png")
-    circuit.to_html(out / "circuit.html", crops=unit_crops(hm, x, circuit))
+    if args.figures:
+        circuit.plot(out / "circuit.png")
+        circuit.to_html(out / "circuit.html", crops=unit_crops(hm, x, circuit))
     write_text(out / "validation.json", json.dumps(result, indent=2) + "\n")
     return result
 
@@ -149,7 +157,7 @@ def cmd_circuit(args) -> int:
     if Path(args.image).is_dir() and args.target is not None:
         return cmd_class_circuit(args)
     if Path(args.image).is_dir():
-        return run_folder(args, "circuit", OUTPUTS, OUTPUTS, _circuit_batch,
+        return run_folder(args, "circuit", OUTPUTS, _outputs(args), _circuit_batch,
                           lambda rows: "\n".join(_short(r) for r in rows))
     result = run_one(args, OUTPUTS, _circuit_batch)
     emit(args, result, _line(args, result) + f"\nwrote {args.out}")
@@ -219,6 +227,10 @@ def register(sub) -> None:
     p.add_argument("--min-share", type=fraction, default=0.5,
                    help="class circuit: keep units chosen on at least this fraction of the "
                         "images (default 0.5)")
+    p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
+                   help="write circuit.png and circuit.html (default); --no-figures writes "
+                        "the tables, graph and validation only: over a folder of images the "
+                        "figures take most of the time and of the disk")
     add_ablation(p, "of the units outside the circuit, in the search and the validation: "
                     "mean over the reference images (default), zero, or resample")
     add_reference(p)
