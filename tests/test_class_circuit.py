@@ -77,3 +77,9 @@ def test_the_cli_reads_a_class_circuit_from_a_folder(capsys, tmp_path, disks):
     nodes = pd.read_csv(out / "nodes.csv")
     units = pd.read_csv(out / "units.csv")
     assert len(nodes) == res["units"] == int(units["in_circuit"].sum())
+    assert (out / "circuit.png").is_file()
+    code = main(["circuit", "--model", "synthetic-cnn", "--image", str(tmp_path), "--target",
+                 synthetic.CLASSES[c], "--reference", "synthetic", "--out", str(out),
+                 "--workers", "0", "--no-figures", "--force"])
+    assert code == 0 and (out / "nodes.csv").is_file()
+    assert not (out / "circuit.png").exists() and not (out / "circuit.html").exists()

@@ -62,8 +62,9 @@ def cmd_class_circuit(args) -> int:
                    "images": [str(f) for f in used], **provenance(args, hm)}
         with staged(out, OUTPUTS) as tmp:
             cc.circuit.save(tmp)
-            cc.circuit.plot(tmp / "circuit.png")
-            cc.circuit.to_html(tmp / "circuit.html")
+            if args.figures:
+                cc.circuit.plot(tmp / "circuit.png")
+                cc.circuit.to_html(tmp / "circuit.html")
             write_text(tmp / "units.csv", cc.units.to_csv(index=False))
             for table, df in (("per_image", cc.per_image), ("validation", cc.validation)):
                 write_text(tmp / f"{table}.csv",
