@@ -10,7 +10,8 @@ from typing import Callable
 from ..files import locked, refuse_overwrite, staged
 from ._common import bars_on, emit, load
 
-# flags that change how a run goes, not what it finds: a rerun may change them and resume
+# flags that change how a run goes (or only what it draws), not what it finds: a rerun
+# may change them and resume
 _HOW = {"out", "force", "json", "image", "func", "batch_size", "workers", "debug", "device",
         "explainer_obj", "one_image", "figures"}
 

@@ -230,7 +230,7 @@ def register(sub) -> None:
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
                    help="write circuit.png and circuit.html (default); --no-figures writes "
                         "the tables, graph and validation only: over a folder of images the "
-                        "figures take most of the time and of the disk")
+                        "figures are a third of the time and half of the disk")
     add_ablation(p, "of the units outside the circuit, in the search and the validation: "
                     "mean over the reference images (default), zero, or resample")
     add_reference(p)
