@@ -150,7 +150,11 @@ def test_the_lock_refuses_while_held_and_is_released(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_interrupted_run_loses_nothing_written_and_resumes(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("stop, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_run_loses_nothing_written_and_resumes(tmp_path, tiny_checkpoint,
+                                                              stop, code):
+    """Ctrl-C, or a scheduler's SIGTERM: the run ends as an interrupt, its table written, its
+    lock released, nothing half-written; the same command resumes."""
     import signal
     import subprocess
     import sys
@@ -171,9 +175,9 @@ def test_an_interrupted_run_loses_nothing_written_and_resumes(tmp_path, tiny_che
                 len(journal.read_text().splitlines()) if journal.exists() else 0) >= 2:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, stop))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
     done = pd.read_csv(out / "results.csv")      # the interrupted run rewrote it
     assert 2 <= len(done) < 12 and (done["status"] == "ok").all()
     assert not journal.exists()

@@ -21,9 +21,12 @@ Bad input gives one line on stderr and exit status 2; ``--debug`` shows the trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from typing import Optional, Sequence
 
@@ -61,6 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler pre-empting the job, torchrun stopping its workers), raised where
+    the command is so that it ends as an interrupt does: outputs whole or absent, a folder
+    run's table written, the lock released."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM raises ``_Terminated`` inside the block (the main thread only: elsewhere the
+    signal module cannot set a handler); the previous handler afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise _Terminated()
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _one_line(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning as the CLI's other messages are: one line, no source excerpt."""
     print(f"circuitlab: warning: {message}", file=sys.stderr)
@@ -77,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _terminate_as_interrupt():
             warnings.showwarning = _one_line
             return args.func(args)
     except CircuitlabError as e:
@@ -85,6 +111,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"circuitlab: error: {e}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("circuitlab: terminated (SIGTERM); rerun the same command to resume",
+              file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("circuitlab: interrupted", file=sys.stderr)
         return 130
