@@ -225,7 +225,7 @@ class FolderRun:
 
     def _read_table(self, table: str) -> dict:
         """``table``'s rows: its CSV, then its journal's (recorded later) over them; a torn
-        last line (the writer interrupted) is skipped."""
+        last line (the writer interrupted), or any line that is no row, is skipped."""
         rows = self._read(self.out / f"{table}.csv")
         journal = self.out / f"{table}.jsonl"
         lines = journal.read_text(encoding="utf-8").splitlines() if journal.is_file() else []
@@ -234,7 +234,8 @@ class FolderRun:
                 row = json.loads(line)
             except ValueError:
                 continue
-            rows[row["image"]] = {k: None if _missing(v) else v for k, v in row.items()}
+            if isinstance(row, dict) and "image" in row:
+                rows[row["image"]] = {k: None if _missing(v) else v for k, v in row.items()}
         return rows
 
     def _read(self, path: Path) -> dict:

@@ -108,8 +108,8 @@ def test_rows_go_to_a_journal_the_table_is_rewritten_rarely_and_both_resume(tmp_
         first.record(image, {"area": k / 10})
     assert written == ["results"] and len(pd.read_csv(out / "results.csv")) == 1
     assert len(first.journal.read_text().splitlines()) == 2         # the rows since then
-    with open(first.journal, "a") as f:                             # killed mid-line
-        f.write('{"image": "i3.p')
+    with open(first.journal, "a") as f:              # a line that is no row; killed mid-line
+        f.write('[1, 2]\n{"image": "i3.p')
     again = folder_run()                                            # no flush: resume
     assert again.start() == images[3:]
     again.record(images[3], error="cannot read")
