@@ -104,11 +104,18 @@ class FolderRun:
 
     def check(self) -> None:
         """Refuse, before any work, an output folder holding another command's run or the
-        same command's with other settings (unless ``force``)."""
+        same command's with other settings (unless ``force``), or a folder where the run
+        writes a file of its own."""
         manifest = self.out / MANIFEST
         if self.out.exists() and not self.out.is_dir():
             raise CircuitlabError(f"{self.out} is a file; --out takes a folder for a folder "
                                   f"of images")
+        own = [self.out / n for n in (MANIFEST, f"{self.table}.csv", f"{self.table}.parquet",
+                                      self.journal.name)]
+        taken = next((path for path in own if path.is_dir()), None)
+        if taken is not None:
+            raise CircuitlabError(f"{taken} is a folder where the run writes its "
+                                  f"{taken.name}; move it or choose another --out")
         if self.force:
             return
         if not manifest.exists():   # outputs not written by a run of ours: never replaced

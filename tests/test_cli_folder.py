@@ -120,6 +120,10 @@ def test_rows_go_to_a_journal_the_table_is_rewritten_rarely_and_both_resume(tmp_
     assert list(table["area"][:3]) == [0.0, 0.1, 0.2]
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
         "results.csv", "results.parquet", "run.json"]                # the journal merged away
+    (tmp_path / "other" / "results.jsonl").mkdir(parents=True)      # a folder in its way
+    with pytest.raises(CircuitlabError, match="results.jsonl is a folder"):
+        runs.FolderRun(tmp_path / "other", images, "explain", {}, ("mask.png",), force=True
+                       ).check()
 
 
 def test_a_result_is_replaced_whole_or_not_at_all(tmp_path):
