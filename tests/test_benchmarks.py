@@ -115,3 +115,12 @@ def test_the_explain_benchmark_refuses_bad_search_settings_at_once(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
     assert not (tmp_path / "e.csv").exists()
+
+
+def test_runs_benchmark_smoke(tmp_path):
+    out = tmp_path / "runs.csv"
+    r = _run("benchmarks/runs.py", "--quick", "--out", out, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    df = pd.read_csv(out)
+    assert list(df["rows"]) == [100, 1000] and (df["records"] == 200).all()
+    assert (df["record_ms"] > 0).all() and (df["table_rewrite_ms"] > 0).all()
