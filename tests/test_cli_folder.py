@@ -172,7 +172,10 @@ def test_an_interrupted_run_loses_nothing_written_and_resumes(tmp_path, tiny_che
     argv = [sys.executable, "-m", "circuitlab", "explain", "--model", str(tiny_checkpoint),
             "--image", str(photos), "--out", str(out), "--steps", "100", "--no-minimal",
             "--batch-size", "1", "--workers", "0"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell that starts jobs in the background makes them ignore SIGINT, which the run would
+    # inherit (and Python then leaves ignored): the run gets the default, as a terminal's has
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     journal = out / "results.jsonl"     # rows since the table was last rewritten
     while time.time() < deadline and proc.poll() is None and \
