@@ -43,8 +43,9 @@ def run_folder(args, command: str, outputs, required, work: Callable,
         todo = run.shard(pending)
         try:
             _work_through(run, todo, command, work, args)
-        finally:            # interrupted too: the table lists every image done
-            run.flush()
+        except BaseException:   # interrupted: the table lists every image done (a run that
+            run.flush()         # ends merges tables and journals into it instead)
+            raise
         barrier()
         if rank == 0:
             run.merge()
